@@ -1,0 +1,63 @@
+# cerebrum-jax: every target sets up its own virtual environment (.venv) on first use.
+#   make test                 lint + the whole test suite (CPU)
+#   make finetune FOLD=3      one fold of the fine-tuning experiment (default: the offline demo cohort)
+#   make cv                   all folds and a cross-validation summary
+#   make weights              download + verify + convert the published Glasgow weights to weights/glasgow
+#   make bench                benchmark against the PyTorch peer, writes BENCHMARKS.md
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CLI := $(VENV)/bin/cerebrum-jax
+
+FOLD ?= 3
+CONFIG ?= demo
+DATA ?=
+WEIGHTS ?=
+OUT ?= runs/$(CONFIG)
+ARGS ?=
+
+.PHONY: install test lint format finetune cv weights bench clean
+
+$(VENV)/.stamp-base: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.stamp-test: $(VENV)/.stamp-base
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+$(VENV)/.stamp-bench: $(VENV)/.stamp-base
+	$(PY) -m pip install --quiet -e '.[bench]'
+	touch $@
+
+install: $(VENV)/.stamp-base
+
+lint: $(VENV)/.stamp-test
+	$(VENV)/bin/ruff check cerebrum_jax tests experiments
+	$(VENV)/bin/ruff format --check cerebrum_jax tests experiments
+
+format: $(VENV)/.stamp-test
+	$(VENV)/bin/ruff format cerebrum_jax tests experiments
+	$(VENV)/bin/ruff check --fix cerebrum_jax tests experiments
+
+test: $(VENV)/.stamp-test lint
+	$(PY) -m pytest -q tests
+
+finetune: $(VENV)/.stamp-base
+	$(CLI) finetune --config $(CONFIG) --fold $(FOLD) --out $(OUT) \
+	  $(if $(DATA),--data $(DATA)) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(ARGS)
+
+cv: $(VENV)/.stamp-base
+	$(CLI) finetune --config $(CONFIG) --fold all --out $(OUT) \
+	  $(if $(DATA),--data $(DATA)) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(ARGS)
+
+weights: $(VENV)/.stamp-base
+	$(PY) -m cerebrum_jax.convert --download weights/glasgow
+
+bench: $(VENV)/.stamp-test $(VENV)/.stamp-bench
+	$(CLI) bench --out BENCHMARKS.md $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,59 @@
+"""The ``cerebrum-jax`` command: a thin argparse front over the library's functions.
+
+Each subcommand lives in its own module of this package and defines ``add_parser(subparsers)``,
+which registers the subcommand and sets ``func`` (a callable taking the parsed args and returning
+an exit status). Bad input raises ``InputError``; ``main`` prints it as one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from cerebrum_jax.errors import InputError
+
+SUBCOMMANDS = ("convert", "segment", "evaluate", "finetune", "bench")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line (and exit status 2), without the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="cerebrum-jax",
+        description=(
+            "Whole-volume segmentation of 7T T1-weighted MRI with CEREBRUM-7T, in JAX: convert the "
+            "published Keras weights, segment NIfTI volumes, fine-tune on a few labelled volumes, "
+            "evaluate segmentations and benchmark against PyTorch."
+        ),
+        epilog="Run 'cerebrum-jax COMMAND --help' for the options of each command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"cerebrum_jax.cli.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except InputError as e:
+        print(f"cerebrum-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cerebrum-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

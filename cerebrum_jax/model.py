@@ -1,0 +1,266 @@
+"""The CEREBRUM-7T network (ThreeLevelsConvUNetStridedConv) as a pure Flax linen module.
+
+Axis convention everywhere in cerebrum_jax: (batch, D, H, W, C), channels last, float32 unless
+``ModelConfig.compute_dtype`` says otherwise. Parameter names are the Keras layer names of the
+original (see ``LAYERS``), so a checkpoint reads like the published ``model_trained.h5``.
+
+The four layers whose kernel equals their stride (``down_1to2_conv``, ``down_2to3_conv``,
+``up_3to2_conv``, ``up_2to1_conv``) are non-overlapping, so they are computed exactly as a
+space-to-depth (or depth-to-space) reshape plus one matrix product. XLA lowers a strided
+transposed convolution as an input-dilated convolution that multiplies mostly zeros; the reshape
+form does only the useful work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+DIVISOR = 8  # two down-samplings, by 4 then by 2
+
+
+class Layer(NamedTuple):
+    """One row of the layer table of REFERENCE.md."""
+
+    name: str
+    op: str  # "conv" (3x3x3 or 1x1x1, stride 1), "down" (kernel == stride), "up" (transposed, kernel == stride)
+    width: int  # output channels as a multiple of n_filters (0: n_classes)
+    kernel: int
+    activation: str  # "enc", "dec", "none" or "softmax"
+    level: int  # resolution level of the layer's output (1 = full resolution)
+
+
+LAYERS: tuple[Layer, ...] = (
+    Layer("enc_lvl1_block1_conv", "conv", 1, 3, "enc", 1),
+    Layer("down_1to2_conv", "down", 2, 4, "enc", 2),
+    Layer("enc_lvl2_block1_conv", "conv", 2, 3, "enc", 2),
+    Layer("enc_lvl2_block2_conv", "conv", 2, 3, "enc", 2),
+    Layer("down_2to3_conv", "down", 4, 2, "enc", 3),
+    Layer("enc_lvl3_block1_conv", "conv", 4, 3, "enc", 3),
+    Layer("enc_lvl3_block2_conv", "conv", 4, 3, "enc", 3),
+    Layer("enc_lvl3_block3_conv", "conv", 4, 3, "dec", 3),
+    Layer("up_3to2_conv", "up", 2, 2, "none", 2),
+    Layer("dec_lvl2_block1_conv", "conv", 2, 3, "dec", 2),
+    Layer("dec_lvl2_block2_conv", "conv", 2, 3, "dec", 2),
+    Layer("up_2to1_conv", "up", 1, 4, "none", 1),
+    Layer("dec_lvl1_block1_conv", "conv", 1, 3, "dec", 1),
+    Layer("main_output", "conv", 0, 1, "softmax", 1),
+)
+LAYER_NAMES: tuple[str, ...] = tuple(layer.name for layer in LAYERS)
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu,
+    "elu": jax.nn.elu,
+    "selu": jax.nn.selu,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "linear": lambda x: x,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of the network; the defaults are those of the published Glasgow model.
+
+    Attributes:
+      n_filters: channels at level 1 (levels 2 and 3 have 2x and 4x).
+      n_classes: output classes (softmax channels).
+      enc_activation, dec_activation: names in ``ACTIVATIONS`` (Keras names).
+      dropout_rate: rate after every conv of levels 2 and 3 when training (level 1 has none).
+      compute_dtype: "float32" or "bfloat16"; parameters stay float32 (mixed precision).
+      remat: recompute the full-resolution (level 1) activations in the backward pass.
+    """
+
+    n_filters: int = 24
+    n_classes: int = 7
+    enc_activation: str = "relu"
+    dec_activation: str = "relu"
+    dropout_rate: float = 0.1
+    compute_dtype: str = "float32"
+    remat: bool = False
+
+    def __post_init__(self):
+        for act in (self.enc_activation, self.dec_activation):
+            if act not in ACTIVATIONS:
+                raise ValueError(f"unknown activation {act!r}; known: {', '.join(ACTIVATIONS)}")
+        if self.n_filters < 1 or self.n_classes < 2:
+            raise ValueError("n_filters must be >= 1 and n_classes >= 2")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"compute_dtype must be float32 or bfloat16, not {self.compute_dtype!r}")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"dropout_rate must be in [0, 1), not {self.dropout_rate}")
+
+    def channels(self, layer: Layer) -> int:
+        return self.n_classes if layer.width == 0 else layer.width * self.n_filters
+
+    def param_shapes(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        """Expected kernel and bias shapes per layer, in Keras layouts (see ``init_kernel``)."""
+        shapes, cin = {}, 1
+        for layer in LAYERS:
+            cout, k = self.channels(layer), layer.kernel
+            if layer.op == "up":  # Keras Conv3DTranspose: (d, h, w, out, in)
+                kernel = (k, k, k, cout, cin)
+            else:  # Keras Conv3D, same as Flax: (d, h, w, in, out)
+                kernel = (k, k, k, cin, cout)
+            shapes[layer.name] = {"kernel": kernel, "bias": (cout,)}
+            cin = cout
+        return shapes
+
+
+def check_input(x: jax.Array | tuple[int, ...]) -> None:
+    """Raise ValueError unless ``x`` (or its shape) is (batch, D, H, W, 1) with D, H, W divisible by 8."""
+    shape = tuple(getattr(x, "shape", x))
+    if len(shape) != 5:
+        raise ValueError(f"input must be 5-D (batch, D, H, W, C), got shape {shape}")
+    if shape[-1] != 1:
+        raise ValueError(f"input must have 1 channel, got {shape[-1]} (shape {shape})")
+    bad = [s for s in shape[1:4] if s % DIVISOR or s == 0]
+    if bad:
+        raise ValueError(f"spatial sizes must be positive multiples of {DIVISOR}, got {shape[1:4]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure operations
+# ---------------------------------------------------------------------------------------------
+
+
+def space_to_depth(x: jax.Array, s: int) -> jax.Array:
+    """(B, D, H, W, C) -> (B, D/s, H/s, W/s, s*s*s*C); the block offsets (a, b, c) vary slowest."""
+    b, d, h, w, c = x.shape
+    x = x.reshape(b, d // s, s, h // s, s, w // s, s, c)
+    x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7)
+    return x.reshape(b, d // s, h // s, w // s, s * s * s * c)
+
+
+def depth_to_space(x: jax.Array, s: int) -> jax.Array:
+    """Inverse of ``space_to_depth``: (B, D, H, W, s*s*s*C) -> (B, D*s, H*s, W*s, C)."""
+    b, d, h, w, sc = x.shape
+    c = sc // (s * s * s)
+    x = x.reshape(b, d, h, w, s, s, s, c)
+    x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
+    return x.reshape(b, d * s, h * s, w * s, c)
+
+
+def strided_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """Conv3D with kernel == stride, 'valid': x (B, D, H, W, Cin), kernel (s, s, s, Cin, Cout)."""
+    s, cin, cout = kernel.shape[0], kernel.shape[3], kernel.shape[4]
+    y = space_to_depth(x, s) @ kernel.reshape(s * s * s * cin, cout)
+    return y + bias
+
+
+def strided_conv_transpose(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """Keras Conv3DTranspose with kernel == stride s, x (B, D, H, W, Cin), kernel (s, s, s, Cout, Cin).
+
+    out[s*i + a] = sum_c x[i, c] * kernel[a, :, c] + bias per axis (no spatial flip).
+    """
+    s, cout, cin = kernel.shape[0], kernel.shape[3], kernel.shape[4]
+    k = kernel.transpose(4, 0, 1, 2, 3).reshape(cin, s * s * s * cout)
+    return depth_to_space(x @ k, s) + bias
+
+
+def conv3d_same(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """Stride-1 Conv3D with Keras 'same' padding: x (B, D, H, W, Cin), kernel (k, k, k, Cin, Cout)."""
+    if kernel.shape[:3] == (1, 1, 1):
+        return x @ kernel[0, 0, 0] + bias
+    y = jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(1, 1, 1),
+        padding="SAME",
+        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+    )
+    return y + bias
+
+
+_OPS = {"conv": conv3d_same, "down": strided_conv, "up": strided_conv_transpose}
+
+
+# ---------------------------------------------------------------------------------------------
+# Flax modules
+# ---------------------------------------------------------------------------------------------
+
+
+class KerasLayer(nn.Module):
+    """One conv layer of ``LAYERS`` with a Keras-layout ``kernel`` and a ``bias`` parameter."""
+
+    layer: Layer
+    in_channels: int
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = self.config.param_shapes()[self.layer.name]
+        # Keras's glorot_normal: truncated normal, variance 2 / (fan_in + fan_out).
+        in_axis, out_axis = (-1, -2) if self.layer.op == "up" else (-2, -1)
+        init = nn.initializers.glorot_normal(in_axis=in_axis, out_axis=out_axis)
+        kernel = self.param("kernel", init, shape["kernel"], jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, shape["bias"], jnp.float32)
+        dtype = jnp.dtype(self.config.compute_dtype)
+        return _OPS[self.layer.op](x.astype(dtype), kernel.astype(dtype), bias.astype(dtype))
+
+
+class Cerebrum7T(nn.Module):
+    """CEREBRUM-7T: (B, D, H, W, 1) float -> (B, D, H, W, n_classes) logits (float32).
+
+    Probabilities are ``jax.nn.softmax(logits, axis=-1)`` (see ``probabilities``); keeping the
+    softmax out lets the losses use ``log_softmax`` for stability. Dropout needs a 'dropout' rng
+    when ``train=True``.
+    """
+
+    config: ModelConfig = ModelConfig()
+
+    def _layer(self, name: str, x: jax.Array, train: bool) -> jax.Array:
+        cfg = self.config
+        layer = LAYERS[LAYER_NAMES.index(name)]
+        y = KerasLayer(layer, x.shape[-1], cfg, name=name)(x)
+        act = {"enc": cfg.enc_activation, "dec": cfg.dec_activation}.get(layer.activation)
+        if act is not None:
+            y = ACTIVATIONS[act](y)
+        if layer.activation != "softmax" and layer.level > 1 and cfg.dropout_rate > 0:
+            y = nn.Dropout(cfg.dropout_rate, deterministic=not train)(y)
+        return y
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        check_input(x)
+        f = self._layer
+        lvl1 = f("enc_lvl1_block1_conv", x, train)
+        x = f("down_1to2_conv", lvl1, train)
+        x = f("enc_lvl2_block1_conv", x, train)
+        lvl2 = f("enc_lvl2_block2_conv", x, train)
+        x = f("down_2to3_conv", lvl2, train)
+        x = f("enc_lvl3_block1_conv", x, train)
+        x = f("enc_lvl3_block2_conv", x, train)
+        x = f("enc_lvl3_block3_conv", x, train)
+        x = f("up_3to2_conv", x, train) + lvl2  # skip_conn_lvl2
+        x = f("dec_lvl2_block1_conv", x, train)
+        x = f("dec_lvl2_block2_conv", x, train)
+        x = f("up_2to1_conv", x, train) + lvl1  # skip_conn_lvl1
+        x = f("dec_lvl1_block1_conv", x, train)
+        return f("main_output", x, train).astype(jnp.float32)
+
+
+def init_params(config: ModelConfig, key: jax.Array, shape: tuple[int, int, int] = (8, 8, 8)) -> dict:
+    """Random (glorot-normal) parameters: {layer_name: {"kernel", "bias"}} for ``config``."""
+    x = jnp.zeros((1, *shape, 1), jnp.float32)
+    return Cerebrum7T(config).init(key, x)["params"]
+
+
+def apply(params: dict, config: ModelConfig, x: jax.Array, *, train: bool = False, key=None) -> jax.Array:
+    """Logits (B, D, H, W, n_classes) of ``x`` (B, D, H, W, 1); ``key`` feeds dropout when training."""
+    rngs = {"dropout": key} if train and key is not None else None
+    return Cerebrum7T(config).apply({"params": params}, x, train=train, rngs=rngs)
+
+
+def probabilities(params: dict, config: ModelConfig, x: jax.Array) -> jax.Array:
+    """Softmax probabilities (B, D, H, W, n_classes), float32, in inference mode."""
+    return jax.nn.softmax(apply(params, config, x), axis=-1)
+
+
+def count_params(params) -> int:
+    return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))

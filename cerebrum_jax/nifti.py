@@ -1,0 +1,106 @@
+"""NIfTI input and output with validation and atomic writes (temporary name, then rename)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from cerebrum_jax.errors import InputError
+
+
+def load_nifti(path: str | os.PathLike, *, what: str = "image", allow_nonfinite: bool = False):
+    """Read a 3-D NIfTI volume: returns (data as float32 (X, Y, Z), nibabel image with affine and header).
+
+    A 4-D image whose 4th axis has length 1 is squeezed to 3-D. Raises InputError naming ``path``
+    for a missing, unreadable or non-NIfTI file, a 2-D or 4-D volume, non-numeric data, or NaN/inf voxels.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{what} file does not exist", path)
+    if path.is_dir():
+        raise InputError(f"{what} is a directory, not a NIfTI file", path)
+    try:
+        img = nib.load(str(path))
+    except Exception as e:  # nibabel raises many types for foreign or truncated files
+        raise InputError(f"not a readable NIfTI file ({type(e).__name__}: {_first_line(e)})", path) from None
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise InputError(f"not a NIfTI image (nibabel read it as {type(img).__name__})", path)
+    shape = img.shape
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise InputError(f"{what} must be a 3-D volume, got shape {img.shape}", path)
+    try:
+        data = np.asarray(img.dataobj)
+    except Exception as e:
+        raise InputError(f"cannot read voxel data ({type(e).__name__}: {_first_line(e)})", path) from None
+    if not (np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_) or np.iscomplexobj(data):
+        raise InputError(f"{what} data of type {data.dtype} cannot be read as real numbers", path)
+    data = data.reshape(shape).astype(np.float32)
+    if not allow_nonfinite:
+        bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        if bad:
+            raise InputError(f"{what} contains {bad} NaN or infinite voxels", path)
+    return data, img
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else ""
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
+
+    The temporary name keeps the final suffixes (``.nii.gz``) so writers that look at the
+    extension behave the same.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_nifti(path, data: np.ndarray, like: nib.Nifti1Image | None = None, affine=None, dtype=None) -> Path:
+    """Write ``data`` as NIfTI atomically, keeping the affine and header of ``like`` when given.
+
+    ``dtype`` (e.g. np.uint8 for labels, np.float32 for probabilities) sets both the array and
+    the header data type, with scaling reset so the stored values are exact.
+    """
+    data = np.asarray(data if dtype is None else np.asarray(data).astype(dtype))
+    if like is not None:
+        header = like.header.copy()
+        affine = like.affine if affine is None else affine
+        img = nib.Nifti1Image(data, affine, header)
+        img.set_qform(like.get_qform(), code=int(like.header["qform_code"]))
+        img.set_sform(like.get_sform(), code=int(like.header["sform_code"]))
+    else:
+        img = nib.Nifti1Image(data, np.eye(4) if affine is None else affine)
+    img.set_data_dtype(data.dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    if data.ndim == 4:
+        img.header.set_intent("vector")
+    with atomic_path(path) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)
+
+
+def write_text(path, text: str) -> Path:
+    """Write a text file atomically."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+    return Path(path)

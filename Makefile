@@ -57,7 +57,7 @@ weights: $(VENV)/.stamp-base
 	$(PY) -m cerebrum_jax.convert --download weights/glasgow
 
 bench: $(VENV)/.stamp-test $(VENV)/.stamp-bench
-	$(CLI) bench --out BENCHMARKS.md $(ARGS)
+	$(PY) experiments/bench.py --out BENCHMARKS.md $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -13,7 +13,7 @@ import sys
 
 from cerebrum_jax.errors import InputError
 
-SUBCOMMANDS = ("convert", "segment", "evaluate", "finetune", "bench")
+SUBCOMMANDS = ("convert", "segment", "evaluate", "finetune")
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -1,0 +1,153 @@
+"""Orbax checkpoints of CEREBRUM-7T parameters with the model config beside them.
+
+Layout of a checkpoint directory::
+
+    CKPT/cerebrum.json   model config, class names, input normalisation kind, provenance
+    CKPT/state/          Orbax StandardCheckpointer tree {"params": ..., ["normalization": {"mean", "std"}]}
+
+Directories are written under a temporary name and renamed at the end, so a failed write
+leaves nothing half-written under the final name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from cerebrum_jax.errors import InputError
+from cerebrum_jax.model import ModelConfig
+
+FORMAT = "cerebrum-jax-checkpoint"
+META_FILE = "cerebrum.json"
+STATE_DIR = "state"
+NORMALIZATIONS = ("voxelwise", "zscore", "none")
+
+
+class Checkpoint(NamedTuple):
+    """A loaded checkpoint.
+
+    params: {layer_name: {"kernel", "bias"}} float32 arrays (Keras layouts, see model.LAYERS).
+    config: the ModelConfig the params belong to.
+    classes: class names, index = output channel.
+    normalization: "voxelwise" (mean/std volumes in ``norm_volumes``), "zscore" (per volume) or "none".
+    norm_volumes: {"mean": (D, H, W), "std": (D, H, W)} float32, or None.
+    meta: everything else of cerebrum.json (provenance, training details).
+    """
+
+    params: dict
+    config: ModelConfig
+    classes: list[str]
+    normalization: str
+    norm_volumes: dict | None
+    meta: dict
+
+
+def config_to_dict(config: ModelConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(d: dict) -> ModelConfig:
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in d.items() if k in known})
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    params: dict,
+    config: ModelConfig,
+    *,
+    classes: list[str] | None = None,
+    normalization: str = "zscore",
+    norm_volumes: dict | None = None,
+    meta: dict | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``params`` (and optional voxelwise normalisation volumes) as an Orbax checkpoint at ``path``."""
+    path = Path(path).absolute()
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, not {normalization!r}")
+    if normalization == "voxelwise" and norm_volumes is None:
+        raise ValueError("voxelwise normalization needs norm_volumes={'mean', 'std'}")
+    if path.exists() and not overwrite:
+        raise InputError("already exists; choose another output directory or remove it", path)
+    classes = list(classes) if classes else [f"class_{i}" for i in range(config.n_classes)]
+    if len(classes) != config.n_classes:
+        raise ValueError(f"{len(classes)} class names for {config.n_classes} classes")
+    tree: dict[str, Any] = {"params": jax.tree_util.tree_map(np.asarray, params)}
+    if norm_volumes is not None:
+        tree["normalization"] = {k: np.asarray(norm_volumes[k], np.float32) for k in ("mean", "std")}
+    info = {
+        "format": FORMAT,
+        "version": 1,
+        "model": config_to_dict(config),
+        "classes": classes,
+        "normalization": normalization,
+        **(meta or {}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / STATE_DIR, tree)
+            ckptr.wait_until_finished()
+        (tmp / META_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``; an existing ``dst`` is moved aside first and removed after."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """The cerebrum.json of a checkpoint directory; InputError if it is not one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError("checkpoint directory does not exist", path)
+    meta_file = path / META_FILE
+    try:
+        info = json.loads(meta_file.read_text())
+    except FileNotFoundError:
+        raise InputError(f"not a cerebrum-jax checkpoint (no {META_FILE})", path) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"corrupt {META_FILE} ({e})", path) from None
+    if info.get("format") != FORMAT:
+        raise InputError(f"{META_FILE} is not a {FORMAT} description", path)
+    return info
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint written by ``save_checkpoint``; params come back as numpy float32 arrays."""
+    path = Path(path).absolute()
+    info = read_meta(path)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            tree = ckptr.restore(path / STATE_DIR)
+    except Exception as e:
+        raise InputError(f"cannot restore Orbax state ({type(e).__name__}: {str(e)[:200]})", path) from None
+    tree = jax.tree_util.tree_map(lambda a: np.asarray(a), tree)
+    config = config_from_dict(info.pop("model"))
+    classes = info.pop("classes")
+    normalization = info.pop("normalization", "zscore")
+    for k in ("format", "version"):
+        info.pop(k, None)
+    return Checkpoint(tree["params"], config, classes, normalization, tree.get("normalization"), info)

@@ -1,6 +1,0 @@
-"""PLACEHOLDER: the 'bench' subcommand is being written; this file is replaced by its owner."""
-
-
-def add_parser(sub):
-    p = sub.add_parser("bench", help="(not yet available)")
-    p.set_defaults(func=lambda args: 1)

@@ -28,7 +28,7 @@ class Layer(NamedTuple):
     """One row of the layer table of REFERENCE.md."""
 
     name: str
-    op: str  # "conv" (3x3x3 or 1x1x1, stride 1), "down" (kernel == stride), "up" (transposed, kernel == stride)
+    op: str  # "conv" (3x3x3 or 1x1x1, stride 1), "down" / "up" (kernel == stride; up is transposed)
     width: int  # output channels as a multiple of n_filters (0: n_classes)
     kernel: int
     activation: str  # "enc", "dec", "none" or "softmax"

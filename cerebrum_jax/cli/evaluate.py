@@ -1,6 +1,95 @@
-"""PLACEHOLDER: the 'evaluate' subcommand is being written; this file is replaced by its owner."""
+"""``cerebrum-jax evaluate``: per-class Dice, HD95 (mm) and volumetric similarity of a segmentation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cerebrum_jax import nifti
+from cerebrum_jax.errors import InputError
+from cerebrum_jax.metrics import evaluate, format_table
 
 
-def add_parser(sub):
-    p = sub.add_parser("evaluate", help="(not yet available)")
-    p.set_defaults(func=lambda args: 1)
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="compare a predicted label volume with a reference (Dice, HD95, VS)",
+        description=(
+            "Per-class Dice, symmetric 95th-percentile Hausdorff distance in mm (voxel spacing from the "
+            "reference's header) and volumetric similarity of PRED against REF. Label values are compared "
+            "as they are stored in the files. A class absent from both scores 1/0 mm/1, absent from one "
+            "0/n/a/0. The mean Dice leaves out label 0 (background)."
+        ),
+    )
+    p.add_argument("pred", metavar="PRED.nii.gz", help="predicted labels (integer values)")
+    p.add_argument("ref", metavar="REF.nii.gz", help="reference labels on the same grid")
+    p.add_argument(
+        "--labels",
+        metavar="DSEG.tsv",
+        help="BIDS dseg.tsv (columns index, name) naming the label values; values found in the files "
+        "but missing from it are an error (default: every value present, named by its number)",
+    )
+    p.add_argument("--json", metavar="OUT.json", help="also write the results as JSON")
+    p.set_defaults(func=run)
+
+
+def read_dseg_tsv(path: str | Path) -> dict[int, str]:
+    """{label value: name} from a dseg.tsv with a header line containing 'index' and 'name' columns."""
+    path = Path(path)
+    try:
+        lines = [line.rstrip("\r\n") for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read label table ({type(e).__name__})", path) from None
+    header = lines[0].split("\t") if lines else []
+    if "index" not in header or "name" not in header:
+        raise InputError("label table needs a tab-separated header with 'index' and 'name'", path)
+    i_col, n_col = header.index("index"), header.index("name")
+    labels: dict[int, str] = {}
+    for number, line in enumerate(lines[1:], start=2):
+        cells = line.split("\t")
+        try:
+            value, name = int(cells[i_col]), cells[n_col].strip()
+        except (IndexError, ValueError):
+            raise InputError(f"line {number} is not '<integer index>\\t<name>'", path) from None
+        if value in labels or name in labels.values() or not name:
+            raise InputError(f"line {number}: duplicate or empty index/name", path)
+        labels[value] = name
+    return labels
+
+
+def load_labels(path: str | Path, what: str) -> tuple[np.ndarray, object]:
+    """A label volume as int64 (D, H, W) and its image; InputError unless every value is an integer."""
+    data, img = nifti.load_nifti(path, what=what)
+    if not np.array_equal(data, np.round(data)):
+        raise InputError(f"{what} has non-integer values; expected a label volume", path)
+    return data.astype(np.int64), img
+
+
+def run(args: argparse.Namespace) -> int:
+    pred, pred_img = load_labels(args.pred, "prediction")
+    ref, ref_img = load_labels(args.ref, "reference")
+    if pred.shape != ref.shape:
+        raise InputError(f"shape {pred.shape} differs from the reference's {ref.shape}", args.pred)
+    spacing = tuple(float(z) for z in ref_img.header.get_zooms()[:3])
+    pred_spacing = tuple(float(z) for z in pred_img.header.get_zooms()[:3])
+    if not np.allclose(spacing, pred_spacing, rtol=1e-3):
+        raise InputError(f"voxel size {pred_spacing} differs from the reference's {spacing}", args.pred)
+    present = sorted(set(np.unique(pred).tolist()) | set(np.unique(ref).tolist()))
+    if args.labels:
+        labels = read_dseg_tsv(args.labels)
+        for path, data in ((args.pred, pred), (args.ref, ref)):
+            outside = sorted(set(np.unique(data).tolist()) - set(labels))
+            if outside:
+                raise InputError(f"label values {outside} are not in {args.labels}", path)
+    else:
+        labels = {v: str(v) for v in present}
+    result = evaluate(pred, ref, spacing, labels)
+    print(format_table(result))
+    if args.json:
+        text = json.dumps(result, indent=2, allow_nan=False)
+        nifti.write_text(args.json, text + "\n")
+        print(f"wrote {args.json}")
+    return 0

@@ -1,6 +1,116 @@
-"""PLACEHOLDER: the 'segment' subcommand is being written; this file is replaced by its owner."""
+"""``cerebrum-jax segment``: segment NIfTI volumes with a checkpoint, writing BIDS-derivatives style files."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cerebrum_jax import nifti
+from cerebrum_jax.checkpoint import load_checkpoint
+from cerebrum_jax.errors import InputError
+from cerebrum_jax.segment import NORMALIZATIONS, labels_from, segment
+
+DEFAULT_WEIGHTS = ("weights/glasgow", "weights/demo")
+_REPO = Path(__file__).resolve().parents[2]
 
 
-def add_parser(sub):
-    p = sub.add_parser("segment", help="(not yet available)")
-    p.set_defaults(func=lambda args: 1)
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "segment",
+        help="segment whole NIfTI volumes (labels, probabilities, dseg.tsv)",
+        description=(
+            "Segment each input volume with one forward pass of the network over the whole volume and "
+            "write OUT/<stem>_desc-cerebrum_dseg.nii.gz (uint8 labels), "
+            "OUT/<stem>_desc-cerebrum_probseg.nii.gz (float32, classes on the 4th axis) and OUT/dseg.tsv, "
+            "with the input's affine and header. All inputs are checked before any work starts."
+        ),
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT.nii[.gz]", help="3-D NIfTI volumes to segment")
+    p.add_argument(
+        "--weights",
+        metavar="CKPT_DIR",
+        help="cerebrum-jax checkpoint directory (default: weights/glasgow if present, else weights/demo)",
+    )
+    p.add_argument("--out", required=True, metavar="OUT_DIR", help="output directory (created if needed)")
+    p.add_argument(
+        "--normalize",
+        choices=NORMALIZATIONS,
+        help="input normalisation: zscore (per volume), voxelwise (the checkpoint's mean/std volumes) "
+        "or none (default: what the checkpoint was trained with)",
+    )
+    p.add_argument("--no-probseg", action="store_true", help="do not write the probability maps")
+    p.set_defaults(func=run)
+
+
+def resolve_weights(weights: str | None) -> Path:
+    """The checkpoint directory to use: ``weights``, else the first default found (cwd, then repo)."""
+    if weights is not None:
+        return Path(weights)
+    for name in DEFAULT_WEIGHTS:
+        for base in (Path.cwd(), _REPO):
+            if (base / name).is_dir():
+                return base / name
+    raise InputError(
+        "no checkpoint found: neither weights/glasgow nor weights/demo exists "
+        "(run 'make weights' or pass --weights)",
+        "--weights",
+    )
+
+
+def output_stem(path: Path) -> str:
+    """``sub-01_T1w.nii.gz`` -> ``sub-01_T1w``."""
+    name = path.name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return path.stem
+
+
+def check_inputs(paths: list[Path]) -> None:
+    """Load every input once (and drop it) so a bad file stops the run before anything is written."""
+    stems: dict[str, Path] = {}
+    for path in paths:
+        nifti.load_nifti(path)
+        stem = output_stem(path)
+        if stem in stems:
+            raise InputError(f"has the same output name {stem!r} as {stems[stem]}", path)
+        stems[stem] = path
+
+
+def dseg_tsv(classes: list[str]) -> str:
+    """BIDS dseg.tsv text: a header ``index<TAB>name`` and one row per class."""
+    return "index\tname\n" + "".join(f"{i}\t{name}\n" for i, name in enumerate(classes))
+
+
+def run(args: argparse.Namespace) -> int:
+    weights = resolve_weights(args.weights)
+    paths = [Path(p) for p in args.inputs]
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError("exists and is not a directory", out)
+    ckpt = load_checkpoint(weights)
+    normalization = args.normalize or ckpt.normalization
+    if normalization == "voxelwise" and ckpt.norm_volumes is None:
+        raise InputError("--normalize voxelwise needs a checkpoint with mean/std volumes", weights)
+    if ckpt.config.n_classes > 256:
+        raise InputError(f"{ckpt.config.n_classes} classes do not fit uint8 labels", weights)
+    check_inputs(paths)
+    print(f"weights: {weights} ({ckpt.config.n_classes} classes, normalisation {normalization})", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    nifti.write_text(out / "dseg.tsv", dseg_tsv(ckpt.classes))
+    for path in paths:
+        start = time.perf_counter()
+        data, img = nifti.load_nifti(path)
+        probs = segment(
+            data, ckpt.params, ckpt.config, normalization=normalization, norm_volumes=ckpt.norm_volumes
+        )
+        seconds = time.perf_counter() - start
+        prefix = out / f"{output_stem(path)}_desc-cerebrum"
+        if not args.no_probseg:
+            nifti.save_nifti(f"{prefix}_probseg.nii.gz", probs, like=img, dtype=np.float32)
+        nifti.save_nifti(f"{prefix}_dseg.nii.gz", labels_from(probs), like=img, dtype=np.uint8)
+        print(f"{path}: shape {data.shape}, segmented in {seconds:.1f} s -> {prefix}_*", flush=True)
+    return 0

@@ -1,0 +1,181 @@
+"""Whole-volume segmentation: the array API and the segment command on real NIfTI files and checkpoints."""
+
+import jax
+import nibabel as nib
+import numpy as np
+import pytest
+
+from cerebrum_jax import model, preprocess
+from cerebrum_jax.checkpoint import save_checkpoint
+from cerebrum_jax.cli import main
+from cerebrum_jax.segment import forward_fn, prepare, segment
+
+CONFIG = model.ModelConfig(n_filters=2, n_classes=3)
+CLASSES = ["background", "grey", "white"]
+
+
+@pytest.fixture(scope="module")
+def params():
+    # Non-zero biases so the classes are not all equally likely.
+    p = model.init_params(CONFIG, jax.random.key(0))
+    return jax.tree_util.tree_map(lambda a: np.asarray(a) + 0.05 * np.arange(a.size).reshape(a.shape) % 1, p)
+
+
+def affine():
+    """A non-trivial affine: anisotropic voxels, a rotation and an offset."""
+    c, s = np.cos(0.3), np.sin(0.3)
+    rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    a = np.eye(4)
+    a[:3, :3] = rot @ np.diag([0.7, 0.63, 0.9])
+    a[:3, 3] = (-12.5, 30.0, 4.2)
+    return a
+
+
+def volume(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    return (100 + 20 * rng.normal(size=shape)).astype(np.float32)
+
+
+def write_nifti(path, data, dtype=np.float32):
+    img = nib.Nifti1Image(np.asarray(data).astype(dtype), affine())
+    img.header.set_xyzt_units("mm", "sec")
+    nib.save(img, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, params):
+    path = tmp_path_factory.mktemp("ckpt") / "model"
+    return save_checkpoint(path, params, CONFIG, classes=CLASSES, normalization="zscore")
+
+
+@pytest.mark.parametrize("shape", [(16, 16, 16), (13, 20, 11), (8, 16, 8), (9, 7, 17)])
+@pytest.mark.parametrize("normalization", ["zscore", "none"])
+def test_segment_api_shapes_and_padding(params, shape, normalization):
+    v = volume(shape)
+    probs = segment(v, params, CONFIG, normalization=normalization)
+    assert probs.shape == (*shape, CONFIG.n_classes) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    # The same as running the network by hand on the padded, normalised grid and cropping back.
+    x, info = prepare(v, normalization=normalization)
+    assert x.shape == preprocess.grid_for(shape)
+    full = np.asarray(model.probabilities(params, CONFIG, x[None, ..., None])[0])
+    np.testing.assert_allclose(probs, preprocess.undo_pad_or_crop(full, info), atol=1e-6)
+
+
+def test_segment_is_deterministic_and_compiled_once(params):
+    v = volume((13, 20, 11), 1)
+    a = segment(v, params, CONFIG)
+    b = segment(v, params, CONFIG)
+    np.testing.assert_array_equal(a, b)
+    assert forward_fn(CONFIG) is forward_fn(model.ModelConfig(n_filters=2, n_classes=3))
+
+
+def test_zscore_is_invariant_to_intensity_scale(params):
+    v = volume((13, 20, 11), 2)
+    np.testing.assert_allclose(segment(v, params, CONFIG), segment(3 * v + 7, params, CONFIG), atol=1e-4)
+
+
+def test_zscore_mask_sets_statistics(params):
+    v = volume((16, 16, 16), 3)
+    mask = np.zeros(v.shape, bool)
+    mask[4:12, 4:12, 4:12] = True
+    x, _ = prepare(v, mask=mask)
+    assert abs(x[mask].mean()) < 1e-5 and abs(x[mask].std() - 1) < 1e-4
+
+
+@pytest.mark.parametrize("shape", [(13, 20, 11), (16, 24, 8)])
+def test_voxelwise_on_a_smaller_grid(params, shape):
+    grid = (8, 16, 8)
+    rng = np.random.default_rng(4)
+    norm = {"mean": rng.normal(100, 5, grid).astype(np.float32), "std": np.abs(rng.normal(20, 2, grid))}
+    v = volume(shape, 5)
+    probs = segment(v, params, CONFIG, normalization="voxelwise", norm_volumes=norm)
+    assert probs.shape == (*shape, CONFIG.n_classes)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    x, info = prepare(v, normalization="voxelwise", norm_volumes=norm)
+    covered = preprocess.undo_pad_or_crop(np.ones(grid, bool), info, fill=False)
+    assert x.shape == grid and (~covered).any()
+    # Cropped-away voxels are background with certainty.
+    np.testing.assert_array_equal(probs[~covered], np.broadcast_to(np.eye(3)[0], probs[~covered].shape))
+
+
+@pytest.mark.parametrize("shape", [(16, 16, 16), (13, 20, 11)])
+def test_segment_cli_outputs(tmp_path, ckpt, params, shape, capsys):
+    data = volume(shape, 6)
+    src = write_nifti(tmp_path / "sub-01_T1w.nii.gz", data)
+    out = tmp_path / "out"
+    assert main(["segment", "--weights", str(ckpt), str(src), "--out", str(out)]) == 0
+    assert "segmented in" in capsys.readouterr().out
+    dseg = nib.load(out / "sub-01_T1w_desc-cerebrum_dseg.nii.gz")
+    prob = nib.load(out / "sub-01_T1w_desc-cerebrum_probseg.nii.gz")
+    assert dseg.shape == shape and prob.shape == (*shape, CONFIG.n_classes)
+    assert dseg.get_data_dtype() == np.uint8 and prob.get_data_dtype() == np.float32
+    for img in (dseg, prob):
+        np.testing.assert_allclose(img.affine, affine(), atol=1e-6)
+        assert img.header.get_zooms()[:3] == pytest.approx(nib.load(src).header.get_zooms())
+    p = np.asarray(prob.dataobj)
+    np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(dseg.dataobj), p.argmax(-1))
+    np.testing.assert_allclose(p, segment(data, params, CONFIG), atol=1e-6)
+    lines = (out / "dseg.tsv").read_text().splitlines()
+    assert lines == ["index\tname"] + [f"{i}\t{n}" for i, n in enumerate(CLASSES)]
+
+
+def test_segment_cli_many_inputs_no_probseg(tmp_path, ckpt):
+    srcs = [write_nifti(tmp_path / f"s{i}.nii", volume((8, 16, 8), i)) for i in range(2)]
+    out = tmp_path / "out"
+    assert main(["segment", "--weights", str(ckpt), *map(str, srcs), "--out", str(out), "--no-probseg"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "dseg.tsv", "s0_desc-cerebrum_dseg.nii.gz", "s1_desc-cerebrum_dseg.nii.gz"
+    ]  # fmt: skip
+
+
+def bad_input(tmp_path, kind):
+    path = tmp_path / "bad.nii.gz"
+    if kind == "missing":
+        return tmp_path / "nothing.nii.gz"
+    if kind == "not_nifti":
+        path.write_bytes(b"this is not an image")
+    elif kind == "4d":
+        write_nifti(path, np.zeros((8, 8, 8, 2)))
+    elif kind == "2d":
+        write_nifti(path, np.zeros((8, 8)))
+    elif kind == "nan":
+        v = volume((8, 8, 8))
+        v[1, 2, 3] = np.nan
+        write_nifti(path, v)
+    elif kind == "inf":
+        v = volume((8, 8, 8))
+        v[0, 0, 0] = np.inf
+        write_nifti(path, v)
+    elif kind == "complex":
+        write_nifti(path, np.ones((8, 8, 8)), dtype=np.complex64)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["missing", "not_nifti", "4d", "2d", "nan", "inf", "complex"])
+def test_segment_cli_bad_input_writes_nothing(tmp_path, ckpt, capsys, kind):
+    good = write_nifti(tmp_path / "good.nii.gz", volume((8, 8, 8)))
+    bad = bad_input(tmp_path, kind)
+    out = tmp_path / "out"
+    assert main(["segment", "--weights", str(ckpt), str(good), str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(bad) in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("problem", ["no_ckpt", "voxelwise_without_volumes", "duplicate_stem"])
+def test_segment_cli_bad_options(tmp_path, ckpt, capsys, problem):
+    good = write_nifti(tmp_path / "a.nii.gz", volume((8, 8, 8)))
+    argv = ["segment", "--weights", str(ckpt), str(good), "--out", str(tmp_path / "out")]
+    if problem == "no_ckpt":
+        argv[2] = str(tmp_path / "nowhere")
+    elif problem == "voxelwise_without_volumes":
+        argv += ["--normalize", "voxelwise"]
+    else:
+        (tmp_path / "d").mkdir()
+        argv.insert(3, str(write_nifti(tmp_path / "d" / "a.nii", volume((8, 8, 8)))))
+    assert main(argv) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

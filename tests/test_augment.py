@@ -1,0 +1,236 @@
+"""Tests of cerebrum_jax.augment on small volumes (16 x 20 x 12), against scipy where it has the same op."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.ndimage
+
+from cerebrum_jax import augment as aug
+from cerebrum_jax.errors import InputError
+
+SHAPE = (16, 20, 12)
+CFG = aug.AugmentConfig(chunk_slices=4)  # 4 slabs: exercises the slab loop
+OFF = dataclasses.replace(
+    CFG, rotate=False, translate=False, elastic=False, salt_pepper=False, gaussian=False, bias=False
+)
+apply_jit = jax.jit(aug.apply_params, static_argnums=3)
+
+
+def sample(seed=0, shape=SHAPE, n_labels=4):
+    """A smooth positive image (D, H, W, 1) float32 and labels (D, H, W) int32 in [0, n_labels)."""
+    rng = np.random.default_rng(seed)
+    image = scipy.ndimage.gaussian_filter(rng.random(shape), 1.5).astype(np.float32)[..., None] + 1.0
+    labels = rng.integers(0, n_labels, shape).astype(np.int32)
+    return image, labels
+
+
+def rigid_params(angles=(0, 0, 0), shift=(0, 0, 0), cfg=CFG):
+    params = aug.identity_params(cfg)
+    return params._replace(
+        angles_deg=jnp.asarray(angles, jnp.float32), shift_vox=jnp.asarray(shift, jnp.float32)
+    )
+
+
+@pytest.mark.parametrize("shape,chunk", [(SHAPE, 4), (SHAPE, 16), ((8, 16, 8), 3)])
+def test_identity_params_return_input_exactly(shape, chunk):
+    cfg = dataclasses.replace(CFG, chunk_slices=chunk)
+    image, labels = sample(1, shape)
+    out, out_labels = apply_jit(aug.identity_params(cfg), image, labels, cfg)
+    np.testing.assert_array_equal(np.asarray(out), image)
+    np.testing.assert_array_equal(np.asarray(out_labels), labels)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_all_ops_disabled_return_input_exactly(seed):
+    image, labels = sample(seed)
+    out, out_labels = aug.augment(aug.view_key(seed, 0, 0, 0), image, labels, OFF)
+    np.testing.assert_array_equal(np.asarray(out), image)
+    np.testing.assert_array_equal(np.asarray(out_labels), labels)
+
+
+RIGID_CASES = [
+    ((0, 0, 0), (3, 0, 0)),
+    ((0, 0, 0), (-2.5, 4.25, 1.5)),
+    ((4, 0, 0), (0, 0, 0)),
+    ((0, -5, 0), (0, 0, 0)),
+    ((0, 0, 3.5), (0, 0, 0)),
+    ((2, -3, 4), (1.5, -2, 0.5)),
+]
+
+
+@pytest.mark.parametrize("angles,shift", RIGID_CASES)
+def test_rigid_matches_scipy_affine_transform(angles, shift):
+    # jax's and scipy's 'mirror' agree (reflection about edge voxel centres) at order 1, also outside
+    # the volume, so the whole volume is compared.
+    image, labels = sample(2)
+    center = (np.asarray(SHAPE) - 1) / 2
+    matrix = np.asarray(aug.affine_matrix(angles, shift, center), np.float64)
+    expected = scipy.ndimage.affine_transform(
+        image[..., 0], matrix[:, :3], offset=matrix[:, 3], order=1, mode="mirror"
+    )
+    out, out_labels = apply_jit(rigid_params(angles, shift), image, labels, CFG)
+    np.testing.assert_allclose(np.asarray(out[..., 0]), expected, atol=2e-5)
+    assert set(np.unique(np.asarray(out_labels))) <= set(np.unique(labels))
+
+
+@pytest.mark.parametrize("shift", [(1.0, -2.0, 0.25), (0.0, 0.0, 3.0)])  # no .5 ties for nearest
+def test_constant_elastic_grid_equals_opposite_translation(shift):
+    # one coordinate map: a displacement u everywhere samples at p + u, a shift s at p - s
+    image, labels = sample(3)
+    grid = jnp.broadcast_to(jnp.asarray(shift, jnp.float32)[:, None, None, None], (3, 4, 4, 4))
+    by_field = apply_jit(aug.identity_params(CFG)._replace(grid=grid), image, labels, CFG)
+    by_shift = apply_jit(rigid_params(shift=-np.asarray(shift)), image, labels, CFG)
+    np.testing.assert_allclose(np.asarray(by_field[0]), np.asarray(by_shift[0]), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(by_field[1]), np.asarray(by_shift[1]))
+
+
+@pytest.mark.parametrize("n_points", [3, 4])
+def test_elastic_field_interpolates_control_points(n_points):
+    shape = (13, 13, 13)  # control points at integer voxels for 3 and 4 points
+    grid = np.random.default_rng(n_points).standard_normal((3, n_points, n_points, n_points))
+    field = np.asarray(aug.elastic_field(jnp.asarray(grid, jnp.float32), shape))
+    at = np.arange(n_points) * 12 // (n_points - 1)
+    assert field.shape == (3, *shape)
+    np.testing.assert_allclose(field[:, at][:, :, at][:, :, :, at], grid, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_labels_stay_in_label_set_and_shapes_kept(seed):
+    image, labels = sample(seed, n_labels=3)
+    labels = labels * 2  # label set {0, 2, 4}: nearest sampling invents no value
+    out, out_labels = aug.augment(aug.view_key(0, 0, 0, seed), image, labels, CFG)
+    assert out.shape == image.shape and out.dtype == jnp.float32
+    assert out_labels.shape == labels.shape and out_labels.dtype == labels.dtype
+    assert set(np.unique(np.asarray(out_labels))) <= {0, 2, 4}
+
+
+def test_batch_equals_per_sample():
+    images, labels = zip(*(sample(s) for s in range(3)), strict=True)
+    images, labels = np.stack(images), np.stack(labels)
+    keys = jnp.stack([aug.view_key(5, 1, s, 0) for s in range(3)])
+    out, out_labels = aug.augment_batch(keys, images, labels, CFG)
+    for i in range(3):
+        one, one_labels = aug.augment(keys[i], images[i], labels[i], CFG)
+        np.testing.assert_allclose(np.asarray(out[i]), np.asarray(one), atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(out_labels[i]), np.asarray(one_labels))
+
+
+def test_same_key_same_view_different_keys_differ():
+    image, labels = sample(4)
+    key = aug.view_key(3, 2, 1, 0)
+    a = aug.augment(key, image, labels, CFG)
+    b = aug.augment(key, image, labels, CFG)
+    c = aug.augment(aug.view_key(3, 2, 1, 1), image, labels, CFG)
+    np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
+    assert not np.array_equal(np.asarray(a[0]), np.asarray(c[0]))
+
+
+DRAW_CASES = [
+    aug.AugmentConfig(),
+    aug.AugmentConfig(rigid_mode="independent", rotation_axes="all", intensity_mode="independent"),
+    aug.AugmentConfig(max_angle_deg=10.0, max_shift_vox=(2.0, 3.0, 4.0), integer=True, p_rotation=0.3),
+]
+
+
+@pytest.mark.parametrize("cfg", DRAW_CASES)
+def test_drawn_parameters_within_ranges_and_span_them(cfg):
+    n = 4000
+    keys = jax.random.split(jax.random.key(11), n)
+    params = jax.vmap(lambda k: aug.rand_params(k, cfg))(keys)
+    angles, shifts = np.asarray(params.angles_deg), np.asarray(params.shift_vox)
+    rotated, shifted = np.any(angles != 0, axis=1), np.any(shifts != 0, axis=1)
+    assert np.abs(angles).max() <= cfg.max_angle_deg
+    assert np.abs(angles).max() >= 0.95 * cfg.max_angle_deg
+    for axis, bound in enumerate(cfg.max_shift_vox):
+        assert np.abs(shifts[:, axis]).max() <= bound
+        assert shifts[:, axis].max() >= 0.9 * bound and shifts[:, axis].min() <= -0.9 * bound
+    assert abs(rotated.mean() - cfg.p_rotation) < 0.04
+    assert abs(shifted.mean() - cfg.p_translation) < 0.04
+    if cfg.rigid_mode == "one":
+        assert not np.any(rotated & shifted)
+    if cfg.rotation_axes == "one":
+        assert np.all(np.count_nonzero(angles, axis=1) <= 1)
+    if cfg.integer:
+        np.testing.assert_array_equal(angles, np.round(angles))
+        np.testing.assert_array_equal(shifts, np.round(shifts))
+    assert set(np.unique(np.asarray(params.grid_index))) == set(range(len(cfg.elastic_points)))
+    std = np.asarray(params.grid).reshape(n, -1).std(axis=1)
+    assert min(cfg.elastic_sigmas) * 0.6 < np.median(std) < max(cfg.elastic_sigmas) * 1.4
+    flags = np.asarray(params.intensity)
+    probs = np.array([cfg.p_salt_pepper, cfg.p_gaussian, cfg.p_bias])
+    np.testing.assert_allclose(flags.mean(axis=0), probs, atol=0.04)
+    if cfg.intensity_mode == "one":
+        assert flags.sum(axis=1).max() <= 1
+
+
+def test_view_key_distinct_and_reproducible():
+    combos = [(s, e, j, v) for s in range(2) for e in range(3) for j in range(4) for v in range(5)]
+    data = {tuple(np.asarray(jax.random.key_data(aug.view_key(*c))).tolist()) for c in combos}
+    assert len(data) == len(combos)
+    same = [jax.random.key_data(aug.view_key(7, 1, 2, 3)) for _ in range(2)]
+    np.testing.assert_array_equal(np.asarray(same[0]), np.asarray(same[1]))
+
+
+@pytest.mark.parametrize("amount,salt", [(0.05, 0.2), (0.1, 0.5)])
+def test_salt_and_pepper_fraction_and_values(amount, salt):
+    image = jnp.asarray(sample(5, (32, 32, 32))[0][..., 0])
+    out = np.asarray(aug.salt_and_pepper(jax.random.key(0), image, amount, salt))
+    changed = out != np.asarray(image)
+    assert abs(changed.mean() - amount) < 0.2 * amount
+    assert abs((out[changed] == float(image.max())).mean() - salt) < 0.1
+    assert set(np.unique(out[changed])) <= {float(image.min()), float(image.max())}
+
+
+def test_gaussian_blend_keeps_mean_and_mixes_noise():
+    image = jnp.asarray(sample(6, (32, 32, 32))[0][..., 0])
+    out = np.asarray(aug.gaussian_blend(jax.random.key(1), image, 0.2))
+    assert abs(out.mean() - float(image.mean())) < 0.01 * float(image.std()) + 1e-3
+    residual = (out - 0.8 * np.asarray(image)) / 0.2  # should be N(mean, std) noise
+    assert abs(residual.std() - float(image.std())) < 0.05 * float(image.std())
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.3])
+def test_bias_field_is_smooth_gain_above_floor(scale):
+    # on a constant image with floor 0 the output is image * exp(g), g the spline of the grid, which
+    # passes through the control points (at voxels 0, 4, 8, 12 of a 13-voxel axis)
+    grid = jax.random.normal(jax.random.key(2), (4, 4, 4)) * scale
+    out = np.asarray(aug.bias_field(jnp.full((13, 13, 13), 2.0), grid, 0.0))
+    log_gain = np.log(out / 2.0)
+    at = np.arange(4) * 4
+    np.testing.assert_allclose(log_gain[at][:, at][:, :, at], np.asarray(grid), atol=1e-5)
+    image = jnp.asarray(sample(7)[0][..., 0])
+    assert np.asarray(aug.bias_field(image, grid, jnp.min(image))).min() >= float(image.min())
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"rigid_mode": "both"},
+        {"rotation_axes": "two"},
+        {"p_rotation": 1.5},
+        {"p_rotation": 0.7, "p_translation": 0.6},
+        {"p_bias": 0.9},
+        {"elastic_points": (1, 3)},
+        {"max_shift_vox": (1.0, 2.0)},
+    ],
+)
+def test_bad_config_raises_input_error(bad):
+    with pytest.raises(InputError, match="augmentation config"):
+        aug.AugmentConfig(**bad)
+
+
+@pytest.mark.parametrize(
+    "image_shape,label_shape,label_dtype",
+    [
+        ((16, 20, 12), (16, 20, 12), np.int32),
+        ((16, 20, 12, 1), (16, 20, 11), np.int32),
+        ((16, 20, 12, 1), (16, 20, 12), np.float32),
+    ],
+)
+def test_wrong_shapes_rejected(image_shape, label_shape, label_dtype):
+    with pytest.raises(ValueError, match="augment"):
+        aug.augment(jax.random.key(0), np.zeros(image_shape, np.float32), np.zeros(label_shape, label_dtype))

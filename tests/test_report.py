@@ -1,0 +1,105 @@
+"""Report figures are real PNGs and report.md links them and lists every class."""
+
+import re
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from cerebrum_jax import metrics, report
+
+NAMES = ["background", "csf", "grey matter", "white matter"]
+
+
+def phantom(shape=(16, 20, 12), seed=0):
+    """An image, a reference label volume and a slightly different prediction (values 0..3)."""
+    field = ndimage.gaussian_filter(np.random.default_rng(seed).normal(size=shape), 2.0)
+    ref = np.digitize(field, np.quantile(field, [0.3, 0.55, 0.8])).astype(np.uint8)
+    pred = np.roll(ref, 1, axis=0)
+    image = (ref * 50 + np.random.default_rng(seed + 1).normal(0, 5, shape)).astype(np.float32)
+    return image, ref, pred
+
+
+def history(phases=("warmup", "finetune"), epochs=4, dice=True):
+    rows = []
+    for p, phase in enumerate(phases):
+        for e in range(epochs):
+            row = {"phase": phase, "epoch": e, "train_loss": 1.0 / (e + 1 + p), "val_loss": 1.2 / (e + 1 + p)}
+            row["lr"] = 1e-4 * 0.25 ** (e // 2)
+            if dice:
+                row["val_dice"] = 0.5 + 0.1 * e
+            rows.append(row)
+    return rows
+
+
+def read_png(path):
+    assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = mpimg.imread(path)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+    assert img[..., :3].std() > 0.01  # not a blank canvas
+    return img
+
+
+@pytest.mark.parametrize("dice", [True, False])
+@pytest.mark.parametrize("phases", [("warmup", "finetune"), ("finetune",)])
+def test_training_curves_png(tmp_path, dice, phases):
+    out = report.plot_training_curves(history(phases, dice=dice), tmp_path / "curves.png")
+    read_png(out)
+    assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("spacing", [None, (0.7, 0.5, 1.2)])
+def test_segmentation_and_probability_png(tmp_path, spacing):
+    image, ref, pred = phantom()
+    seg = report.plot_segmentation(image, ref, pred, NAMES, tmp_path / "seg.png", spacing=spacing)
+    prob = np.clip(ndimage.gaussian_filter((ref == 2).astype(float), 1.0), 0, 1)
+    pmap = report.plot_probability(image, prob, "grey matter", tmp_path / "prob.png", spacing=spacing)
+    a, b = read_png(seg), read_png(pmap)
+    assert a.shape != b.shape
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda p: report.plot_segmentation(
+            np.zeros((4, 4, 4)), np.zeros((4, 4, 3)), np.zeros((4, 4, 4)), NAMES, p
+        ),
+        lambda p: report.plot_probability(np.zeros((4, 4, 4)), np.zeros((4, 4)), "x", p),
+        lambda p: report.plot_training_curves([], p),
+    ],
+)
+def test_bad_figure_input_writes_nothing(tmp_path, call):
+    with pytest.raises(ValueError):
+        call(tmp_path / "f.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_report_md_has_every_class_and_resolving_links(tmp_path):
+    image, ref, pred = phantom()
+    result = metrics.evaluate(pred, ref, (0.7, 0.7, 0.7), dict(enumerate(NAMES)))
+    figs = tmp_path / "figures"
+    figures = {
+        "training curves": report.plot_training_curves(history(), figs / "curves.png"),
+        "segmentation": report.plot_segmentation(image, ref, pred, NAMES, figs / "seg.png"),
+    }
+    meta = {
+        "fold": 3,
+        "test subject": "sub-003",
+        "initial weights": "weights/demo",
+        "timings": {"train_s": 12.5},
+    }
+    path = report.write_report(tmp_path / "run" / "report.md", result, figures, meta)
+    text = path.read_text()
+    for name, m in result["classes"].items():
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+        assert f"{m['dice']:.4f}" in row
+    assert f"{result['mean_dice']:.4f}" in text
+    for fact in ("sub-003", "weights/demo", "timings.train_s", "12.5"):
+        assert fact in text
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert len(links) == len(figures)
+    for link in links:
+        assert not Path(link).is_absolute()
+        read_png(path.parent / link)

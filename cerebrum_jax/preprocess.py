@@ -1,4 +1,6 @@
-"""Preprocessing as pure numpy functions on (D, H, W) volumes: normalisation, padding/cropping to a grid.
+"""Preprocessing as pure numpy functions on (D, H, W) volumes: normalisation, padding/cropping to a grid,
+brain masks and bounding boxes, resampling, training-set statistics; and ``load_subject``, which reads
+one subject from disk and runs these steps.
 
 Everything here works on one volume in voxel order as stored in the NIfTI file; the batch and
 channel axes are added only when a volume goes into the network.
@@ -8,9 +10,14 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import nibabel as nib
 import numpy as np
+from nibabel import processing
+from scipy import ndimage
 
+from cerebrum_jax.errors import InputError
 from cerebrum_jax.model import DIVISOR
+from cerebrum_jax.nifti import load_nifti
 
 
 def zscore(volume: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -77,3 +84,191 @@ def undo_pad_or_crop(volume: np.ndarray, info: PadCrop, fill: float = 0.0) -> np
     out = np.full(info.original_shape + volume.shape[3:], fill, dtype=volume.dtype)
     out[tuple(slice(a, b) for a, b in info.crops)] = inner
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Masks, bounding boxes, resampling and training-set statistics
+
+
+def mask_from_labels(labels: np.ndarray, dilation: int = 0) -> np.ndarray:
+    """Brain mask (bool, same shape) = labels > 0, dilated ``dilation`` times (6-connected, in voxels)."""
+    mask = np.asarray(labels) > 0
+    if dilation > 0:
+        mask = ndimage.binary_dilation(mask, iterations=int(dilation))
+    return mask
+
+
+class Box(NamedTuple):
+    """A sub-block of a (D, H, W) grid: per axis [start, stop), with the shape of the grid it came from."""
+
+    starts: tuple[int, ...]
+    stops: tuple[int, ...]
+    source_shape: tuple[int, ...]
+
+    @property
+    def slices(self) -> tuple[slice, ...]:
+        return tuple(slice(a, b) for a, b in zip(self.starts, self.stops, strict=True))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(b - a for a, b in zip(self.starts, self.stops, strict=True))
+
+
+def bounding_box(mask: np.ndarray, margin: int = 0) -> Box:
+    """The smallest box holding every True voxel of ``mask`` (D, H, W), grown by ``margin`` voxels per side
+    and clipped to the grid. An empty mask gives the whole grid (nothing to crop to)."""
+    mask = np.asarray(mask, bool)
+    shape = tuple(int(s) for s in mask.shape)
+    if not mask.any():
+        return Box((0,) * mask.ndim, shape, shape)
+    starts, stops = [], []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        starts.append(max(int(hits[0]) - margin, 0))
+        stops.append(min(int(hits[-1]) + 1 + margin, shape[axis]))
+    return Box(tuple(starts), tuple(stops), shape)
+
+
+def crop(volume: np.ndarray, box: Box) -> np.ndarray:
+    """``volume`` (D, H, W[, C]) cut to ``box`` (a copy)."""
+    if tuple(volume.shape[:3]) != box.source_shape:
+        raise ValueError(f"volume {volume.shape} does not match the box's grid {box.source_shape}")
+    return np.array(volume[box.slices])
+
+
+def uncrop(volume: np.ndarray, box: Box, fill: float = 0.0) -> np.ndarray:
+    """Inverse of ``crop``: put ``volume`` (box shape[, C]) back on the source grid, ``fill`` elsewhere."""
+    out = np.full(box.source_shape + volume.shape[3:], fill, dtype=volume.dtype)
+    out[box.slices] = volume
+    return out
+
+
+def shift_affine(affine: np.ndarray, offset: tuple[int, ...]) -> np.ndarray:
+    """Affine of a grid whose voxel 0 is voxel ``offset`` (may be negative) of the grid of ``affine``."""
+    out = np.array(affine, np.float64)
+    out[:3, 3] = affine[:3, :3] @ np.asarray(offset, np.float64) + affine[:3, 3]
+    return out
+
+
+def pad_crop_offset(info: PadCrop) -> tuple[int, ...]:
+    """Voxel of the original grid at voxel 0 of the ``pad_or_crop`` result (for ``shift_affine``)."""
+    return tuple(c[0] - p[0] for c, p in zip(info.crops, info.pads, strict=True))
+
+
+def resample(img, voxel_mm: float | tuple[float, float, float], order: int):
+    """``img`` (nibabel) resampled to ``voxel_mm`` (mm, scalar or per axis) on a world-aligned grid.
+
+    ``order`` 1 for images, 0 for labels and masks; the returned image's affine maps its voxels to the
+    same world (scanner mm) coordinates as the input's, so an image and its labels resampled alike stay
+    aligned voxel for voxel.
+    """
+    voxel = (float(voxel_mm),) * 3 if np.isscalar(voxel_mm) else tuple(float(v) for v in voxel_mm)
+    return processing.resample_to_output(img, voxel_sizes=voxel, order=order, mode="constant", cval=0.0)
+
+
+def voxelwise_stats(volumes) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel-by-voxel mean and std (float32, (D, H, W)) over training volumes (each (D, H, W), same grid).
+
+    Computed in float64 with one pass per volume (memory of two volumes, not all of them). Give it the
+    TRAINING subjects only; std 0 is left as is (``voxelwise_zscore`` replaces it by 1).
+    """
+    total = squares = None
+    count = 0
+    for v in volumes:
+        v = np.asarray(v, np.float64)
+        if total is None:
+            total, squares = np.zeros_like(v), np.zeros_like(v)
+        elif v.shape != total.shape:
+            raise ValueError(f"volumes differ in shape: {v.shape} and {total.shape}")
+        total += v
+        squares += v * v
+        count += 1
+    if not count:
+        raise ValueError("voxelwise_stats needs at least one volume")
+    mean = total / count
+    var = np.maximum(squares / count - mean * mean, 0.0)
+    return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One subject from disk to the network's grid
+
+
+def load_subject(
+    subject,
+    label_map,
+    grid: tuple[int, int, int] | None = None,
+    *,
+    voxel_mm: float | tuple[float, float, float] | None = None,
+    margin: int = 4,
+    mask_dilation: int = 0,
+    apply_mask: bool = True,
+) -> dict:
+    """Read, validate and prepare one ``data.Subject`` for training or evaluation.
+
+    Steps: load image and labels (InputError naming both files if their shapes or affines differ);
+    optionally resample both to ``voxel_mm`` (order 1 image, 0 labels and mask); map labels with
+    ``label_map`` (InputError for values outside it); brain mask from the mask file or source labels > 0
+    (dilated ``mask_dilation`` voxels); crop to the mask's box + ``margin`` voxels; zero the image
+    outside the mask (``apply_mask``); centre on ``grid`` (default: the crop's shape rounded up to
+    multiples of 8). No intensity normalisation: do it with ``zscore`` or ``voxelwise_zscore``.
+
+    Returns dict: id; image (D, H, W) float32 (scanner units); labels (D, H, W) int32 class indices;
+    mask (D, H, W) bool; affine (4, 4) of the output grid (mm); spacing (3,) mm; img (the source nibabel
+    image, for its header); box (``Box`` on the possibly resampled source grid); padcrop (``PadCrop``).
+    """
+    image, img = load_nifti(subject.image, what="image")
+    labels, limg = load_nifti(subject.labels, what="labels")
+    _check_same_grid(subject.image, img, subject.labels, limg, image.shape, labels.shape)
+    mask = None
+    if subject.mask is not None:
+        mask, mimg = load_nifti(subject.mask, what="mask")
+        _check_same_grid(subject.image, img, subject.mask, mimg, image.shape, mask.shape)
+    affine = np.array(img.affine, np.float64)
+    if voxel_mm is not None:
+        image, new = _resampled(image, affine, voxel_mm, 1)
+        labels, _ = _resampled(labels, affine, voxel_mm, 0)
+        mask = None if mask is None else _resampled(mask, affine, voxel_mm, 0)[0]
+        affine = new
+    classes = label_map.apply(labels, subject.labels)
+    mask = mask_from_labels(labels, mask_dilation) if mask is None else mask > 0.5
+    box = bounding_box(mask, margin)
+    image, classes, mask = crop(image, box), crop(classes, box), crop(mask, box)
+    if apply_mask:
+        image = np.where(mask, image, 0.0).astype(np.float32)
+    grid = tuple(grid) if grid is not None else grid_for(image.shape)
+    if len(grid) != 3 or any(g <= 0 or g % DIVISOR for g in grid):
+        raise InputError(f"grid {grid} must be 3 positive multiples of {DIVISOR}", "--grid")
+    image, info = pad_or_crop(image, grid)
+    classes, _ = pad_or_crop(classes, grid)
+    mask, _ = pad_or_crop(mask, grid, value=False)
+    offset = tuple(b + o for b, o in zip(box.starts, pad_crop_offset(info), strict=True))
+    return {
+        "id": subject.id,
+        "image": image.astype(np.float32),
+        "labels": classes.astype(np.int32),
+        "mask": mask.astype(bool),
+        "affine": shift_affine(affine, offset),
+        "spacing": tuple(float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))),
+        "img": img,
+        "box": box,
+        "padcrop": info,
+    }
+
+
+def to_source_grid(volume: np.ndarray, loaded: dict, fill: float = 0.0) -> np.ndarray:
+    """A (D, H, W[, C]) volume on ``load_subject``'s output grid put back on the (resampled) source grid."""
+    return uncrop(undo_pad_or_crop(volume, loaded["padcrop"], fill=fill), loaded["box"], fill=fill)
+
+
+def _check_same_grid(path_a, img_a, path_b, img_b, shape_a, shape_b) -> None:
+    if tuple(shape_a) != tuple(shape_b):
+        raise InputError(f"shape {tuple(shape_b)} differs from {tuple(shape_a)} of {path_a}", path_b)
+    if not np.allclose(img_a.affine, img_b.affine, atol=1e-3):
+        worst = float(np.abs(np.asarray(img_a.affine) - np.asarray(img_b.affine)).max())
+        raise InputError(f"affine differs from that of {path_a} (by up to {worst:.3g} mm)", path_b)
+
+
+def _resampled(data: np.ndarray, affine: np.ndarray, voxel_mm, order: int):
+    out = resample(nib.Nifti1Image(np.asarray(data, np.float32), affine), voxel_mm, order)
+    return np.asarray(out.dataobj, np.float32), np.array(out.affine, np.float64)

@@ -1,0 +1,218 @@
+"""The offline demo cohort: pseudo-subjects made from the ICBM 2009a template that nilearn ships.
+
+NOT 7T data. Each pseudo-subject is the template (T1 and the grey/white-matter probability maps, read
+from nilearn's wheel, no network) pushed through a distinct smooth random deformation (a random rigid
++ scaling part and a smooth displacement field) and distinct intensity changes (gamma contrast, gain,
+smooth multiplicative bias field, Gaussian noise), sampled at ``voxel_mm`` (3 mm by default, so a fold
+fine-tunes on a CPU in minutes). Labels use the Schneider record's source values:
+0 background, 1 white matter, 2 grey matter, 3 cerebrospinal fluid, where "brain" is the template's
+brain mask (its probability >= 0.5 after deformation), WM/GM are the template's tissue probabilities and
+CSF is the rest of the brain mask (1 - GM - WM): the largest of the three wins. Written in the Schneider
+Zenodo layout (so ``data.find_subjects`` reads it like the real record) with a manifest.json of sha256
+checksums; the build is deterministic (fixed seeds, gzip without time stamps or names).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from cerebrum_jax.data import DEMO_LABELS
+from cerebrum_jax.errors import InputError
+from cerebrum_jax.nifti import atomic_path, write_text
+
+VERSION = 1  # bump when the recipe changes: cohorts built by another version are rebuilt
+N_SUBJECTS = 4
+VOXEL_MM = 3.0
+SEED = 0  # the fine-tuning cohort
+PRETRAIN_SEED = 1  # a second, disjoint set of pseudo-subjects for pretraining the demo's weights
+MARGIN_MM = 15.0  # room around the template's brain for the deformed brains
+README = """Offline demo cohort of cerebrum-jax: pseudo-subjects derived from the ICBM 2009a template
+shipped with nilearn (random smooth deformations and intensity changes). NOT 7T MRI data; for
+demonstration and tests only. Labels: 0 background, 1 white matter, 2 grey matter, 3 cerebrospinal fluid.
+"""
+
+
+def ensure_demo_cohort(
+    root: str | os.PathLike = "data/demo",
+    *,
+    n_subjects: int = N_SUBJECTS,
+    voxel_mm: float = VOXEL_MM,
+    seed: int = SEED,
+) -> Path:
+    """The demo cohort at ``root``: reused when its manifest matches these parameters and every file's
+    sha256, else (re)built. Returns ``root``. A non-empty ``root`` without a manifest is not touched
+    (InputError), so a real dataset is never overwritten."""
+    root = Path(root)
+    params = _params(n_subjects, voxel_mm, seed)
+    if _is_intact(root, params):
+        return root
+    if root.exists() and any(root.iterdir()) and not (root / "manifest.json").exists():
+        raise InputError("exists and is not a demo cohort (no manifest.json); not overwriting it", root)
+    build_demo_cohort(root, n_subjects=n_subjects, voxel_mm=voxel_mm, seed=seed)
+    return root
+
+
+def ensure_pretrain_cohort(root: str | os.PathLike = "data/demo-pretrain", **kwargs) -> Path:
+    """Pseudo-subjects for pretraining the demo's initial weights: same recipe, other seeds, so none of
+    them is a fine-tuning (or test) subject. Use with ``data.DEMO_PRETRAIN_LABELS``."""
+    return ensure_demo_cohort(root, seed=PRETRAIN_SEED, **kwargs)
+
+
+def build_demo_cohort(root, *, n_subjects=N_SUBJECTS, voxel_mm=VOXEL_MM, seed=SEED) -> Path:
+    """Build the cohort in a temporary folder beside ``root``, then swap it in (never half-written)."""
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        template = load_template(voxel_mm)
+        files = {}
+        for index in range(1, n_subjects + 1):
+            sid = f"sub-{index:03d}"
+            image, labels, affine = make_subject(template, index, seed)
+            base = Path("derivatives") / sid
+            files[str(base / "unbiased" / f"{sid}_uni_unbiased.nii.gz")] = (image.astype(np.float32), affine)
+            files[str(base / "labeled" / f"{sid}_labels_v01.nii.gz")] = (labels.astype(np.uint8), affine)
+        checksums = {rel: _write_nifti(tmp / rel, data, affine) for rel, (data, affine) in files.items()}
+        for name, text in (("README.txt", README), ("dseg.tsv", DEMO_LABELS.to_tsv())):
+            write_text(tmp / name, text)
+            checksums[name] = _sha256(tmp / name)
+        manifest = {"params": _params(n_subjects, voxel_mm, seed), "files": dict(sorted(checksums.items()))}
+        write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+        old = root.with_name(f".{root.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if root.exists():
+            os.replace(root, old)
+        os.replace(tmp, root)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def load_template(voxel_mm: float = VOXEL_MM) -> dict:
+    """nilearn's 1 mm ICBM 2009a maps, smoothed against aliasing at ``voxel_mm``, and the output grid.
+
+    Returns dict: t1, gm, wm, brain ((X, Y, Z) float32 at 1 mm, values 0..1), affine (template's 4x4),
+    out_shape (3 ints) and out_affine (4x4, ``voxel_mm`` voxels covering the brain + ``MARGIN_MM``).
+    """
+    from nilearn import datasets  # imported here: slow, and only the demo needs it
+
+    imgs = {
+        "t1": datasets.load_mni152_template(resolution=1),
+        "gm": datasets.load_mni152_gm_template(resolution=1),
+        "wm": datasets.load_mni152_wm_template(resolution=1),
+        "brain": datasets.load_mni152_brain_mask(resolution=1),
+    }
+    sigma = 0.4 * voxel_mm  # about a Gaussian matched to the output voxel (in 1 mm template voxels)
+    out = {k: ndimage.gaussian_filter(np.asarray(v.dataobj, np.float32), sigma) for k, v in imgs.items()}
+    affine = np.array(imgs["t1"].affine, np.float64)
+    hits = np.argwhere(np.asarray(imgs["brain"].dataobj) > 0)
+    world = nib.affines.apply_affine(affine, np.stack([hits.min(0), hits.max(0)]))
+    lo, hi = world.min(0) - MARGIN_MM, world.max(0) + MARGIN_MM
+    out["out_shape"] = tuple(int(np.ceil(s)) for s in (hi - lo) / voxel_mm)
+    out["out_affine"] = np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0])
+    out["out_affine"][:3, 3] = lo
+    out["affine"] = affine
+    return out
+
+
+def make_subject(template: dict, index: int, seed: int = SEED):
+    """Pseudo-subject ``index`` -> (image (X, Y, Z) float32 >= 0, labels uint8 in {0,1,2,3}, affine 4x4).
+
+    Randomness from numpy's generator seeded with (seed, index) only.
+    """
+    rng = np.random.default_rng([seed, index])
+    shape, out_affine = template["out_shape"], template["out_affine"]
+    coords = _source_voxels(rng, shape, out_affine, template["affine"])
+    sample = {k: _sample(template[k], coords, shape) for k in ("t1", "gm", "wm", "brain")}
+    gm, wm = sample["gm"], sample["wm"]
+    csf = np.clip(sample["brain"] - gm - wm, 0.0, 1.0)
+    labels = (np.argmax(np.stack([wm, gm, csf]), axis=0) + 1).astype(np.uint8)  # 1 WM, 2 GM, 3 CSF
+    labels[sample["brain"] < 0.5] = 0
+    gamma = rng.uniform(0.7, 1.4)  # tissue contrast
+    gain = rng.uniform(300.0, 1500.0)  # scanner units differ between sessions
+    bias = np.exp(_smooth_field(rng, shape, 4, 0.15))  # +-15 % slow multiplicative inhomogeneity
+    noise = rng.normal(0.0, 0.02, shape)
+    image = gain * np.clip(np.clip(sample["t1"], 0.0, None) ** gamma * bias + noise, 0.0, None)
+    return image.astype(np.float32), labels, out_affine
+
+
+def _source_voxels(rng, shape, out_affine, template_affine) -> np.ndarray:
+    """(3, X, Y, Z) template voxel coordinates of each output voxel under a random smooth deformation."""
+    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij"), -1)
+    world = nib.affines.apply_affine(out_affine, grid)  # (X, Y, Z, 3) mm
+    centre = nib.affines.apply_affine(out_affine, (np.array(shape) - 1) / 2.0)
+    angles = np.deg2rad(rng.uniform(-5.0, 5.0, 3))
+    scales = rng.uniform(0.92, 1.08, 3)  # head size and shape
+    matrix = _rotation(angles) @ np.diag(scales)
+    shift = rng.uniform(-4.0, 4.0, 3)  # mm
+    warp = np.stack([_smooth_field(rng, shape, 5, 3.0) for _ in range(3)], -1)  # mm, local shape changes
+    source = (world - centre) @ matrix.T + centre + shift + warp
+    voxels = nib.affines.apply_affine(np.linalg.inv(template_affine), source)
+    return np.moveaxis(voxels, -1, 0)
+
+
+def _rotation(angles) -> np.ndarray:
+    ca, cb, cc = np.cos(angles)
+    sa, sb, sc = np.sin(angles)
+    rx = np.array([[1, 0, 0], [0, ca, -sa], [0, sa, ca]])
+    ry = np.array([[cb, 0, sb], [0, 1, 0], [-sb, 0, cb]])
+    rz = np.array([[cc, -sc, 0], [sc, cc, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _smooth_field(rng, shape, points: int, sigma: float) -> np.ndarray:
+    """A smooth random field on ``shape``: N(0, sigma) values on a points^3 grid, cubic-spline upsampled."""
+    coarse = rng.normal(0.0, sigma, (points,) * 3)
+    zoom = [(s - 1) / (points - 1) for s in shape]
+    coords = np.stack(
+        np.meshgrid(*[np.arange(s) / z for s, z in zip(shape, zoom, strict=True)], indexing="ij")
+    )
+    return ndimage.map_coordinates(coarse, coords, order=3, mode="nearest")
+
+
+def _sample(volume: np.ndarray, coords: np.ndarray, shape) -> np.ndarray:
+    return ndimage.map_coordinates(volume, coords.reshape(3, -1), order=1, mode="constant").reshape(shape)
+
+
+def _write_nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> str:
+    """Write gzip-compressed NIfTI with no time stamp or file name in the gzip header; return sha256."""
+    img = nib.Nifti1Image(data, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    img.set_data_dtype(data.dtype)
+    payload = gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(payload)
+    return hashlib.sha256(payload).hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _params(n_subjects, voxel_mm, seed) -> dict:
+    return {"version": VERSION, "n_subjects": int(n_subjects), "voxel_mm": float(voxel_mm), "seed": int(seed)}
+
+
+def _is_intact(root: Path, params: dict) -> bool:
+    try:
+        manifest = json.loads((root / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if manifest.get("params") != params or not manifest.get("files"):
+        return False
+    return all(
+        (root / rel).is_file() and _sha256(root / rel) == sha for rel, sha in manifest["files"].items()
+    )

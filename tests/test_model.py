@@ -1,0 +1,119 @@
+"""The network: shapes, parameter count, input checks, train-only dropout, determinism, strided ops."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cerebrum_jax import model
+
+SMALL = model.ModelConfig(n_filters=2, n_classes=3)
+# Compiled once per (config, shape): much faster than op-by-op execution of the whole network.
+apply = jax.jit(model.apply, static_argnames=("config", "train"))
+init = jax.jit(model.init_params, static_argnums=(0, 2))
+
+
+@pytest.fixture(scope="module")
+def params():
+    """Parameters of SMALL; dropout has no parameters, so they serve every 2-filter 3-class config."""
+    return init(SMALL, jax.random.key(1))
+
+
+def expected_param_count(f: int, n: int) -> int:
+    """Sum of k^3 * in * out + out over the layer table of REFERENCE.md, written out by hand."""
+    layers = [  # (kernel, in, out)
+        (3, 1, f), (4, f, 2 * f), (3, 2 * f, 2 * f), (3, 2 * f, 2 * f), (2, 2 * f, 4 * f),
+        (3, 4 * f, 4 * f), (3, 4 * f, 4 * f), (3, 4 * f, 4 * f), (2, 4 * f, 2 * f),
+        (3, 2 * f, 2 * f), (3, 2 * f, 2 * f), (4, 2 * f, f), (3, f, f), (1, f, n),
+    ]  # fmt: skip
+    return sum(k**3 * cin * cout + cout for k, cin, cout in layers)
+
+
+def test_published_parameter_count():
+    # eval_shape: the shapes init_params would produce, without running the 24-filter network.
+    params = jax.eval_shape(lambda k: model.init_params(model.ModelConfig(), k), jax.random.key(0))
+    assert model.count_params(params) == 1_233_631
+    assert set(params) == set(model.LAYER_NAMES)
+
+
+@pytest.mark.parametrize("f,n", [(2, 3), (4, 8), (24, 7), (16, 2)])
+def test_parameter_count_and_shapes(f, n):
+    config = model.ModelConfig(n_filters=f, n_classes=n)
+    params = jax.eval_shape(lambda k: model.init_params(config, k), jax.random.key(0))
+    assert sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params)) == expected_param_count(f, n)
+    for name, shapes in config.param_shapes().items():
+        assert params[name]["kernel"].shape == shapes["kernel"]
+        assert params[name]["bias"].shape == shapes["bias"]
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8, 8, 1), (2, 16, 8, 24, 1), (1, 8, 16, 8, 1)])
+def test_output_shape_and_probabilities(params, shape):
+    x = jax.random.normal(jax.random.key(2), shape)
+    logits = apply(params, SMALL, x)
+    assert logits.shape == (*shape[:4], SMALL.n_classes) and logits.dtype == jnp.float32
+    probs = jax.nn.softmax(logits, axis=-1)
+    np.testing.assert_allclose(np.asarray(probs.sum(-1)), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape,message",
+    [
+        ((1, 12, 8, 8, 1), "multiples of 8"),
+        ((1, 8, 8, 20, 1), "multiples of 8"),
+        ((1, 8, 8, 8, 2), "1 channel"),
+        ((8, 8, 8, 1), "5-D"),
+        ((1, 0, 8, 8, 1), "multiples of 8"),
+    ],
+)
+def test_bad_input_shapes_raise(params, shape, message):
+    with pytest.raises(ValueError, match=message):
+        apply(params, SMALL, jnp.zeros(shape))
+
+
+def test_dropout_only_in_train_mode(params):
+    config = model.ModelConfig(n_filters=2, n_classes=3, dropout_rate=0.5)
+    x = jax.random.normal(jax.random.key(3), (1, 8, 16, 8, 1))
+    infer = [apply(params, config, x, train=False) for _ in range(2)]
+    np.testing.assert_array_equal(infer[0], infer[1])
+    a = apply(params, config, x, train=True, key=jax.random.key(4))
+    b = apply(params, config, x, train=True, key=jax.random.key(5))
+    assert not np.allclose(a, b) and not np.allclose(a, infer[0])
+    # Same key, same dropout mask.
+    np.testing.assert_array_equal(a, apply(params, config, x, train=True, key=jax.random.key(4)))
+    # Without dropout, training and inference agree.
+    plain = model.ModelConfig(n_filters=2, n_classes=3, dropout_rate=0.0)
+    t = apply(params, plain, x, train=True, key=jax.random.key(4))
+    np.testing.assert_allclose(t, apply(params, plain, x), atol=1e-6)
+
+
+def test_init_is_deterministic_per_key():
+    p1, p2 = (init(SMALL, jax.random.key(7)) for _ in range(2))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, p1, p2)
+    p3 = init(SMALL, jax.random.key(8))
+    assert not np.allclose(p1["main_output"]["kernel"], p3["main_output"]["kernel"])
+
+
+@pytest.mark.parametrize("s,cin,cout", [(2, 3, 4), (4, 2, 5)])
+def test_strided_conv_matches_lax(s, cin, cout):
+    k1, k2, k3 = jax.random.split(jax.random.key(9), 3)
+    x = jax.random.normal(k1, (2, 8, 16, 8, cin))
+    kernel = jax.random.normal(k2, (s, s, s, cin, cout))
+    bias = jax.random.normal(k3, (cout,))
+    ref = jax.lax.conv_general_dilated(
+        x, kernel, (s, s, s), "VALID", dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
+    )
+    np.testing.assert_allclose(model.strided_conv(x, kernel, bias), ref + bias, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("s,cin,cout", [(2, 3, 4), (4, 2, 5)])
+def test_strided_conv_transpose_matches_definition(s, cin, cout):
+    """out[s*i + a, s*j + b, s*l + c] = sum_ch x[i, j, l, ch] * K[a, b, c, :, ch] + bias (REFERENCE.md)."""
+    k1, k2, k3 = jax.random.split(jax.random.key(10), 3)
+    x = np.asarray(jax.random.normal(k1, (1, 2, 3, 2, cin)))
+    kernel = np.asarray(jax.random.normal(k2, (s, s, s, cout, cin)))
+    bias = np.asarray(jax.random.normal(k3, (cout,)))
+    ref = np.zeros((1, 2 * s, 3 * s, 2 * s, cout))
+    for i, j, m in np.ndindex(2, 3, 2):
+        for a, b, c in np.ndindex(s, s, s):
+            ref[0, s * i + a, s * j + b, s * m + c] = kernel[a, b, c] @ x[0, i, j, m] + bias
+    np.testing.assert_allclose(model.strided_conv_transpose(x, kernel, bias), ref, rtol=1e-5, atol=1e-5)

@@ -14,6 +14,7 @@ checksums; the build is deterministic (fixed seeds, gzip without time stamps or 
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -99,6 +100,7 @@ def build_demo_cohort(root, *, n_subjects=N_SUBJECTS, voxel_mm=VOXEL_MM, seed=SE
     return root
 
 
+@functools.lru_cache(maxsize=2)  # a build and its tests reuse the smoothed maps (read-only use)
 def load_template(voxel_mm: float = VOXEL_MM) -> dict:
     """nilearn's 1 mm ICBM 2009a maps, smoothed against aliasing at ``voxel_mm``, and the output grid.
 

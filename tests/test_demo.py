@@ -1,0 +1,80 @@
+"""The offline demo cohort: built from nilearn's template with no network, deterministic, reused when intact.
+
+Reduced variants (2 subjects at 6 mm) keep the builds fast; the recipe is the same as the default's.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from cerebrum_jax import demo
+from cerebrum_jax.data import DEMO_LABELS, DEMO_PRETRAIN_LABELS, find_subjects
+from cerebrum_jax.errors import InputError
+from cerebrum_jax.nifti import load_nifti
+from cerebrum_jax.preprocess import load_subject
+
+SMALL = {"n_subjects": 2, "voxel_mm": 6.0}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    return demo.ensure_demo_cohort(tmp_path_factory.mktemp("demo") / "demo", **SMALL)
+
+
+def test_build_is_deterministic(cohort, tmp_path):
+    again = demo.build_demo_cohort(tmp_path / "again", **SMALL)
+    first = json.loads((cohort / "manifest.json").read_text())
+    second = json.loads((again / "manifest.json").read_text())
+    assert first == second
+    assert len(first["files"]) == 2 * SMALL["n_subjects"] + 2
+
+
+def test_reader_reads_the_cohort(cohort):
+    subjects = find_subjects(cohort)
+    assert [s.id for s in subjects] == ["sub-001", "sub-002"]
+    images = []
+    for s in subjects:
+        image, img = load_nifti(s.image)
+        labels, limg = load_nifti(s.labels, what="labels")
+        np.testing.assert_allclose(img.affine, limg.affine)
+        np.testing.assert_allclose(np.abs(np.diag(img.affine)[:3]), SMALL["voxel_mm"])
+        assert image.shape == labels.shape and image.min() >= 0
+        assert set(np.unique(labels).astype(int)) == {0, 1, 2, 3}
+        # WM is brighter than GM, GM than CSF in a T1-weighted image, whatever the gamma and gain
+        means = [image[labels == k].mean() for k in (1, 2, 3)]
+        assert means[0] > means[1] > means[2]
+        images.append(image)
+    assert not np.allclose(images[0], images[1])  # distinct pseudo-subjects
+
+
+@pytest.mark.parametrize("label_map", [DEMO_LABELS, DEMO_PRETRAIN_LABELS])
+def test_label_sets_load(cohort, label_map):
+    loaded = load_subject(find_subjects(cohort)[0], label_map)
+    assert sorted(np.unique(loaded["labels"])) == list(range(label_map.n_classes))
+
+
+def test_reused_when_intact_rebuilt_when_corrupt(cohort):
+    image = cohort / "derivatives/sub-001/unbiased/sub-001_uni_unbiased.nii.gz"
+    stamp = image.stat().st_mtime_ns
+    assert demo.ensure_demo_cohort(cohort, **SMALL) == cohort
+    assert image.stat().st_mtime_ns == stamp  # not rewritten
+    good = image.read_bytes()
+    image.write_bytes(good[:-10])  # truncated: checksum mismatch
+    demo.ensure_demo_cohort(cohort, **SMALL)
+    assert image.read_bytes() == good
+
+
+def test_pretrain_cohort_differs(cohort, tmp_path):
+    other = demo.ensure_pretrain_cohort(tmp_path / "pre", **SMALL)
+    a, _ = load_nifti(find_subjects(cohort)[0].labels)
+    b, _ = load_nifti(find_subjects(other)[0].labels)
+    assert a.shape == b.shape and not np.array_equal(a, b)
+
+
+def test_refuses_to_overwrite_other_data(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "scan.nii.gz").write_bytes(b"x")
+    with pytest.raises(InputError, match="not a demo cohort"):
+        demo.ensure_demo_cohort(tmp_path / "real", **SMALL)
+    assert (tmp_path / "real" / "scan.nii.gz").read_bytes() == b"x"

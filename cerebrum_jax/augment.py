@@ -55,7 +55,8 @@ class AugmentConfig:
     the displacement sigma (voxels) from ``elastic_sigmas``; shapes stay static because every count is
     embedded in a grid of max(elastic_points) points per axis whose extra rows get zero weight.
     ``intensity_mode="one"`` applies at most one intensity op per sample (the original's p 1/4, 1/4,
-    1/2 sum to 1: exactly one), "independent" draws each. ``chunk_slices``: D-slab size of the
+    1/2 sum to 1: exactly one), "independent" draws each. Labels use mirror edges like the image (the
+    original filled rotated labels with 0). ``chunk_slices``: D-slab size of the
     resampling (memory vs. speed; the largest divisor of D not above it is used).
     """
 
@@ -89,6 +90,8 @@ class AugmentConfig:
 
     def __post_init__(self):
         where = "augmentation config"
+        for name in ("max_shift_vox", "elastic_points", "elastic_sigmas"):  # lists from JSON/TOML
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("rigid_mode", "intensity_mode", "rotation_axes"):
             allowed = ("one", "all") if name == "rotation_axes" else ("one", "independent")
             if getattr(self, name) not in allowed:
@@ -97,16 +100,31 @@ class AugmentConfig:
         for name in probs:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise InputError(f"{name} must be in [0, 1], got {getattr(self, name)}", where)
-        if self.rigid_mode == "one" and self.p_rotation + self.p_translation > 1 + 1e-9:
+        # with mode "one" the enabled ops share one draw: their probabilities must fit in [0, 1]
+        rigid = self.p_rotation * self.rotate + self.p_translation * self.translate
+        if self.rigid_mode == "one" and rigid > 1 + 1e-9:
             raise InputError("p_rotation + p_translation must be <= 1 with rigid_mode 'one'", where)
-        if self.intensity_mode == "one" and self.p_salt_pepper + self.p_gaussian + self.p_bias > 1 + 1e-9:
+        intensity = (
+            self.p_salt_pepper * self.salt_pepper + self.p_gaussian * self.gaussian + self.p_bias * self.bias
+        )
+        if self.intensity_mode == "one" and intensity > 1 + 1e-9:
             raise InputError(
-                "p_salt_pepper + p_gaussian + p_bias must be <= 1 with intensity_mode 'one'", where
+                "enabled p_salt_pepper + p_gaussian + p_bias must be <= 1 with intensity_mode 'one'",
+                where,
             )
         if not self.elastic_points or min(self.elastic_points) < 2 or not self.elastic_sigmas:
             raise InputError("elastic_points must be counts >= 2 and elastic_sigmas non-empty", where)
         if len(self.max_shift_vox) != 3 or self.bias_points < 2 or self.chunk_slices < 1:
             raise InputError("max_shift_vox needs 3 values, bias_points >= 2, chunk_slices >= 1", where)
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "augmentation config") -> AugmentConfig:
+        """Build from a config mapping; an unknown key is an InputError naming it (``where``: the file)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(f"unknown augmentation option(s) {unknown}; known: {sorted(known)}", where)
+        return cls(**values)
 
 
 class AugmentParams(NamedTuple):

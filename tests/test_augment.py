@@ -223,6 +223,19 @@ def test_bad_config_raises_input_error(bad):
         aug.AugmentConfig(**bad)
 
 
+def test_probabilities_of_disabled_ops_do_not_count():
+    cfg = aug.AugmentConfig(salt_pepper=False, bias=False, p_gaussian=1.0)
+    flags = jax.vmap(lambda k: aug.rand_intensity(k, cfg)[0])(jax.random.split(jax.random.key(3), 200))
+    np.testing.assert_array_equal(np.asarray(flags), np.tile([False, True, False], (200, 1)))
+
+
+def test_from_dict_accepts_lists_and_rejects_unknown_keys():
+    cfg = aug.AugmentConfig.from_dict({"max_shift_vox": [1, 2, 3], "elastic_points": [4]}, "demo.toml")
+    assert cfg.max_shift_vox == (1, 2, 3) and hash(cfg) == hash(dataclasses.replace(cfg))
+    with pytest.raises(InputError, match="demo.toml: unknown augmentation option"):
+        aug.AugmentConfig.from_dict({"rotation": 5}, "demo.toml")
+
+
 @pytest.mark.parametrize(
     "image_shape,label_shape,label_dtype",
     [

@@ -218,3 +218,9 @@ def _is_intact(root: Path, params: dict) -> bool:
     return all(
         (root / rel).is_file() and _sha256(root / rel) == sha for rel, sha in manifest["files"].items()
     )
+
+
+if __name__ == "__main__":  # python -m cerebrum_jax.demo [ROOT]: build (or check) the demo cohort
+    import sys
+
+    print(ensure_demo_cohort(*sys.argv[1:2]))

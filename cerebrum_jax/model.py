@@ -200,7 +200,9 @@ class KerasLayer(nn.Module):
         init = nn.initializers.glorot_normal(in_axis=in_axis, out_axis=out_axis)
         kernel = self.param("kernel", init, shape["kernel"], jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, shape["bias"], jnp.float32)
-        dtype = jnp.dtype(self.config.compute_dtype)
+        # The 1x1x1 head stays float32 under bf16 compute: it is cheap and feeds the float32 softmax/loss.
+        head = self.layer.activation == "softmax"
+        dtype = jnp.dtype("float32" if head else self.config.compute_dtype)
         return _OPS[self.layer.op](x.astype(dtype), kernel.astype(dtype), bias.astype(dtype))
 
 
@@ -213,6 +215,14 @@ class Cerebrum7T(nn.Module):
     """
 
     config: ModelConfig = ModelConfig()
+    # Optional jax.sharding.Sharding for every (B, D, H, W, C) activation (see cerebrum_jax.sharding):
+    # pins the spatial split so XLA keeps activations sharded and exchanges only conv halos.
+    act_sharding: object = None
+
+    def _pin(self, y: jax.Array) -> jax.Array:
+        if self.act_sharding is None:
+            return y
+        return jax.lax.with_sharding_constraint(y, self.act_sharding)
 
     def _layer(self, name: str, x: jax.Array, train: bool) -> jax.Array:
         cfg = self.config
@@ -223,13 +233,33 @@ class Cerebrum7T(nn.Module):
             y = ACTIVATIONS[act](y)
         if layer.activation != "softmax" and layer.level > 1 and cfg.dropout_rate > 0:
             y = nn.Dropout(cfg.dropout_rate, deterministic=not train)(y)
-        return y
+        return self._pin(y)
+
+    def _tail(self, x: jax.Array, lvl1: jax.Array, train: bool) -> jax.Array:
+        """Full-resolution decoder: level-2 features (B, D/4, H/4, W/4, 2F) + skip -> logits."""
+        f = self._layer
+        x = f("up_2to1_conv", x, train) + lvl1  # skip_conn_lvl1
+        x = f("dec_lvl1_block1_conv", x, train)
+        return f("main_output", x, train).astype(jnp.float32)
+
+    def _head(self, x: jax.Array, train: bool) -> jax.Array:
+        """Full-resolution encoder: (B, D, H, W, 1) -> (B, D, H, W, F)."""
+        return self._layer("enc_lvl1_block1_conv", x, train)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         check_input(x)
         f = self._layer
-        lvl1 = f("enc_lvl1_block1_conv", x, train)
+        x = self._pin(x)
+        head, tail = type(self)._head, type(self)._tail
+        if self.config.remat:
+            # Recompute the full-resolution blocks in the backward pass, keeping only their inputs:
+            # lvl1 (B, D, H, W, F) is then not held from the forward into the backward pass. The lifted
+            # functions run in this module's scope, so parameter paths do not change.
+            policy = jax.checkpoint_policies.nothing_saveable
+            head = nn.remat(head, static_argnums=(2,), policy=policy)
+            tail = nn.remat(tail, static_argnums=(3,), policy=policy)
+        lvl1 = head(self, x, train)
         x = f("down_1to2_conv", lvl1, train)
         x = f("enc_lvl2_block1_conv", x, train)
         lvl2 = f("enc_lvl2_block2_conv", x, train)
@@ -240,9 +270,7 @@ class Cerebrum7T(nn.Module):
         x = f("up_3to2_conv", x, train) + lvl2  # skip_conn_lvl2
         x = f("dec_lvl2_block1_conv", x, train)
         x = f("dec_lvl2_block2_conv", x, train)
-        x = f("up_2to1_conv", x, train) + lvl1  # skip_conn_lvl1
-        x = f("dec_lvl1_block1_conv", x, train)
-        return f("main_output", x, train).astype(jnp.float32)
+        return tail(self, x, lvl1, train)
 
 
 def init_params(config: ModelConfig, key: jax.Array, shape: tuple[int, int, int] = (8, 8, 8)) -> dict:
@@ -251,10 +279,16 @@ def init_params(config: ModelConfig, key: jax.Array, shape: tuple[int, int, int]
     return Cerebrum7T(config).init(key, x)["params"]
 
 
-def apply(params: dict, config: ModelConfig, x: jax.Array, *, train: bool = False, key=None) -> jax.Array:
-    """Logits (B, D, H, W, n_classes) of ``x`` (B, D, H, W, 1); ``key`` feeds dropout when training."""
+def apply(
+    params: dict, config: ModelConfig, x: jax.Array, *, train: bool = False, key=None, act_sharding=None
+) -> jax.Array:
+    """Logits (B, D, H, W, n_classes) of ``x`` (B, D, H, W, 1); ``key`` feeds dropout when training.
+
+    ``act_sharding``: optional sharding applied to every activation (``cerebrum_jax.sharding``).
+    """
     rngs = {"dropout": key} if train and key is not None else None
-    return Cerebrum7T(config).apply({"params": params}, x, train=train, rngs=rngs)
+    module = Cerebrum7T(config, act_sharding=act_sharding)
+    return module.apply({"params": params}, x, train=train, rngs=rngs)
 
 
 def probabilities(params: dict, config: ModelConfig, x: jax.Array) -> jax.Array:

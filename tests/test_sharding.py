@@ -1,0 +1,224 @@
+"""Sharded forward / train step vs single device, per-device memory, remat and bf16 (CPU, 4 virtual devices).
+
+conftest.py sets XLA_FLAGS=--xla_force_host_platform_device_count=4; the 8-device case runs in a
+subprocess with its own XLA_FLAGS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from cerebrum_jax import model as M
+from cerebrum_jax import sharding as S
+
+CFG = M.ModelConfig(n_filters=2, n_classes=3, dropout_rate=0.0)
+SHAPE = (32, 16, 16)
+
+
+def _params(cfg=CFG):
+    return M.init_params(cfg, jax.random.PRNGKey(0))
+
+
+def _batch(b: int = 1, shape=SHAPE, n_classes: int = 3) -> dict:
+    k1, k2 = jax.random.split(jax.random.PRNGKey(1))
+    return {
+        "image": jax.random.normal(k1, (b, *shape, 1), jnp.float32),
+        "labels": jax.random.randint(k2, (b, *shape), 0, n_classes, jnp.int32),
+        "class_weights": jnp.linspace(0.5, 1.5, n_classes, dtype=jnp.float32),
+    }
+
+
+def _local_train_step(cfg: M.ModelConfig, tx):
+    """A pure step with the train.py contract: weighted cross-entropy + optax update."""
+
+    def step(state, batch, key):
+        def loss_fn(params):
+            logits = M.apply(params, cfg, batch["image"], train=True, key=key)
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+            w = batch["class_weights"][batch["labels"]]
+            return jnp.sum(ce * w) / jnp.sum(w)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, {"loss": loss}
+
+    return step
+
+
+def _state(cfg, tx):
+    params = _params(cfg)
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def _mesh(spec: str):
+    data, space = (int(s) for s in spec.split("x"))
+    return S.make_mesh(spec, jax.devices()[: data * space])
+
+
+def _max_diff(a, b) -> float:
+    diffs = jax.tree_util.tree_map(lambda u, v: float(jnp.max(jnp.abs(u - v))), a, b)
+    return max(jax.tree_util.tree_leaves(diffs))
+
+
+@pytest.mark.parametrize(
+    ("spec", "expect"),
+    [(None, (1, 4)), ("", (1, 4)), ("1x4", (1, 4)), ("2x2", (2, 2)), ("4X1", (4, 1))],
+)
+def test_parse_mesh_spec(spec, expect):
+    assert S.parse_mesh_spec(spec, 4) == expect
+    mesh = S.make_mesh(spec)
+    assert (mesh.shape["data"], mesh.shape["space"]) == expect
+
+
+@pytest.mark.parametrize("spec", ["3x1", "1x8", "x4", "1x", "axb", "1x2x2", "0x4"])
+def test_bad_mesh_spec(spec):
+    with pytest.raises(ValueError):
+        S.make_mesh(spec)
+
+
+@pytest.mark.parametrize(("shape", "spec"), [((1, 16, 8, 8, 1), "1x4"), ((1, 32, 8, 8, 1), "2x2")])
+def test_check_divisible_rejects(shape, spec):
+    with pytest.raises(ValueError):
+        S.check_divisible(shape, _mesh(spec))
+
+
+@pytest.mark.parametrize(("spec", "b"), [("1x1", 1), ("1x2", 1), ("1x4", 1), ("2x2", 2), ("4x1", 4)])
+def test_sharded_forward_equals_single_device(spec, b):
+    params, x = _params(), _batch(b)["image"]
+    ref = M.probabilities(params, CFG, x)
+    mesh = _mesh(spec)
+    y = S.sharded_forward(params, CFG, x, mesh)
+    assert y.shape == (b, *SHAPE, CFG.n_classes)
+    assert y.sharding.is_equivalent_to(S.volume_sharding(mesh), y.ndim)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=1e-5)
+
+
+@pytest.mark.parametrize(("spec", "b"), [("1x2", 1), ("1x4", 1), ("2x2", 2)])
+def test_sharded_train_step_equals_single_device(spec, b):
+    tx = optax.adam(1e-3)
+    step = _local_train_step(CFG, tx)
+    batch, key = _batch(b), jax.random.PRNGKey(3)
+    ref_state, ref_metrics = jax.jit(step)(_state(CFG, tx), batch, key)
+    mesh = _mesh(spec)
+    state = jax.device_put(_state(CFG, tx), S.replicated(mesh))
+    jitted = S.jit_train_step(step, mesh, state=state, batch=batch)
+    for _ in range(2):  # the second call reuses the donated, re-sharded state
+        state, metrics = jitted(state, S.put_batch(batch, mesh), key)
+        if _ == 0:
+            np.testing.assert_allclose(float(metrics["loss"]), float(ref_metrics["loss"]), rtol=1e-5)
+            assert _max_diff(state["params"], ref_state["params"]) < 1e-5
+    assert int(state["step"]) == 2
+
+
+def _temp_bytes(compiled) -> int:
+    ma = compiled.memory_analysis()
+    return ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
+
+
+def test_forward_memory_per_device_falls_with_devices():
+    params, x = _params(), _batch()["image"]
+    specs = ("1x1", "1x2", "1x4")
+    sizes = [_temp_bytes(S.forward_fn(CFG, _mesh(spec)).lower(params, x).compile()) for spec in specs]
+    assert sizes[0] > sizes[1] > sizes[2], sizes
+
+
+def _train_memory(cfg, spec) -> int:
+    tx = optax.adam(1e-3)
+    mesh = _mesh(spec)
+    batch = _batch()
+    state = _state(cfg, tx)
+    jitted = S.jit_train_step(_local_train_step(cfg, tx), mesh, state=state, batch=batch)
+    return _temp_bytes(jitted.lower(state, batch, jax.random.PRNGKey(0)).compile())
+
+
+def test_train_memory_per_device_falls_with_devices():
+    sizes = [_train_memory(CFG, spec) for spec in ("1x1", "1x2", "1x4")]
+    assert sizes[0] > sizes[1] > sizes[2], sizes
+
+
+def test_remat_same_results_and_no_more_memory():
+    """Remat must not change loss or gradients, and must not raise the compiled footprint.
+
+    XLA:CPU merges the recomputation with the forward copy (common-subexpression elimination after the
+    optimisation barriers are expanded), so on CPU the footprint is equal; the lowered program must still
+    carry the recomputation (optimization barriers) for the GPU compiler.
+    """
+    remat = dataclasses.replace(CFG, remat=True)
+    params, batch, key = _params(), _batch(), jax.random.PRNGKey(4)
+
+    def loss(p, cfg):
+        logits = M.apply(p, cfg, batch["image"], train=True, key=key)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+
+    grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    (l0, g0), (l1, g1) = grad(params, CFG), grad(params, remat)
+    assert float(l0) == float(l1)
+    assert _max_diff(g0, g1) == 0.0
+    assert "optimization_barrier" in grad.lower(params, remat).as_text()
+    assert "optimization_barrier" not in grad.lower(params, CFG).as_text()
+    assert _train_memory(remat, "1x1") <= _train_memory(CFG, "1x1")
+
+
+def test_bf16_runs_and_is_close():
+    bf16 = dataclasses.replace(CFG, compute_dtype="bfloat16")
+    params, x = _params(), _batch()["image"]
+    ref = M.probabilities(params, CFG, x)
+    y = S.sharded_forward(params, bf16, x, _mesh("1x4"))
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y).sum(-1), 1.0, atol=1e-5)  # float32 softmax
+    assert float(jnp.max(jnp.abs(y - ref))) < 5e-2
+    # bf16 train step: float32 params and optimizer state survive the update
+    tx = optax.adam(1e-3)
+    state, metrics = jax.jit(_local_train_step(bf16, tx))(_state(bf16, tx), _batch(), jax.random.PRNGKey(0))
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(state["params"]))
+    assert np.isfinite(float(metrics["loss"]))
+
+
+@pytest.mark.parametrize(
+    ("argv", "remat", "dtype", "mesh"),
+    [
+        ([], False, "float32", (1, 4)),
+        (["--remat", "--precision", "bf16", "--mesh", "2x2"], True, "bfloat16", (2, 2)),
+        (["--precision", "float32", "--mesh", "4x1"], False, "float32", (4, 1)),
+    ],
+)
+def test_performance_args(argv, remat, dtype, mesh):
+    parser = argparse.ArgumentParser()
+    S.add_performance_args(parser)
+    cfg, m = S.apply_performance_args(parser.parse_args(argv), CFG)
+    assert (cfg.remat, cfg.compute_dtype, (m.shape["data"], m.shape["space"])) == (remat, dtype, mesh)
+
+
+def test_eight_devices_subprocess():
+    code = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, numpy as np
+        from cerebrum_jax import model as M, sharding as S
+        assert len(jax.devices()) == 8
+        cfg = M.ModelConfig(n_filters=2, n_classes=3)
+        p = M.init_params(cfg, jax.random.PRNGKey(0))
+        x = jax.random.normal(jax.random.PRNGKey(1), (2, 64, 8, 8, 1))
+        ref = M.probabilities(p, cfg, x)
+        for spec in ("1x8", "2x4"):
+            y = S.sharded_forward(p, cfg, x, S.make_mesh(spec))
+            print(spec, float(jnp.max(jnp.abs(y - ref))))
+        """
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    diffs = dict(line.split() for line in out.stdout.strip().splitlines())
+    assert set(diffs) == {"1x8", "2x4"}
+    assert all(float(d) < 1e-5 for d in diffs.values()), diffs

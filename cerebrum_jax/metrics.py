@@ -24,6 +24,7 @@ import math
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 BACKGROUND = 0
 
@@ -47,27 +48,22 @@ def surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, ndimage.generate_binary_structure(3, 1), border_value=0)
 
 
-def _bbox(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
-    """Slices of ``mask``'s bounding box grown by ``margin`` voxels (clipped to the array)."""
-    idx = np.nonzero(mask)
-    return tuple(
-        slice(max(int(i.min()) - margin, 0), min(int(i.max()) + margin + 1, n))
-        for i, n in zip(idx, mask.shape, strict=True)
-    )
+def _points_mm(mask: np.ndarray, spacing) -> np.ndarray:
+    """Centres (N, 3) in mm of the surface voxels of ``mask`` (voxel index times spacing)."""
+    return np.argwhere(surface(mask)) * np.asarray(spacing, np.float64)
 
 
 def surface_distances(a: np.ndarray, b: np.ndarray, spacing) -> np.ndarray:
     """Distances in mm from every surface voxel of mask ``a`` to the nearest surface voxel of mask ``b``.
 
-    Both masks must be non-empty. Computed with an exact Euclidean distance transform (scaled by
-    ``spacing``) over the bounding box of the two masks, grown by one voxel so the surfaces are the
-    same as in the full volume.
+    Both masks must be non-empty. Exact nearest neighbours with a k-d tree, as the MRBrainS18
+    evaluation (faster than a distance transform over the volume for brain-sized surfaces).
     """
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    box = _bbox(a | b)
-    a, b = a[box], b[box]
-    dist_to_b = ndimage.distance_transform_edt(~surface(b), sampling=tuple(float(s) for s in spacing))
-    return dist_to_b[surface(a)]
+    return _directed(_points_mm(a, spacing), _points_mm(b, spacing))
+
+
+def _directed(pa: np.ndarray, pb: np.ndarray) -> np.ndarray:
+    return cKDTree(pb).query(pa, k=1, workers=-1)[0]
 
 
 def hd95(pred: np.ndarray, ref: np.ndarray, spacing) -> float:
@@ -78,9 +74,8 @@ def hd95(pred: np.ndarray, ref: np.ndarray, spacing) -> float:
         return 0.0
     if not (has_p and has_r):
         return math.inf
-    forward = np.percentile(surface_distances(pred, ref, spacing), 95)
-    backward = np.percentile(surface_distances(ref, pred, spacing), 95)
-    return float(max(forward, backward))
+    pp, pr = _points_mm(pred, spacing), _points_mm(ref, spacing)
+    return float(max(np.percentile(_directed(pp, pr), 95), np.percentile(_directed(pr, pp), 95)))
 
 
 def class_metrics(pred: np.ndarray, ref: np.ndarray, spacing) -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -85,8 +86,12 @@ def sharded_forward(params: dict, config: M.ModelConfig, x, mesh: Mesh) -> jax.A
     return forward_fn(config, mesh)(params, x)
 
 
+@functools.lru_cache(maxsize=16)
 def forward_fn(config: M.ModelConfig, mesh: Mesh) -> Callable:
-    """jit-compiled (params, x (B, D, H, W, 1)) -> probabilities, x and result split over ``mesh``."""
+    """jit-compiled (params, x (B, D, H, W, 1)) -> probabilities, x and result split over ``mesh``.
+
+    Cached per (config, mesh), so repeated ``sharded_forward`` calls reuse one compilation.
+    """
     vol, rep = volume_sharding(mesh), replicated(mesh)
 
     def forward(params, x):

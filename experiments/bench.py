@@ -43,10 +43,27 @@ interleaved in one process are more reliable than absolute times.
 | `--xla_cpu_use_onednn=true` | no change beyond noise | no |
 | `--xla_cpu_use_xnnpack=true` | slower (0.73 s vs 0.38 s) | no |
 | `--xla_cpu_experimental_onednn_custom_call=true` | 0.35 s vs 0.36 s (noise) | no |
-| `--xla_cpu_experimental_ynn_fusion_type=individual_convolution` (YNNPACK convs) | same as default within noise | no |
+| `--xla_cpu_experimental_ynn_fusion_type=individual_convolution` (YNNPACK convs; A/B, quiet) | 0.335/0.359 s vs 0.368/0.348 s default | no |
+| `--xla_cpu_experimental_onednn_fusion_type=individual_convolution` (A/B, quiet) | 0.355/0.351 s vs 0.368/0.348 s default | no |
+| kernel gradient of 3x3x3 convs as 9 matmuls (custom_vjp in model.py) instead of XLA's conv-backprop-filter | dk 1.03 s vs 1.74 s XLA (loaded machine; torch fwd+bwd 0.76 s) | yes |
+| whole-volume convs in D-slabs of <= 2^26 input elements (model.py) | XLA:CPU aborted (std::bad_alloc) on one 256x352x224x24 conv; slabs run | yes |
 | `--xla_cpu_enable_fast_math=true` | no change | no |
 | bf16 head kept float32 (`main_output` 1x1x1 conv) under `--precision bf16` | float32 softmax/loss | yes |
 | remat of the level-1 blocks (jax.checkpoint, nothing_saveable) | same compiled footprint on CPU: XLA:CPU merges the recomputation back (CSE) | yes (for GPU) |
+
+## Goals not met on the CPU, and why (from the run above)
+
+- forward and train step at 64x88x56: ours/peer about 1.6-1.8. The time is in XLA:CPU's 3x3x3
+  convolution (Eigen): for `dec_lvl1_block1_conv` (24->24 channels at full resolution, 64 % of the FLOPs)
+  it takes about 2x oneDNN's time in PyTorch, and no XLA flag of jaxlib 0.10.2 (oneDNN, XNNPACK, YNNPACK
+  fusion types) nor a matmul decomposition (im2col variants above) closed that gap.
+- whole-volume forward: ours/peer about 3 and 10.7 GB peak RSS (goal 8 GB). Besides the slower
+  convolution, the D-slab workaround copies each full-resolution conv input (pad) and output (concat).
+  The fix that remains: run the full-resolution blocks (enc_lvl1 + down, and up + dec_lvl1 + head +
+  softmax) slab by slab with a one-voxel halo, so that no (256, 352, 224, 24) tensor is ever whole.
+- The augmentation goal (>= 20x faster than the original pipeline) is met. Note: in this run the original
+  pipeline fell back to its scipy implementation of the elastic deformation because the installed
+  elasticdeform wheel is built against NumPy 1.x.
 """  # noqa: E501
 
 

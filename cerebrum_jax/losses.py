@@ -1,0 +1,118 @@
+"""Losses and soft metrics of the fine-tuning recipe (REFERENCE.md, "Fine-tuning recipe of the original").
+
+All functions take logits (B, D, H, W, C) float and integer labels (B, D, H, W) holding class indices
+0..C-1, and return float32 scalars (or (C,) vectors). Probabilities are ``softmax(logits)``; the
+cross-entropy uses ``log_softmax`` so it stays finite for confident wrong predictions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cerebrum_jax.errors import InputError
+
+SMOOTH = 1e-7  # the original's dice_coef_multilabel smoothing term
+LOSSES = ("ce", "dice", "ce+dice")
+CLASS_WEIGHTS = ("balanced", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Which loss to train with (static under jit: frozen and hashable).
+
+    loss: "ce" (weighted categorical cross-entropy), "dice" (the original's multilabel Dice, a Tversky
+    loss with alpha = beta = 0.5) or "ce+dice" (their sum). class_weights: "balanced" (from training
+    label frequencies, see ``balanced_class_weights``) or "none" (all 1); they weight the cross-entropy.
+    """
+
+    loss: str = "dice"
+    class_weights: str = "balanced"
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise InputError(f"unknown loss {self.loss!r}; use one of {', '.join(LOSSES)}", "loss")
+        if self.class_weights not in CLASS_WEIGHTS:
+            raise InputError(
+                f"unknown class_weights {self.class_weights!r}; use one of {', '.join(CLASS_WEIGHTS)}",
+                "class_weights",
+            )
+
+
+def _check(logits, labels) -> None:
+    if logits.ndim != 5 or labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"logits (B, D, H, W, C) and labels (B, D, H, W) expected, got {logits.shape}, {labels.shape}"
+        )
+
+
+def weighted_cross_entropy(logits, labels, class_weights=None) -> jax.Array:
+    """Mean over voxels of -w[y] log softmax(logits)[y] (Keras's weighted categorical cross-entropy).
+
+    class_weights: (C,) or None (all 1). The mean is over voxels, not normalised by the weights, as Keras
+    applies ``class_weight`` as per-sample weights of a mean.
+    """
+    _check(logits, labels)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    picked = jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    if class_weights is not None:
+        picked = picked * jnp.asarray(class_weights, jnp.float32)[labels]
+    return -jnp.mean(picked)
+
+
+def soft_confusion(logits, labels) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Soft true positives, false positives, false negatives per class, each (C,), summed over the batch."""
+    _check(logits, labels)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    onehot = jax.nn.one_hot(labels, logits.shape[-1], dtype=jnp.float32)
+    axes = tuple(range(probs.ndim - 1))
+    tp = jnp.sum(probs * onehot, axis=axes)
+    fp = jnp.sum(probs * (1.0 - onehot), axis=axes)
+    fn = jnp.sum((1.0 - probs) * onehot, axis=axes)
+    return tp, fp, fn
+
+
+def soft_dice_per_class(logits, labels) -> jax.Array:
+    """(TP + eps) / (TP + eps + 0.5 FP + 0.5 FN) per class, (C,), on soft predictions."""
+    tp, fp, fn = soft_confusion(logits, labels)
+    return (tp + SMOOTH) / (tp + SMOOTH + 0.5 * fp + 0.5 * fn)
+
+
+def dice_loss(logits, labels) -> jax.Array:
+    """The original's dice_coef_multilabel: sum over classes of 1 - soft Dice (range 0..C)."""
+    return jnp.sum(1.0 - soft_dice_per_class(logits, labels))
+
+
+def loss_terms(logits, labels, class_weights, cfg: LossConfig) -> tuple[jax.Array, dict]:
+    """(total loss, {"loss", "ce", "dice_loss"}) for ``cfg``; ce and dice_loss are always reported."""
+    weights = class_weights if cfg.class_weights == "balanced" else None
+    ce = weighted_cross_entropy(logits, labels, weights)
+    dl = dice_loss(logits, labels)
+    total = {"ce": ce, "dice": dl, "ce+dice": ce + dl}[cfg.loss]
+    return total, {"loss": total, "ce": ce, "dice_loss": dl}
+
+
+def hard_dice_per_class(pred, labels, n_classes: int) -> jax.Array:
+    """Dice of argmax labels per class, (C,); 1.0 where a class is absent from both (nothing to miss)."""
+    p = jax.nn.one_hot(pred, n_classes, dtype=jnp.float32)
+    r = jax.nn.one_hot(labels, n_classes, dtype=jnp.float32)
+    axes = tuple(range(p.ndim - 1))
+    inter, total = jnp.sum(p * r, axis=axes), jnp.sum(p + r, axis=axes)
+    return jnp.where(total > 0, 2.0 * inter / jnp.maximum(total, 1.0), 1.0)
+
+
+def balanced_class_weights(label_volumes, n_classes: int) -> np.ndarray:
+    """sklearn's 'balanced' weights n_voxels / (n_classes * count_k), (C,) float32, from training labels.
+
+    label_volumes: iterable of integer class-index arrays. A class with no voxel gets weight 0 (it cannot
+    contribute to the cross-entropy anyway) rather than infinity.
+    """
+    counts = np.zeros(n_classes, np.float64)
+    for v in label_volumes:
+        counts += np.bincount(np.asarray(v).ravel(), minlength=n_classes)[:n_classes]
+    total = counts.sum()
+    weights = np.where(counts > 0, total / (n_classes * np.maximum(counts, 1)), 0.0)
+    return weights.astype(np.float32)

@@ -28,7 +28,8 @@ class TrainConfig:
     contrast, labels (label map name of data.LABEL_MAPS or a dseg-style TSV), drop_labels / merge_labels
     (command-line style edits, e.g. ("7",), ("3,4=fluid",)), grid (D, H, W) voxels (multiples of 8; None =
     the largest subject's brain box rounded up), voxel_mm (resample first; None = keep), margin (voxels
-    around the brain box), val_subject (hold one out for validation; None = the training subjects).
+    around the brain box), fold (1-based leave-one-out fold: it tests the fold-th subject), val_subject
+    (hold one out for validation; None = the training subjects).
     Model: weights (checkpoint dir; None = weights/glasgow if present, else weights/demo), dropout
     (rate 0.1 at levels 2-3 when True), last_layer (1..14: how many of the last layers get new weights).
     Training: loss ("dice", "ce", "ce+dice"), class_weights ("balanced", "none"), lr_warmup / lr_finetune
@@ -50,6 +51,7 @@ class TrainConfig:
     grid: tuple[int, int, int] | None = (256, 352, 224)
     voxel_mm: float | None = None
     margin: int = 4
+    fold: int = 1
     val_subject: str | None = None
     weights: str | None = None
     dropout: bool = True

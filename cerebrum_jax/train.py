@@ -10,19 +10,34 @@ float32}. The whole fold (data, phases, run directory) is ``finetune.run_fold`` 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import orbax.checkpoint as ocp
+from tqdm import tqdm
 
-from cerebrum_jax import losses, model
+from cerebrum_jax import losses, model, nifti
+from cerebrum_jax.augment import AugmentConfig, augment_batch, view_key
+from cerebrum_jax.checkpoint import load_checkpoint
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.losses import LossConfig
 from cerebrum_jax.model import LAYER_NAMES, ModelConfig
 
 INIT_TAG = 0x696E6974  # fold_in tags: new-layer init and dropout keys never collide with augmentation's
 DROPOUT_TAG = 0x64726F70
+
+
+class NonFiniteLoss(RuntimeError):
+    """A NaN/inf training loss: the run stops; checkpoints/last and checkpoints/best stay as they were."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -203,6 +218,202 @@ def controller_update(
     stop = wait >= patience
     new = Controller(lr, best, wait, plateau_best, plateau_wait, stop)
     return new, {"improved": improved, "lr_reduced": reduced, "stop": stop}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resumable state (checkpoints/last)
+
+
+def save_last(path: Path, state: dict, loop: dict) -> None:
+    """Orbax state {"params", "opt_state", "step"} + loop.json, written beside and renamed into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / "state", state)
+            ckptr.wait_until_finished()
+        (tmp / "loop.json").write_text(json.dumps(loop, indent=1) + "\n")
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_last(path: Path, like_state: dict) -> dict:
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(path / "state", target=like_state)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The phases
+
+
+@dataclasses.dataclass
+class Phase:
+    name: str
+    lr: float
+    epochs: int
+    frozen: dict  # pytree like params, True = not trained in this phase
+
+
+def _stack(vols, key):
+    return jnp.asarray(np.stack([v[key] for v in vols]))
+
+
+def fit(
+    cfg,
+    model_config,
+    params,
+    phases: list[Phase],
+    fold_data: dict,
+    run_dir: Path,
+    *,
+    log=print,
+    resume: bool = False,
+    save_best=None,
+    progress: bool = True,
+):
+    """Train ``params`` through ``phases`` on fold_data["train"], validating on fold_data["val"].
+
+    Each phase: Adam (frozen leaves untouched), up to ``epochs`` epochs of ``augment_views`` augmented views
+    per training volume (or the volumes as they are), val loss after each epoch, reduce-on-plateau, early
+    stopping, best params kept (and passed to ``save_best(params, record)``); the next phase starts from
+    the best params. Returns (best params, history: one dict per epoch).
+    """
+    loss_cfg = losses.LossConfig(cfg.loss, cfg.class_weights)
+    n_classes = model_config.n_classes
+    weights = losses.balanced_class_weights([v["labels"] for v in fold_data["train"]], n_classes)
+    images, labels = _stack(fold_data["train"], "x")[..., None], _stack(fold_data["train"], "labels")
+    val = [
+        {
+            "image": jnp.asarray(v["x"][None, ..., None]),
+            "labels": jnp.asarray(v["labels"][None]),
+            "class_weights": jnp.asarray(weights),
+        }
+        for v in fold_data["val"]
+    ]
+    aug_cfg = AugmentConfig.from_dict(dict(cfg.augment), "augment")
+    eval_step = jax.jit(make_eval_step(model_config, loss_cfg))
+    last_dir = run_dir / "checkpoints" / "last"
+    history, start_phase, start_epoch, controller, best = [], 0, 0, None, (float("inf"), params)
+    resumed_state = None
+    if resume and (last_dir / "loop.json").is_file():
+        loop = json.loads((last_dir / "loop.json").read_text())
+        history, start_phase, start_epoch = loop["history"], loop["phase"], loop["next_epoch"]
+        controller = Controller(**loop["controller"]) if loop["controller"] else None
+        best_params = (
+            load_checkpoint(run_dir / "checkpoints" / "best").params if loop["best"] < np.inf else params
+        )
+        best = (loop["best"], jax.tree_util.tree_map(jnp.asarray, best_params))
+        resumed_state = controller is not None  # None: the phase had finished; start the next fresh
+        log(f"resuming at phase {phases[min(start_phase, len(phases) - 1)].name}, epoch {start_epoch + 1}")
+    n_views = max(cfg.augment_views, 1)
+    n_steps = -(-len(fold_data["train"]) * n_views // cfg.batch_size)
+    for p_index in range(start_phase, len(phases)):
+        phase = phases[p_index]
+        if phase.epochs == 0:
+            continue
+        tx = make_optimizer(phase.frozen, phase.lr)
+        state = init_state(best[1], tx)
+        first_epoch = 0
+        if resumed_state and p_index == start_phase:
+            state = load_last(last_dir, state)
+            first_epoch = start_epoch
+        else:
+            controller = Controller(lr=phase.lr)
+        state["opt_state"] = set_learning_rate(state["opt_state"], controller.lr)
+        step = jax.jit(make_train_step(model_config, loss_cfg, tx), donate_argnums=0)
+        key = jax.random.fold_in(jax.random.key(cfg.seed), p_index)
+        bar = tqdm(
+            total=phase.epochs * n_steps,
+            initial=first_epoch * n_steps,
+            desc=phase.name,
+            disable=not progress,
+            unit="step",
+            dynamic_ncols=True,
+        )
+        stopped = False
+        for epoch in range(first_epoch, phase.epochs):
+            t0 = time.perf_counter()
+            rng = np.random.default_rng([cfg.seed, p_index, epoch])
+            order = rng.permutation([(s, v) for s in range(len(images)) for v in range(n_views)])
+            train_losses = []
+            for b in range(0, len(order), cfg.batch_size):
+                chunk = order[b : b + cfg.batch_size]
+                x, y = images[chunk[:, 0]], labels[chunk[:, 0]]
+                if cfg.augment_views > 0:
+                    epoch_id = p_index * 100_000 + epoch  # views never repeat across phases either
+                    keys = jnp.stack([view_key(cfg.seed, epoch_id, int(s), int(v)) for s, v in chunk])
+                    x, y = augment_batch(keys, x, y, aug_cfg)
+                batch = {"image": x, "labels": y, "class_weights": jnp.asarray(weights)}
+                state, m = step(state, batch, key)
+                loss = float(m["loss"])
+                if not np.isfinite(loss):
+                    bar.close()
+                    raise NonFiniteLoss(
+                        f"non-finite training loss ({loss}) in {phase.name} epoch {epoch + 1}: stopped; "
+                        f"the last good checkpoints are in {run_dir / 'checkpoints'}"
+                    )
+                train_losses.append(loss)
+                bar.set_postfix_str(f"epoch {epoch + 1}/{phase.epochs} loss {loss:.4f}")
+                bar.update(1)
+            vm = [jax.tree_util.tree_map(np.asarray, eval_step(state["params"], v)) for v in val]
+            val_loss = float(np.mean([m["loss"] for m in vm]))
+            val_dice = np.mean([m["dice"] for m in vm], axis=0)
+            controller, events = controller_update(
+                controller,
+                val_loss,
+                patience=cfg.patience,
+                factor=cfg.plateau_factor,
+                plateau_patience=cfg.plateau_patience,
+                min_lr=cfg.min_lr,
+            )
+            record = {
+                "phase": phase.name,
+                "epoch": epoch + 1,
+                "train_loss": float(np.mean(train_losses)),
+                "val_loss": val_loss,
+                "val_dice": float(np.mean(val_dice[1:])),
+                "val_dice_per_class": [float(d) for d in val_dice],
+                "lr": float(get_learning_rate(state["opt_state"])),
+                "seconds": round(time.perf_counter() - t0, 2),
+                **events,
+            }
+            history.append(record)
+            if val_loss < best[0]:
+                best = (val_loss, jax.tree_util.tree_map(jnp.array, state["params"]))
+                if save_best is not None:
+                    save_best(best[1], record)
+            log(
+                f"{phase.name} epoch {epoch + 1}: train {record['train_loss']:.4f} val {val_loss:.4f} "
+                f"val dice {record['val_dice']:.4f} lr {record['lr']:.2e}"
+                + (" *" if events["improved"] else "")
+            )
+            nifti.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+            if events["lr_reduced"]:
+                state["opt_state"] = set_learning_rate(state["opt_state"], controller.lr)
+            done = events["stop"] or epoch + 1 == phase.epochs
+            save_last(
+                last_dir,
+                state,
+                {
+                    "phase": p_index + 1 if done else p_index,
+                    "next_epoch": 0 if done else epoch + 1,
+                    "controller": None if done else dataclasses.asdict(controller),
+                    "best": best[0],
+                    "history": history,
+                },
+            )
+            if events["stop"]:
+                stopped = True
+                break
+        bar.close()
+        log(f"{phase.name}: {'early stop' if stopped else 'all epochs run'}, best val loss {best[0]:.4f}")
+    return best[1], history
 
 
 def train_and_evaluate(config, workdir) -> dict:

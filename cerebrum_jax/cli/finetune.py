@@ -1,6 +1,125 @@
-"""PLACEHOLDER: the 'finetune' subcommand is being written; this file is replaced by its owner."""
+"""``cerebrum-jax finetune``: one fold (or all folds) of the fine-tuning experiment; a thin layer over
+``finetune.run_fold`` / ``run_cv``. Options override the experiment config (``--config``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from cerebrum_jax.config import apply_sets, load_config
+from cerebrum_jax.errors import InputError
+
+# option dest -> config key, for the options that map one to one
+DIRECT = {
+    "data": "data",
+    "weights": "weights",
+    "epochs_warmup": "epochs_warmup",
+    "epochs_finetune": "epochs_finetune",
+    "augment_views": "augment_views",
+    "seed": "seed",
+    "labels": "labels",
+    "val_subject": "val_subject",
+    "contrast": "contrast",
+    "layout": "layout",
+    "last_layer": "last_layer",
+    "loss": "loss",
+    "batch_size": "batch_size",
+}
 
 
-def add_parser(sub):
-    p = sub.add_parser("finetune", help="(not yet available)")
-    p.set_defaults(func=lambda args: 1)
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a checkpoint on one fold (or all folds) and evaluate the test subject",
+        description=(
+            "Leave-one-out fine-tuning as in CEREBRUM-7T: fold K tests subject K (sorted ids) and trains on "
+            "the others. Warm-up with the copied layers frozen, then fine-tuning of all layers; writes "
+            "OUT/fold-K/ (config, log, metrics.jsonl, checkpoints, predictions, metrics.json, report.md, "
+            "figures). With --fold all, every fold and OUT/cv_summary.{json,md}."
+        ),
+    )
+    p.add_argument("--config", default="demo", help="experiment: experiments/NAME.py, or a .py/.json file")
+    p.add_argument("--fold", default=None, help="fold K (1..N subjects) or 'all' (default: the config's)")
+    p.add_argument("--out", default=None, help="output directory (default: runs/<config name>)")
+    p.add_argument("--data", help="dataset root (Schneider or BIDS layout; default: the config's / demo)")
+    p.add_argument("--weights", help="initial checkpoint (default: weights/glasgow, else weights/demo)")
+    p.add_argument("--grid", help="network grid D,H,W (multiples of 8), or 'auto' (the brain boxes)")
+    p.add_argument("--epochs", type=int, help="max epochs of both phases")
+    p.add_argument("--epochs-warmup", type=int, help="max epochs of the warm-up phase")
+    p.add_argument("--epochs-finetune", type=int, help="max epochs of the fine-tuning phase")
+    p.add_argument("--augment-views", type=int, help="random views per training volume per epoch (0: none)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--labels", help="label map: a name (schneider, schneider-reduced, demo) or a dseg TSV")
+    p.add_argument("--drop-label", action="append", default=[], metavar="V[,V]", help="send a label to 0")
+    p.add_argument("--merge-label", action="append", default=[], metavar="V,V[=NAME]", help="merge labels")
+    p.add_argument("--val-subject", help="hold out this training subject for validation")
+    p.add_argument("--contrast", help="Schneider image contrast (uni, inv1, inv2, t1, t2s)")
+    p.add_argument("--layout", help="dataset layout: auto, schneider or bids")
+    p.add_argument("--last-layer", type=int, help="new weights for the last N of the 14 layers")
+    p.add_argument("--loss", help="dice, ce or ce+dice")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT from checkpoints/last")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def _grid(text: str):
+    if text == "auto":
+        return None
+    try:
+        grid = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise InputError(f"expected D,H,W integers, got {text!r}", "--grid") from None
+    if len(grid) != 3:
+        raise InputError(f"expected 3 values D,H,W, got {text!r}", "--grid")
+    return grid
+
+
+def resolve(args: argparse.Namespace):
+    """(config with every command-line override, fold: int or 'all', output directory)."""
+    cfg = load_config(args.config)
+    values = {key: getattr(args, dest) for dest, key in DIRECT.items() if getattr(args, dest) is not None}
+    if args.epochs is not None:
+        values.setdefault("epochs_warmup", args.epochs)
+        values.setdefault("epochs_finetune", args.epochs)
+    if args.grid is not None:
+        values["grid"] = _grid(args.grid)
+    if args.drop_label:
+        values["drop_labels"] = cfg.drop_labels + tuple(args.drop_label)
+    if args.merge_label:
+        values["merge_labels"] = cfg.merge_labels + tuple(args.merge_label)
+    cfg = apply_sets(cfg.override("command line", **values), args.set)
+    fold = args.fold
+    if fold is None:
+        fold = cfg.fold
+    elif fold != "all":
+        try:
+            fold = int(fold)
+        except ValueError:
+            raise InputError(f"expected a fold number or 'all', got {fold!r}", "--fold") from None
+    if fold != "all":
+        cfg = dataclasses.replace(cfg, fold=fold)
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    return cfg, fold, out
+
+
+def run(args: argparse.Namespace) -> int:
+    from cerebrum_jax import finetune, train  # heavy imports after argument checks
+
+    cfg, fold, out = resolve(args)
+    progress = not args.no_progress
+    try:
+        if fold == "all":
+            summary = finetune.run_cv(cfg, out, resume=args.resume, progress=progress)
+            mean = summary["mean_dice"]["mean"]
+            print(f"cross-validation: mean Dice {mean:.4f} -> {out / 'cv_summary.md'}")
+        else:
+            result = finetune.run_fold(cfg, out / f"fold-{fold}", resume=args.resume, progress=progress)
+            print(f"fold {fold}: mean Dice {result['mean_dice']:.4f} -> {out / f'fold-{fold}' / 'report.md'}")
+    except train.NonFiniteLoss as e:
+        print(f"cerebrum-jax finetune: {e}", file=sys.stderr)
+        return 1
+    return 0

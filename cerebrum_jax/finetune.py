@@ -1,0 +1,366 @@
+"""One fold of the fine-tuning experiment, end to end: data -> warm-up + fine-tuning -> test predictions,
+metrics, report; and ``run_cv`` over all folds.
+
+Run directory of a fold (``workdir``): config.json (resolved config, git commit, seed), log.txt,
+metrics.jsonl (one line per epoch), dseg.tsv, checkpoints/best (the model, ``checkpoint`` format),
+checkpoints/last (resumable: params, optimizer state, loop position), predictions/ (the test subject's
+dseg + probseg NIfTI as ``segment`` writes them), metrics.json, report.md and figures/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from cerebrum_jax import data as D
+from cerebrum_jax import metrics, model, nifti, preprocess, report, train
+from cerebrum_jax.checkpoint import load_checkpoint, save_checkpoint
+from cerebrum_jax.config import REPO, TrainConfig
+from cerebrum_jax.errors import InputError
+
+DEFAULT_WEIGHTS = ("weights/glasgow", "weights/demo")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def find_weights(weights: str | None, log=print) -> Path:
+    """The initial checkpoint: ``weights``, else weights/glasgow, else weights/demo (saying so)."""
+    if weights is not None:
+        return Path(weights)
+    for base in (Path.cwd(), REPO):
+        if (base / DEFAULT_WEIGHTS[0]).is_dir():
+            return base / DEFAULT_WEIGHTS[0]
+    for base in (Path.cwd(), REPO):
+        if (base / DEFAULT_WEIGHTS[1]).is_dir():
+            log(f"no Glasgow weights (weights/glasgow missing): starting from {base / DEFAULT_WEIGHTS[1]}")
+            return base / DEFAULT_WEIGHTS[1]
+    raise InputError("no initial weights: neither weights/glasgow nor weights/demo exists", "--weights")
+
+
+def label_map_of(cfg: TrainConfig) -> D.LabelMap:
+    return D.edit_label_map(D.get_label_map(cfg.labels), cfg.drop_labels, cfg.merge_labels)
+
+
+def load_fold(cfg: TrainConfig, log=print) -> dict:
+    """Subjects of fold ``cfg.fold`` read and prepared (all input checks happen here, before training).
+
+    Returns dict: root, label_map, train / val / test (lists of ``preprocess.load_subject`` dicts, each
+    with "x" (D, H, W) float32: the image z-scored inside its brain mask), grid.
+    """
+    if cfg.data is None:
+        from cerebrum_jax.demo import ensure_demo_cohort
+
+        root = ensure_demo_cohort(cfg.demo_root)
+        log(f"data: the offline demo cohort at {root} (template-derived, not 7T data)")
+    else:
+        root = Path(cfg.data)
+    subjects = D.find_subjects(root, cfg.layout, cfg.contrast)
+    train_s, val_s, test_s = D.split_fold(subjects, cfg.fold, cfg.val_subject)
+    label_map = label_map_of(cfg)
+    kw = {"voxel_mm": cfg.voxel_mm, "margin": cfg.margin}
+    grid = cfg.grid
+    if grid is None:  # the largest brain box over all subjects, rounded up to multiples of 8
+        shapes = [preprocess.load_subject(s, label_map, **kw)["image"].shape for s in subjects]
+        grid = tuple(int(g) for g in np.max(shapes, axis=0))
+    loaded = {s.id: preprocess.load_subject(s, label_map, grid, **kw) for s in subjects}
+    for s in subjects:
+        d = loaded[s.id]
+        d.update(x=preprocess.zscore(d["image"], d["mask"]), labels_path=s.labels, label_map=label_map)
+    pick = lambda group: [loaded[s.id] for s in group]  # noqa: E731
+    return {
+        "root": root,
+        "label_map": label_map,
+        "grid": grid,
+        "train": pick(train_s),
+        "val": pick(val_s),
+        "test": pick(test_s),
+    }
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Test subject: predictions, metrics, figures
+
+
+def predict(params, model_config, subject: dict) -> np.ndarray:
+    """Probabilities (D, H, W, C) on the network grid of a loaded subject (its "x")."""
+    fwd = jax.jit(lambda p, x: jax.nn.softmax(model.apply(p, model_config, x), axis=-1))
+    return np.asarray(fwd(params, jnp.asarray(subject["x"][None, ..., None]))[0], np.float32)
+
+
+def write_predictions(out: Path, subject: dict, probs: np.ndarray, cfg: TrainConfig) -> tuple[Path, dict]:
+    """dseg (uint8) + probseg (float32) NIfTI of the test subject as ``segment`` names them.
+
+    On the source grid with the source header when no resampling was asked (voxels outside the network's
+    grid are background, probability 1); on the network grid with its affine otherwise. Returns (dseg
+    path, {"pred", "ref", "spacing"}) for the evaluation on that same grid.
+    """
+    img = subject["img"]
+    prefix = out / f"{subject['id']}_desc-cerebrum"
+    if cfg.voxel_mm is None:
+        full = preprocess.to_source_grid(probs, subject, fill=0.0)
+        full[full.sum(-1) == 0, 0] = 1.0
+        like, affine = img, None
+        ref_raw, _ = nifti.load_nifti(Path(subject["labels_path"]), what="labels")
+        ref = subject["label_map"].apply(ref_raw, subject["labels_path"])
+        spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+    else:
+        full, like, affine = probs, None, subject["affine"]
+        ref, spacing = subject["labels"], subject["spacing"]
+    pred = np.argmax(full, axis=-1).astype(np.uint8)
+    nifti.save_nifti(f"{prefix}_probseg.nii.gz", full, like=like, affine=affine, dtype=np.float32)
+    path = nifti.save_nifti(f"{prefix}_dseg.nii.gz", pred, like=like, affine=affine, dtype=np.uint8)
+    return path, {"pred": pred, "ref": ref, "spacing": spacing}
+
+
+def prob_class_index(cfg: TrainConfig, names: tuple[str, ...]) -> int:
+    if cfg.prob_class is not None:
+        if cfg.prob_class not in names:
+            raise InputError(f"prob_class {cfg.prob_class!r} is not a class: {list(names)}", "prob_class")
+        return names.index(cfg.prob_class)
+    return names.index("vessels") if "vessels" in names else len(names) - 1
+
+
+def write_figures(run_dir: Path, history, subject, probs, names, k_prob) -> dict:
+    figs = run_dir / "figures"
+    pred = probs.argmax(-1)
+    out = {}
+    if history:
+        out["Training curves"] = report.plot_training_curves(history, figs / "training_curves.png")
+    out["Test subject: image, reference, prediction"] = report.plot_segmentation(
+        subject["image"],
+        subject["labels"],
+        pred,
+        list(names),
+        figs / "segmentation.png",
+        spacing=subject["spacing"],
+    )
+    out[f"Probability of {names[k_prob]}"] = report.plot_probability(
+        subject["image"],
+        probs[..., k_prob],
+        names[k_prob],
+        figs / "probability.png",
+        spacing=subject["spacing"],
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One fold, all folds
+
+
+def _logger(run_dir: Path, progress: bool):
+    log_path = run_dir / "log.txt"
+
+    def log(msg: str) -> None:
+        line = f"{time.strftime('%H:%M:%S')} {msg}"
+        (tqdm.write if progress else print)(line)
+        with open(log_path, "a") as f:
+            f.write(line + "\n")
+
+    return log
+
+
+def run_fold(cfg: TrainConfig, workdir, *, resume: bool = False, progress: bool = True) -> dict:
+    """Fine-tune and evaluate fold ``cfg.fold`` in ``workdir``; returns the content of metrics.json."""
+    run_dir = Path(workdir)
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise InputError("run directory is not empty; use --resume to continue it, or another --out", run_dir)
+    t_start = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = _logger(run_dir, progress)
+    weights_path = find_weights(cfg.weights, log)
+    ckpt = load_checkpoint(weights_path)
+    fold = load_fold(cfg, log)
+    label_map, names = fold["label_map"], fold["label_map"].names
+    test = fold["test"][0]
+    model_config = train.finetune_model_config(ckpt, label_map.n_classes, 0.1 if cfg.dropout else 0.0)
+    params, frozen = train.load_finetune_init(
+        ckpt, label_map.n_classes, cfg.last_layer, jax.random.key(cfg.seed)
+    )
+    init_note = ckpt.meta.get("description", "")
+    info = {
+        "config": cfg.to_dict(),
+        "fold": cfg.fold,
+        "seed": cfg.seed,
+        "git_commit": git_commit(),
+        "data": str(fold["root"]),
+        "grid": list(fold["grid"]),
+        "train_subjects": [v["id"] for v in fold["train"]],
+        "val_subjects": [v["id"] for v in fold["val"]],
+        "test_subject": test["id"],
+        "initial_weights": str(Path(weights_path).absolute()),
+        "initial_weights_note": init_note,
+        "model": dataclasses.asdict(model_config),
+        "copied_layers": list(train.copied_layers(cfg.last_layer)),
+        "labels": label_map.to_source_tsv(),
+        "jax": jax.__version__,
+        "devices": [str(d) for d in jax.devices()],
+    }
+    nifti.write_text(run_dir / "config.json", json.dumps(info, indent=2, default=str) + "\n")
+    label_map.to_tsv(run_dir / "dseg.tsv")
+    log(
+        f"fold {cfg.fold}: test {test['id']}, train {info['train_subjects']}, grid {fold['grid']}, "
+        f"{label_map.n_classes} classes, initial weights {weights_path}"
+    )
+    t_loaded = time.perf_counter()
+    unfrozen = jax.tree_util.tree_map(lambda _: False, frozen)
+    phases = [
+        train.Phase("warmup", cfg.lr_warmup, cfg.epochs_warmup, frozen),
+        train.Phase("finetune", cfg.lr_finetune, cfg.epochs_finetune, unfrozen),
+    ]
+    meta = {"description": f"fine-tuned by cerebrum-jax finetune, fold {cfg.fold}", "run": info}
+
+    def save_best(p, record):
+        save_checkpoint(
+            run_dir / "checkpoints" / "best",
+            p,
+            model_config,
+            classes=list(names),
+            normalization="zscore",
+            meta={**meta, "best_epoch": record},
+            overwrite=True,
+        )
+
+    params, history = train.fit(
+        cfg,
+        model_config,
+        params,
+        phases,
+        fold,
+        run_dir,
+        log=log,
+        resume=resume,
+        save_best=save_best,
+        progress=progress,
+    )
+    t_trained = time.perf_counter()
+    probs = predict(params, model_config, test)
+    out = run_dir / "predictions"
+    label_map.to_tsv(out / "dseg.tsv")
+    _, grids = write_predictions(out, test, probs, cfg)
+    t_predicted = time.perf_counter()
+    result = metrics.evaluate(grids["pred"], grids["ref"], grids["spacing"], dict(enumerate(names)))
+    t_evaluated = time.perf_counter()
+    result.update(
+        {
+            "fold": cfg.fold,
+            "test_subject": test["id"],
+            "initial_weights": info["initial_weights"],
+            "initial_weights_note": init_note,
+            "epochs": {p.name: sum(h["phase"] == p.name for h in history) for p in phases},
+            "best_val_loss": min((h["val_loss"] for h in history), default=None),
+            "timings_s": {
+                "load": round(t_loaded - t_start, 2),
+                "train": round(t_trained - t_loaded, 2),
+                "predict": round(t_predicted - t_trained, 2),
+                "evaluate": round(t_evaluated - t_predicted, 2),
+                "total": round(time.perf_counter() - t_start, 2),
+            },
+        }
+    )
+    nifti.write_text(run_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
+    figures = write_figures(run_dir, history, test, probs, names, prob_class_index(cfg, names))
+    report.write_report(
+        run_dir / "report.md",
+        result,
+        figures,
+        {
+            "title": f"cerebrum-jax fine-tuning, fold {cfg.fold}",
+            "fold": cfg.fold,
+            "test subject": test["id"],
+            "training subjects": ", ".join(info["train_subjects"]),
+            "initial weights": info["initial_weights"],
+            "initial weights note": init_note,
+            "git commit": info["git_commit"],
+            "seed": cfg.seed,
+            "epochs": result["epochs"],
+            "timings (s)": result["timings_s"],
+        },
+    )
+    per_class = ", ".join(f"{n} {m['dice']:.3f}" for n, m in result["classes"].items())
+    log(
+        f"fold {cfg.fold} ({test['id']}): mean Dice {result['mean_dice']:.4f} ({per_class}), "
+        f"{result['timings_s']['total']:.0f} s"
+    )
+    return result
+
+
+def n_subjects(cfg: TrainConfig) -> int:
+    if cfg.data is None:
+        from cerebrum_jax.demo import ensure_demo_cohort
+
+        return len(D.find_subjects(ensure_demo_cohort(cfg.demo_root)))
+    return len(D.find_subjects(cfg.data, cfg.layout, cfg.contrast))
+
+
+def cv_summary(results: list[dict]) -> dict:
+    """Mean and sd across folds of Dice, HD95 (mm) and VS per class, and of the mean Dice."""
+    classes = {}
+    for name in results[0]["classes"]:
+        row = {}
+        for key in ("dice", "hd95_mm", "vs"):
+            vals = [r["classes"][name][key] for r in results if r["classes"][name][key] is not None]
+            row[key] = {
+                "mean": float(np.mean(vals)) if vals else None,
+                "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
+                "n": len(vals),
+            }
+        classes[name] = row
+    md = [r["mean_dice"] for r in results]
+    return {
+        "folds": [r["fold"] for r in results],
+        "classes": classes,
+        "mean_dice": {"mean": float(np.mean(md)), "sd": float(np.std(md, ddof=1)) if len(md) > 1 else None},
+    }
+
+
+def summary_markdown(summary: dict) -> str:
+    fmt = lambda s: "n/a" if s["mean"] is None else f"{s['mean']:.4f} ± {s['sd'] or 0:.4f}"  # noqa: E731
+    rows = [
+        f"# Cross-validation summary (folds {summary['folds']})",
+        "",
+        "| class | Dice | HD95 (mm) | VS |",
+        "|---|---:|---:|---:|",
+    ]
+    rows += [
+        f"| {n} | {fmt(r['dice'])} | {fmt(r['hd95_mm'])} | {fmt(r['vs'])} |"
+        for n, r in summary["classes"].items()
+    ]
+    rows.append(f"| **mean Dice (no background)** | **{fmt(summary['mean_dice'])}** | | |")
+    return "\n".join(rows) + "\n"
+
+
+def run_cv(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True) -> dict:
+    """Every fold into out/fold-K, then out/cv_summary.json and cv_summary.md (mean ± sd across folds)."""
+    out = Path(out)
+    results = []
+    for k in range(1, n_subjects(cfg) + 1):
+        fold_dir = out / f"fold-{k}"
+        if resume and (fold_dir / "metrics.json").is_file():
+            results.append(json.loads((fold_dir / "metrics.json").read_text()))
+            continue
+        results.append(run_fold(dataclasses.replace(cfg, fold=k), fold_dir, resume=resume, progress=progress))
+    summary = cv_summary(results)
+    nifti.write_text(out / "cv_summary.json", json.dumps(summary, indent=2) + "\n")
+    nifti.write_text(out / "cv_summary.md", summary_markdown(summary))
+    return summary

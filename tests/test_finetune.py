@@ -1,0 +1,195 @@
+"""End-to-end smoke runs of ``cerebrum-jax finetune`` on a tiny synthetic Schneider-layout dataset."""
+
+import json
+
+import jax
+import nibabel as nib
+import numpy as np
+import pytest
+
+from cerebrum_jax import checkpoint, config, finetune
+from cerebrum_jax.cli import main
+from cerebrum_jax.errors import InputError
+from cerebrum_jax.model import ModelConfig, init_params
+
+SHAPE = (16, 16, 16)
+
+
+def _subject(root, sid, seed, shape=SHAPE, label_max=3):
+    """Nested boxes: WM (1) inside GM (2) inside CSF (3); intensities per class plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(shape, np.uint8)
+    c = np.array(shape) // 2 + rng.integers(-1, 2, 3)
+    zz, yy, xx = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    r = np.sqrt((zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2)
+    for value, radius in ((3, 6), (2, 4.5), (1, 2.5)):
+        labels[r < radius] = min(value, label_max)
+    image = (np.array([0, 300, 200, 100], np.float32)[labels] + rng.normal(0, 10, shape)).astype(np.float32)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    base = root / "derivatives" / sid
+    (base / "unbiased").mkdir(parents=True)
+    (base / "labeled").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(image, affine), base / "unbiased" / f"{sid}_uni_unbiased.nii.gz")
+    nib.save(nib.Nifti1Image(labels, affine), base / "labeled" / f"{sid}_labels_v01.nii.gz")
+    return base
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    for i in range(3):
+        _subject(root, f"sub-{i + 1:03d}", i)
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    cfg = ModelConfig(n_filters=2, n_classes=3)
+    path = tmp_path_factory.mktemp("w") / "ckpt"
+    checkpoint.save_checkpoint(path, init_params(cfg, jax.random.key(3)), cfg, meta={"description": "tiny"})
+    return path
+
+
+def _args(dataset, weights, out, *extra):
+    return [
+        "finetune",
+        "--config",
+        "demo",
+        "--data",
+        str(dataset),
+        "--weights",
+        str(weights),
+        "--out",
+        str(out),
+        "--grid",
+        "16,16,16",
+        "--epochs",
+        "1",
+        "--augment-views",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def test_one_fold_end_to_end(dataset, weights, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_args(dataset, weights, out, "--fold", "2")) == 0
+    fold = out / "fold-2"
+    for name in (
+        "config.json",
+        "log.txt",
+        "metrics.jsonl",
+        "dseg.tsv",
+        "metrics.json",
+        "report.md",
+        "figures/training_curves.png",
+        "figures/segmentation.png",
+        "figures/probability.png",
+        "checkpoints/best/cerebrum.json",
+        "checkpoints/last/loop.json",
+        "predictions/sub-002_desc-cerebrum_dseg.nii.gz",
+        "predictions/sub-002_desc-cerebrum_probseg.nii.gz",
+    ):
+        assert (fold / name).is_file(), name
+    metrics = json.loads((fold / "metrics.json").read_text())
+    assert metrics["fold"] == 2 and metrics["test_subject"] == "sub-002"
+    assert set(metrics["classes"]) == {"background", "white matter", "grey matter", "cerebrospinal fluid"}
+    assert metrics["initial_weights"].endswith("ckpt") and metrics["epochs"] == {"warmup": 1, "finetune": 1}
+    history = [json.loads(line) for line in (fold / "metrics.jsonl").read_text().splitlines()]
+    assert [h["phase"] for h in history] == ["warmup", "finetune"]
+    cfg = json.loads((fold / "config.json").read_text())
+    assert cfg["test_subject"] == "sub-002" and "sub-002" not in cfg["train_subjects"] + cfg["val_subjects"]
+    assert cfg["seed"] == 0 and cfg["config"]["grid"] == [16, 16, 16]
+    src = nib.load(dataset / "derivatives/sub-002/unbiased/sub-002_uni_unbiased.nii.gz")
+    dseg = nib.load(fold / "predictions/sub-002_desc-cerebrum_dseg.nii.gz")
+    prob = nib.load(fold / "predictions/sub-002_desc-cerebrum_probseg.nii.gz")
+    assert dseg.shape == SHAPE and prob.shape == (*SHAPE, 4) and np.allclose(dseg.affine, src.affine)
+    np.testing.assert_allclose(prob.get_fdata().sum(-1), 1.0, atol=1e-4)
+    best = checkpoint.load_checkpoint(fold / "checkpoints/best")
+    assert best.config.n_classes == 4 and best.classes[3] == "cerebrospinal fluid"
+    assert "mean Dice" in capsys.readouterr().out
+    # a second run into the same directory needs --resume; resuming a finished run only re-evaluates
+    assert main(_args(dataset, weights, out, "--fold", "2")) == 2
+    assert main(_args(dataset, weights, out, "--fold", "2", "--resume")) == 0
+    again = [json.loads(line) for line in (fold / "metrics.jsonl").read_text().splitlines()]
+    assert again == history
+
+
+def test_same_seed_same_result(dataset, weights, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        assert main(_args(dataset, weights, tmp_path / name, "--fold", "1", "--epochs-finetune", "0")) == 0
+        lines = (tmp_path / name / "fold-1" / "metrics.jsonl").read_text().splitlines()
+        history = [{k: v for k, v in json.loads(x).items() if k != "seconds"} for x in lines]
+        params = checkpoint.load_checkpoint(tmp_path / name / "fold-1" / "checkpoints" / "best").params
+        runs.append((history, jax.tree_util.tree_leaves(params)))
+    assert runs[0][0] == runs[1][0]
+    assert all(np.array_equal(x, y) for x, y in zip(runs[0][1], runs[1][1], strict=True))
+
+
+def test_cv_all_folds_summary(dataset, weights, tmp_path):
+    out = tmp_path / "cv"
+    args = _args(dataset, weights, out, "--fold", "all", "--set", "epochs_finetune=0", "--augment-views", "0")
+    assert main(args) == 0
+    summary = json.loads((out / "cv_summary.json").read_text())
+    assert summary["folds"] == [1, 2, 3]
+    dice = [json.loads((out / f"fold-{k}/metrics.json").read_text())["mean_dice"] for k in (1, 2, 3)]
+    assert summary["mean_dice"]["mean"] == pytest.approx(np.mean(dice))
+    assert summary["mean_dice"]["sd"] == pytest.approx(np.std(dice, ddof=1))
+    assert "mean Dice" in (out / "cv_summary.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--set", "no_such_key=1"], "no_such_key"),
+        (["--fold", "9"], "out of range"),
+        (["--fold", "x"], "--fold"),
+        (["--grid", "15,16,16"], "multiples of 8"),
+        (["--labels", "schneider-reduced", "--drop-label", "9"], "cannot drop"),
+        (["--val-subject", "sub-009"], "sub-009"),
+        (["--config", "no-such-experiment"], "no such experiment"),
+    ],
+)
+def test_bad_input_exits_2_before_training(dataset, weights, tmp_path, capsys, extra, message):
+    out = tmp_path / "bad"
+    assert main(_args(dataset, weights, out, *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (out / "fold-3" / "checkpoints").exists()
+
+
+def test_labels_outside_the_map_exit_2(tmp_path, weights, capsys):
+    root = tmp_path / "data"
+    for i in range(2):
+        _subject(root, f"sub-{i + 1:03d}", i)
+    labels = root / "derivatives/sub-001/labeled/sub-001_labels_v01.nii.gz"
+    img = nib.load(labels)
+    data = np.asarray(img.dataobj).copy()
+    data[8, 8, 8] = 9
+    nib.save(nib.Nifti1Image(data, img.affine), labels)
+    assert main(_args(root, weights, tmp_path / "o", "--fold", "2")) == 2
+    assert "label values 9" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("good", [{"epochs_warmup": 2}, {"augment": {"p_bias": 0.0}}, {"grid": [8, 8, 8]}])
+def test_json_config_round_trip(tmp_path, good):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(good))
+    cfg = config.load_config(path)
+    for key, value in good.items():
+        assert getattr(cfg, key) == (tuple(value) if isinstance(value, list) else value)
+    path.write_text(json.dumps({**good, "epochz": 1}))
+    with pytest.raises(InputError, match="epochz"):
+        config.load_config(path)
+
+
+@pytest.mark.parametrize("name", ["demo", "schneider19"])
+def test_shipped_experiments_load(name):
+    cfg = config.load_config(name)
+    assert cfg.grid is not None and all(g % 8 == 0 for g in cfg.grid)
+    n = finetune.label_map_of(cfg).n_classes
+    assert n == {"demo": 4, "schneider19": 8}[name]
+    reduced = finetune.label_map_of(cfg.override(labels="schneider-reduced")).n_classes
+    assert reduced == 7

@@ -8,7 +8,8 @@ initial weights weights/demo (pretrained by experiments/pretrain_demo.py on anot
 recipe as schneider19 (warm-up with frozen copied layers, then all layers; Adam; balanced weights;
 early stopping; reduce-on-plateau; on-device augmentation) scaled to a 2-core CPU: grid 56x72x64,
 few views and epochs, larger learning rates, cross-entropy + Dice.
-Expected (fold 3, 2-core CPU): test mean Dice over WM/GM/CSF >= 0.85 in about 5-8 minutes.
+Measured (fold 3, 2-core CPU, shared): test mean Dice over WM/GM/CSF 0.819 (WM 0.876, GM 0.911,
+CSF 0.670) in 5 min 42 s; the goal of 0.85 is not reached (CSF at 3 mm is the weak class).
 """
 
 from cerebrum_jax.config import TrainConfig
@@ -20,12 +21,15 @@ def get_config() -> TrainConfig:
         labels="demo",
         grid=(56, 72, 64),
         fold=3,
-        loss="ce+dice",
+        loss="dice",  # the AHEAD command's loss; cross-entropy (balanced or not) over-predicted CSF here
+        class_weights="none",
         lr_warmup=1e-3,
-        lr_finetune=5e-4,
-        epochs_warmup=4,
-        epochs_finetune=20,
+        lr_finetune=1e-3,
+        epochs_warmup=3,
+        epochs_finetune=40,
         augment_views=4,
-        patience=6,
+        # the original's ranges are voxels of ~0.65 mm; at 3 mm the same millimetres are ~1/4.6 as many
+        augment={"max_shift_vox": (2, 3, 2), "elastic_sigmas": (0.5, 0.75)},
+        patience=8,
         plateau_patience=3,
     )

@@ -376,13 +376,14 @@ def write_keras_h5(path: str | os.PathLike, params: dict, config: ModelConfig) -
     model_config = keras2_model_config(config)
     names = [e["name"] for e in model_config["config"]["layers"]]
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs["keras_version"] = KERAS2_VERSION.encode()
-        f.attrs["backend"] = b"tensorflow"
-        f.attrs["model_config"] = json.dumps(model_config).encode()
+        # np.bytes_: fixed-length byte strings, which h5py gives back as bytes (as in Keras 2.2.4 files).
+        f.attrs["keras_version"] = np.bytes_(KERAS2_VERSION)
+        f.attrs["backend"] = np.bytes_("tensorflow")
+        f.attrs["model_config"] = np.bytes_(json.dumps(model_config))
         root = f.create_group("model_weights")
         _write_attr_list(root, "layer_names", names)
-        root.attrs["backend"] = b"tensorflow"
-        root.attrs["keras_version"] = KERAS2_VERSION.encode()
+        root.attrs["backend"] = np.bytes_("tensorflow")
+        root.attrs["keras_version"] = np.bytes_(KERAS2_VERSION)
         for name in names:
             group = root.create_group(name)
             wnames = [f"{name}/{part}:0" for part in ("kernel", "bias")] if name in expected else []

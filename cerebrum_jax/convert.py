@@ -45,6 +45,9 @@ GLASGOW_CLASSES = (
     "brainstem",
 )
 KERAS2_VERSION = "2.2.4"
+# Layers whose Dropout uses the original's level-1 rate (0): its model_definition.py names the
+# Dropout after a conv '<name without _conv>_dr'; up_2to1_conv's takes the level-2 rate.
+LEVEL1_DROPOUT = ("enc_lvl1_block1_conv", "down_1to2_conv", "dec_lvl1_block1_conv")
 HDF5_OBJECT_HEADER_LIMIT = 64512  # bytes; Keras splits larger attribute arrays into name0, name1, ...
 CONV_CLASSES = (
     "Conv1D",
@@ -248,7 +251,7 @@ def _conv_config(name: str, layer, config: ModelConfig) -> dict:
         "filters": config.channels(layer),
         "kernel_size": [k] * 3,
         "strides": [1 if layer.op == "conv" else k] * 3,
-        "padding": "same",
+        "padding": "valid" if layer.name == "main_output" else "same",  # as the original
         "data_format": "channels_last",
     }
     if layer.op == "up":
@@ -275,8 +278,9 @@ def _conv_config(name: str, layer, config: ModelConfig) -> dict:
 def keras2_model_config(config: ModelConfig) -> dict:
     """The functional-model JSON (as a dict) that Keras 2.2.4 writes for this network.
 
-    Every conv but main_output is followed by a Dropout (rate 0 at level 1, ``dropout_rate`` below),
-    as in the original; the skip connections are Add layers skip_conn_lvl2 and skip_conn_lvl1.
+    Every conv but main_output is followed by a Dropout '<layer>_dr' (rate 0 after the convs in
+    ``LEVEL1_DROPOUT``, ``dropout_rate`` elsewhere), as in the original's model_definition.py; the
+    skip connections are Add layers skip_conn_lvl2 and skip_conn_lvl1 of the Dropout outputs.
     """
 
     def node(*sources):
@@ -295,7 +299,7 @@ def keras2_model_config(config: ModelConfig) -> dict:
             "inbound_nodes": [],
         }
     ]
-    prev, n_dropout, outputs = "main_input", 0, {}
+    prev, outputs = "main_input", {}
     skips = {
         "up_3to2_conv": ("skip_conn_lvl2", "enc_lvl2_block2_conv"),
         "up_2to1_conv": ("skip_conn_lvl1", "enc_lvl1_block1_conv"),
@@ -313,9 +317,8 @@ def keras2_model_config(config: ModelConfig) -> dict:
         prev = layer.name
         if layer.name == "main_output":
             break
-        n_dropout += 1
-        rate = config.dropout_rate if layer.level > 1 else 0.0
-        drop = f"dropout_{n_dropout}"
+        rate = 0.0 if layer.name in LEVEL1_DROPOUT else config.dropout_rate
+        drop = layer.name.removesuffix("_conv") + "_dr"
         entries.append(
             {
                 "name": drop,

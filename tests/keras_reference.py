@@ -40,8 +40,8 @@ def _layer(name, op, width, k, act, n_filters, n_classes, enc, dec):
         return keras.layers.Conv3DTranspose(
             filters, k, strides=k, padding="same", activation=activation, name=name
         )
-    stride = k if op == "down" else 1
-    return keras.layers.Conv3D(filters, k, strides=stride, padding="same", activation=activation, name=name)
+    stride, padding = (k if op == "down" else 1), ("valid" if name == "main_output" else "same")
+    return keras.layers.Conv3D(filters, k, strides=stride, padding=padding, activation=activation, name=name)
 
 
 def build(
@@ -49,16 +49,14 @@ def build(
 ):
     """The reference network as a keras.Model: (B, D, H, W, 1) -> (B, D, H, W, n_classes) softmax."""
     layers = {row[0]: _layer(*row, n_filters, n_classes, enc, dec) for row in TABLE}
-    level = {"down_1to2_conv": 2, "down_2to3_conv": 3, "up_3to2_conv": 2, "up_2to1_conv": 1}
-    lvl = [1]
 
     def f(name, x):
-        lvl[0] = level.get(name, lvl[0])
         y = layers[name](x)
         if name == "main_output":
             return y
-        # Dropout after every conv, as the original: rate 0 at level 1 (inference ignores it anyway).
-        return keras.layers.Dropout(dropout if lvl[0] > 1 else 0.0)(y)
+        # Dropout after every conv, named and with rates as the original (level-1 rate 0).
+        rate = 0.0 if name in ("enc_lvl1_block1_conv", "down_1to2_conv", "dec_lvl1_block1_conv") else dropout
+        return keras.layers.Dropout(rate, name=name.removesuffix("_conv") + "_dr")(y)
 
     inp = keras.Input((None, None, None, 1), name="main_input")
     l1 = f("enc_lvl1_block1_conv", inp)

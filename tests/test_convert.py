@@ -61,8 +61,14 @@ def test_parity_through_keras2_writer(tmp_path_factory, tmp_path, n_filters, n_c
     path, _, x, ref = keras_case(tmp_path_factory, n_filters, n_classes)
     params, config, _ = convert.read_keras_h5(path)
     out = convert.write_keras_h5(tmp_path / "k2.h5", params, config)
-    with h5py.File(out) as f:
+    with h5py.File(out) as f, h5py.File(path) as k3:
         assert f.attrs["keras_version"] == b"2.2.4" and f.attrs["backend"] == b"tensorflow"
+        # Our Keras 2 graph has the layers (names, classes, order) Keras writes for the reference net.
+        ours_graph, keras_graph = (
+            [(e["name"], e["class_name"]) for e in json.loads(g.attrs["model_config"])["config"]["layers"]]
+            for g in (f, k3)
+        )
+        assert ours_graph == keras_graph
         names = [n.decode() for n in f["model_weights/main_output"].attrs["weight_names"]]
         assert names == ["main_output/kernel:0", "main_output/bias:0"]
     params2, config2, info2 = convert.read_keras_h5(out)

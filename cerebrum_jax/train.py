@@ -226,6 +226,7 @@ def controller_update(
 
 def save_last(path: Path, state: dict, loop: dict) -> None:
     """Orbax state {"params", "opt_state", "step"} + loop.json, written beside and renamed into place."""
+    path = Path(path).absolute()  # Orbax refuses relative checkpoint paths
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -245,7 +246,7 @@ def save_last(path: Path, state: dict, loop: dict) -> None:
 
 def load_last(path: Path, like_state: dict) -> dict:
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(path / "state", target=like_state)
+        return ckptr.restore(Path(path).absolute() / "state", target=like_state)
 
 
 # ----------------------------------------------------------------------------------------------------------

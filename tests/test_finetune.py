@@ -72,9 +72,10 @@ def _args(dataset, weights, out, *extra):
     ]
 
 
-def test_one_fold_end_to_end(dataset, weights, tmp_path, capsys):
+def test_one_fold_end_to_end(dataset, weights, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative --out, as `make finetune` passes (Orbax needs absolute paths)
     out = tmp_path / "run"
-    assert main(_args(dataset, weights, out, "--fold", "2")) == 0
+    assert main(_args(dataset, weights, "run", "--fold", "2")) == 0
     fold = out / "fold-2"
     for name in (
         "config.json",
@@ -110,8 +111,8 @@ def test_one_fold_end_to_end(dataset, weights, tmp_path, capsys):
     assert best.config.n_classes == 4 and best.classes[3] == "cerebrospinal fluid"
     assert "mean Dice" in capsys.readouterr().out
     # a second run into the same directory needs --resume; resuming a finished run only re-evaluates
-    assert main(_args(dataset, weights, out, "--fold", "2")) == 2
-    assert main(_args(dataset, weights, out, "--fold", "2", "--resume")) == 0
+    assert main(_args(dataset, weights, "run", "--fold", "2")) == 2
+    assert main(_args(dataset, weights, "run", "--fold", "2", "--resume")) == 0
     again = [json.loads(line) for line in (fold / "metrics.jsonl").read_text().splitlines()]
     assert again == history
 

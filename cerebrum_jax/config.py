@@ -18,6 +18,7 @@ from cerebrum_jax.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("warmup", "finetune")
+PRECISIONS = ("float32", "fp32", "bf16", "bfloat16")  # the names sharding.PRECISIONS maps to dtypes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,10 @@ class TrainConfig:
     plateau_factor / plateau_patience / min_lr (reduce-on-plateau), seed.
     Output: prob_class (class name whose probability map is drawn; None = vessels if present, else the
     last class).
+    Performance (``sharding``): mesh ("DATAxSPACE", e.g. "1x4": volumes and activations split along depth
+    over 4 devices; None = one device, no sharding), remat (recompute the full-resolution blocks in the
+    backward pass), precision ("float32", or "bf16": bfloat16 convolutions with float32 parameters,
+    optimizer state, softmax and loss).
     """
 
     data: str | None = None
@@ -71,6 +76,9 @@ class TrainConfig:
     min_lr: float = 1e-7
     seed: int = 0
     prob_class: str | None = None
+    mesh: str | None = None
+    remat: bool = False
+    precision: str = "float32"
 
     def __post_init__(self):
         for name in ("drop_labels", "merge_labels"):
@@ -86,6 +94,10 @@ class TrainConfig:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}", name)
         if self.batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {self.batch_size}", "batch_size")
+        if self.precision not in PRECISIONS:
+            raise InputError(
+                f"precision must be one of {sorted(PRECISIONS)}, not {self.precision!r}", "precision"
+            )
         if not isinstance(self.augment, dict):
             raise InputError("augment must be a mapping of augmentation options", "augment")
 

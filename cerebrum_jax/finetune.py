@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cerebrum_jax import data as D
-from cerebrum_jax import metrics, model, nifti, preprocess, report, train
+from cerebrum_jax import metrics, model, nifti, preprocess, report, sharding, train
 from cerebrum_jax.checkpoint import load_checkpoint, save_checkpoint
 from cerebrum_jax.config import REPO, TrainConfig
 from cerebrum_jax.errors import InputError
@@ -101,10 +101,27 @@ def git_commit() -> str | None:
 # Test subject: predictions, metrics, figures
 
 
-def predict(params, model_config, subject: dict) -> np.ndarray:
-    """Probabilities (D, H, W, C) on the network grid of a loaded subject (its "x")."""
+def fold_mesh(cfg: TrainConfig, grid) -> jax.sharding.Mesh | None:
+    """The device mesh of ``cfg.mesh`` (None: one device, no sharding), checked against the batch size and
+    ``grid`` before any training (InputError otherwise)."""
+    if cfg.mesh is None:
+        return None
+    try:
+        mesh = sharding.make_mesh(cfg.mesh)
+        sharding.check_divisible((cfg.batch_size, *grid), mesh)
+    except ValueError as e:
+        raise InputError(str(e), "--mesh") from None
+    return mesh
+
+
+def predict(params, model_config, subject: dict, mesh=None) -> np.ndarray:
+    """Probabilities (D, H, W, C) on the network grid of a loaded subject (its "x"); split along depth
+    over ``mesh``'s "space" axis when given (its "data" axis must then be 1: one volume)."""
+    x = jnp.asarray(subject["x"][None, ..., None])
+    if mesh is not None and mesh.shape["data"] == 1:
+        return np.asarray(sharding.sharded_forward(params, model_config, x, mesh)[0], np.float32)
     fwd = jax.jit(lambda p, x: jax.nn.softmax(model.apply(p, model_config, x), axis=-1))
-    return np.asarray(fwd(params, jnp.asarray(subject["x"][None, ..., None]))[0], np.float32)
+    return np.asarray(fwd(params, x)[0], np.float32)
 
 
 def write_predictions(out: Path, subject: dict, probs: np.ndarray, cfg: TrainConfig) -> tuple[Path, dict]:
@@ -193,7 +210,12 @@ def run_fold(cfg: TrainConfig, workdir, *, resume: bool = False, progress: bool 
     fold = load_fold(cfg, log)
     label_map, names = fold["label_map"], fold["label_map"].names
     test = fold["test"][0]
+    mesh = fold_mesh(cfg, fold["grid"])
     model_config = train.finetune_model_config(ckpt, label_map.n_classes, 0.1 if cfg.dropout else 0.0)
+    # how to compute; the checkpoints store the portable float32 config without remat
+    run_config = dataclasses.replace(
+        model_config, remat=cfg.remat, compute_dtype=sharding.PRECISIONS[cfg.precision]
+    )
     params, frozen = train.load_finetune_init(
         ckpt, label_map.n_classes, cfg.last_layer, jax.random.key(cfg.seed)
     )
@@ -215,6 +237,7 @@ def run_fold(cfg: TrainConfig, workdir, *, resume: bool = False, progress: bool 
         "labels": label_map.to_source_tsv(),
         "jax": jax.__version__,
         "devices": [str(d) for d in jax.devices()],
+        "mesh": dict(mesh.shape) if mesh is not None else None,
     }
     nifti.write_text(run_dir / "config.json", json.dumps(info, indent=2, default=str) + "\n")
     label_map.to_tsv(run_dir / "dseg.tsv")
@@ -243,7 +266,7 @@ def run_fold(cfg: TrainConfig, workdir, *, resume: bool = False, progress: bool 
 
     params, history = train.fit(
         cfg,
-        model_config,
+        run_config,
         params,
         phases,
         fold,
@@ -252,9 +275,10 @@ def run_fold(cfg: TrainConfig, workdir, *, resume: bool = False, progress: bool 
         resume=resume,
         save_best=save_best,
         progress=progress,
+        mesh=mesh,
     )
     t_trained = time.perf_counter()
-    probs = predict(params, model_config, test)
+    probs = predict(params, run_config, test, mesh)
     out = run_dir / "predictions"
     label_map.to_tsv(out / "dseg.tsv")
     _, grids = write_predictions(out, test, probs, cfg)

@@ -25,7 +25,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from cerebrum_jax import losses, model, nifti
+from cerebrum_jax import losses, model, nifti, sharding
 from cerebrum_jax.augment import AugmentConfig, augment_batch, view_key
 from cerebrum_jax.checkpoint import load_checkpoint
 from cerebrum_jax.errors import InputError
@@ -169,12 +169,12 @@ def make_train_step(
     return step
 
 
-def make_eval_step(model_config: ModelConfig, loss_config: LossConfig) -> Callable:
+def make_eval_step(model_config: ModelConfig, loss_config: LossConfig, act_sharding=None) -> Callable:
     """``eval(params, batch) -> metrics``: loss terms, soft Dice (C,) and argmax Dice (C,), no dropout."""
 
     def evaluate(params, batch):
         _check_batch(batch)
-        logits = model.apply(params, model_config, batch["image"], train=False)
+        logits = model.apply(params, model_config, batch["image"], train=False, act_sharding=act_sharding)
         _, metrics = losses.loss_terms(logits, batch["labels"], batch["class_weights"], loss_config)
         metrics["soft_dice"] = losses.soft_dice_per_class(logits, batch["labels"])
         pred = jnp.argmax(logits, axis=-1)
@@ -277,13 +277,15 @@ def fit(
     resume: bool = False,
     save_best=None,
     progress: bool = True,
+    mesh=None,
 ):
     """Train ``params`` through ``phases`` on fold_data["train"], validating on fold_data["val"].
 
     Each phase: Adam (frozen leaves untouched), up to ``epochs`` epochs of ``augment_views`` augmented views
     per training volume (or the volumes as they are), val loss after each epoch, reduce-on-plateau, early
     stopping, best params kept (and passed to ``save_best(params, record)``); the next phase starts from
-    the best params. Returns (best params, history: one dict per epoch).
+    the best params. Returns (best params, history: one dict per epoch). With a ``mesh`` (see
+    ``sharding``), every step runs sharded: batches split (B over "data", D over "space"), state replicated.
     """
     loss_cfg = losses.LossConfig(cfg.loss, cfg.class_weights)
     n_classes = model_config.n_classes
@@ -297,8 +299,11 @@ def fit(
         }
         for v in fold_data["val"]
     ]
+    act = sharding.activation_sharding(mesh) if mesh is not None else None
+    if mesh is not None:
+        val = [sharding.put_batch(v, mesh) for v in val]
     aug_cfg = AugmentConfig.from_dict(dict(cfg.augment), "augment")
-    eval_step = jax.jit(make_eval_step(model_config, loss_cfg))
+    eval_step = jax.jit(make_eval_step(model_config, loss_cfg, act))
     last_dir = run_dir / "checkpoints" / "last"
     history, start_phase, start_epoch, controller, best = [], 0, 0, None, (float("inf"), params)
     resumed_state = None
@@ -327,7 +332,12 @@ def fit(
         else:
             controller = Controller(lr=phase.lr)
         state["opt_state"] = set_learning_rate(state["opt_state"], controller.lr)
-        step = jax.jit(make_train_step(model_config, loss_cfg, tx), donate_argnums=0)
+        step_fn = make_train_step(model_config, loss_cfg, tx, act)
+        if mesh is None:
+            step = jax.jit(step_fn, donate_argnums=0)
+        else:
+            state = jax.device_put(state, sharding.state_shardings(state, mesh))
+            step = sharding.jit_train_step(step_fn, mesh, state, val[0] if val else None)
         key = jax.random.fold_in(jax.random.key(cfg.seed), p_index)
         bar = tqdm(
             total=phase.epochs * n_steps,
@@ -351,6 +361,8 @@ def fit(
                     keys = jnp.stack([view_key(cfg.seed, epoch_id, int(s), int(v)) for s, v in chunk])
                     x, y = augment_batch(keys, x, y, aug_cfg)
                 batch = {"image": x, "labels": y, "class_weights": jnp.asarray(weights)}
+                if mesh is not None:
+                    batch = sharding.put_batch(batch, mesh)
                 state, m = step(state, batch, key)
                 loss = float(m["loss"])
                 if not np.isfinite(loss):

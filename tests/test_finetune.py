@@ -129,6 +129,38 @@ def test_same_seed_same_result(dataset, weights, tmp_path):
     assert all(np.array_equal(x, y) for x, y in zip(runs[0][1], runs[1][1], strict=True))
 
 
+def test_sharded_fold_equals_single_device(tmp_path):
+    """--mesh 1x4 (4 virtual CPU devices, conftest) splits every volume along depth: same training curve
+    and test metrics as one device, within float tolerance; --remat and --precision bf16 run and are
+    recorded, and the saved checkpoint keeps the portable float32 config."""
+    root = tmp_path / "data"
+    for i in range(2):
+        _subject(root, f"sub-{i + 1:03d}", i, shape=(32, 16, 16))
+    cfg = ModelConfig(n_filters=2, n_classes=3)
+    weights = tmp_path / "w"
+    checkpoint.save_checkpoint(weights, init_params(cfg, jax.random.key(3)), cfg)
+    base = ["--fold", "2", "--grid", "32,16,16", "--set", "dropout=false"]
+    runs = {}
+    for name, extra in (
+        ("one", []),
+        ("mesh", ["--mesh", "1x4"]),
+        ("bf16", ["--mesh", "1x4", "--remat", "--precision", "bf16"]),
+    ):
+        assert main(_args(root, weights, tmp_path / name, *base, *extra)) == 0
+        fold = tmp_path / name / "fold-2"
+        lines = (fold / "metrics.jsonl").read_text().splitlines()
+        runs[name] = [json.loads(x) for x in lines], json.loads((fold / "config.json").read_text())
+    (one, _), (mesh, mesh_cfg), (bf16, bf16_cfg) = runs["one"], runs["mesh"], runs["bf16"]
+    for a, b in zip(one, mesh, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+    assert mesh_cfg["mesh"] == {"data": 1, "space": 4} and runs["one"][1]["mesh"] is None
+    assert bf16_cfg["config"]["remat"] is True and bf16_cfg["config"]["precision"] == "bf16"
+    assert all(np.isfinite(h["val_loss"]) for h in bf16)
+    best = checkpoint.load_checkpoint(tmp_path / "bf16" / "fold-2" / "checkpoints" / "best")
+    assert best.config.compute_dtype == "float32" and best.config.remat is False
+
+
 def test_cv_all_folds_summary(weights, tmp_path):
     root = tmp_path / "data"
     for i in range(2):
@@ -154,6 +186,10 @@ def test_cv_all_folds_summary(weights, tmp_path):
         (["--labels", "schneider-reduced", "--drop-label", "9"], "cannot drop"),
         (["--val-subject", "sub-009"], "sub-009"),
         (["--config", "no-such-experiment"], "no such experiment"),
+        (["--mesh", "3x1"], "needs 3 devices"),
+        (["--mesh", "1x4"], "not divisible by the mesh"),  # depth 16 / 8 = 2 slabs for 4 devices
+        (["--mesh", "four"], "DATAxSPACE"),
+        (["--set", "precision=fp8"], "precision must be one of"),
     ],
 )
 def test_bad_input_exits_2_before_training(dataset, weights, tmp_path, capsys, extra, message):

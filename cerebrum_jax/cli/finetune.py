@@ -50,19 +50,38 @@ def add_parser(sub) -> None:
     p.add_argument("--epochs-warmup", type=int, help="max epochs of the warm-up phase")
     p.add_argument("--epochs-finetune", type=int, help="max epochs of the fine-tuning phase")
     p.add_argument("--augment-views", type=int, help="random views per training volume per epoch (0: none)")
-    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--seed", type=int, help="seed of initialisation, augmentation, dropout and order (default: 0)"
+    )
     p.add_argument("--labels", help="label map: a name (schneider, schneider-reduced, demo) or a dseg TSV")
-    p.add_argument("--drop-label", action="append", default=[], metavar="V[,V]", help="send a label to 0")
-    p.add_argument("--merge-label", action="append", default=[], metavar="V,V[=NAME]", help="merge labels")
+    p.add_argument(
+        "--drop-label",
+        action="append",
+        default=[],
+        metavar="V[,V]",
+        help="send source label V (comma list allowed; repeatable) to background, e.g. 7",
+    )
+    p.add_argument(
+        "--merge-label",
+        action="append",
+        default=[],
+        metavar="V,V[=NAME]",
+        help="merge source labels into one class named NAME (repeatable), e.g. 3,4=fluid",
+    )
     p.add_argument("--val-subject", help="hold out this training subject for validation")
     p.add_argument("--contrast", help="Schneider image contrast (uni, inv1, inv2, t1, t2s)")
     p.add_argument("--layout", help="dataset layout: auto, schneider or bids")
     p.add_argument("--last-layer", type=int, help="new weights for the last N of the 14 layers")
     p.add_argument("--loss", help="dice, ce or ce+dice")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument(
+        "--batch-size", type=int, help="augmented views per training step (default: 1, as the original)"
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT from checkpoints/last")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from cerebrum_jax.sharding import add_performance_args
+
+    add_performance_args(p)  # --mesh, --remat, --precision
     p.set_defaults(func=run)
 
 
@@ -91,6 +110,12 @@ def resolve(args: argparse.Namespace):
         values["drop_labels"] = cfg.drop_labels + tuple(args.drop_label)
     if args.merge_label:
         values["merge_labels"] = cfg.merge_labels + tuple(args.merge_label)
+    if args.mesh is not None:
+        values["mesh"] = args.mesh
+    if args.remat:
+        values["remat"] = True
+    if args.precision is not None:
+        values["precision"] = args.precision
     cfg = apply_sets(cfg.override("command line", **values), args.set)
     fold = args.fold
     if fold is None:

@@ -53,8 +53,13 @@ cv: $(VENV)/.stamp-base
 	$(CLI) finetune --config $(CONFIG) --fold all --out $(OUT) \
 	  $(if $(DATA),--data $(DATA)) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(ARGS)
 
-weights: $(VENV)/.stamp-base
-	$(PY) -m cerebrum_jax.convert --download weights/glasgow
+weights:
+	@if [ -f weights/glasgow/cerebrum.json ]; then \
+	  echo "weights/glasgow is already there (remove it to download and convert again)"; \
+	else \
+	  $(MAKE) --no-print-directory -f $(firstword $(MAKEFILE_LIST)) $(VENV)/.stamp-base && \
+	  $(PY) -m cerebrum_jax.convert --download weights/glasgow; \
+	fi
 
 bench: $(VENV)/.stamp-test $(VENV)/.stamp-bench
 	$(PY) experiments/bench.py --out BENCHMARKS.md $(ARGS)

@@ -24,7 +24,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from cerebrum_jax.errors import InputError
-from cerebrum_jax.model import ModelConfig
+from cerebrum_jax.model import DIVISOR, ModelConfig
+from cerebrum_jax.nifti import set_default_mode
 
 FORMAT = "cerebrum-jax-checkpoint"
 META_FILE = "cerebrum.json"
@@ -79,6 +80,12 @@ def save_checkpoint(
         raise ValueError("voxelwise normalization needs norm_volumes={'mean', 'std'}")
     if path.exists() and not overwrite:
         raise InputError("already exists; choose another output directory or remove it", path)
+    if path.exists() and not path.is_dir():
+        raise InputError("is a file, not a checkpoint directory; not replaced", path)
+    if path.is_dir() and any(path.iterdir()) and not (path / META_FILE).is_file():
+        raise InputError(
+            f"is a non-empty directory without {META_FILE}, not a checkpoint; not replaced", path
+        )
     classes = list(classes) if classes else [f"class_{i}" for i in range(config.n_classes)]
     if len(classes) != config.n_classes:
         raise ValueError(f"{len(classes)} class names for {config.n_classes} classes")
@@ -100,6 +107,7 @@ def save_checkpoint(
             ckptr.save(tmp / STATE_DIR, tree)
             ckptr.wait_until_finished()
         (tmp / META_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+        set_default_mode(tmp)  # mkdtemp made it 0700
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -121,6 +129,8 @@ def _replace_dir(src: Path, dst: Path) -> None:
 def read_meta(path: str | os.PathLike) -> dict:
     """The cerebrum.json of a checkpoint directory; InputError if it is not one."""
     path = Path(path)
+    if path.is_file():
+        raise InputError("is a file, not a checkpoint directory", path)
     if not path.is_dir():
         raise InputError("checkpoint directory does not exist", path)
     meta_file = path / META_FILE
@@ -150,4 +160,35 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     normalization = info.pop("normalization", "zscore")
     for k in ("format", "version"):
         info.pop(k, None)
-    return Checkpoint(tree["params"], config, classes, normalization, tree.get("normalization"), info)
+    ckpt = Checkpoint(tree["params"], config, classes, normalization, tree.get("normalization"), info)
+    check_checkpoint(ckpt, path)
+    return ckpt
+
+
+def check_checkpoint(ckpt: Checkpoint, path) -> None:
+    """InputError naming ``path`` unless params, class names and normalisation volumes fit the config."""
+    expected = ckpt.config.param_shapes()
+    params = ckpt.params if isinstance(ckpt.params, dict) else {}
+    missing = [name for name in expected if not isinstance(params.get(name), dict)]
+    if missing:
+        raise InputError(f"parameters of layer(s) {', '.join(missing)} are missing", path)
+    for name, shapes in expected.items():
+        for part, shape in shapes.items():
+            got = tuple(np.shape(params[name].get(part)))
+            if got != shape:
+                raise InputError(f"{name}/{part} has shape {got}, the config needs {shape}", path)
+    if len(ckpt.classes) != ckpt.config.n_classes:
+        raise InputError(f"{len(ckpt.classes)} class names for {ckpt.config.n_classes} classes", path)
+    if ckpt.normalization not in NORMALIZATIONS:
+        raise InputError(f"unknown normalization {ckpt.normalization!r}", path)
+    if ckpt.normalization == "voxelwise" and ckpt.norm_volumes is None:
+        raise InputError("normalization is voxelwise but there are no mean/std volumes", path)
+    if ckpt.norm_volumes is not None:
+        shapes = {k: tuple(np.shape(ckpt.norm_volumes.get(k))) for k in ("mean", "std")}
+        shape = shapes["mean"]
+        if shapes["std"] != shape or len(shape) != 3 or any(s == 0 or s % DIVISOR for s in shape):
+            raise InputError(
+                f"mean/std volumes of shapes {shapes['mean']} / {shapes['std']}: both must be one 3-D shape "
+                f"of positive multiples of {DIVISOR}",
+                path,
+            )

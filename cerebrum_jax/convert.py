@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 
 from cerebrum_jax.errors import InputError
-from cerebrum_jax.model import LAYER_NAMES, LAYERS, ModelConfig
+from cerebrum_jax.model import LAYER_NAMES, LAYERS, ModelConfig, dropout_rate
 from cerebrum_jax.nifti import atomic_path
 
 # The published Glasgow model (REFERENCE.md): where it is and the git blob id its bytes must have.
@@ -45,9 +45,6 @@ GLASGOW_CLASSES = (
     "brainstem",
 )
 KERAS2_VERSION = "2.2.4"
-# Layers whose Dropout uses the original's level-1 rate (0): its model_definition.py names the
-# Dropout after a conv '<name without _conv>_dr'; up_2to1_conv's takes the level-2 rate.
-LEVEL1_DROPOUT = ("enc_lvl1_block1_conv", "down_1to2_conv", "dec_lvl1_block1_conv")
 HDF5_OBJECT_HEADER_LIMIT = 64512  # bytes; Keras splits larger attribute arrays into name0, name1, ...
 CONV_CLASSES = (
     "Conv1D",
@@ -197,8 +194,12 @@ def read_keras_h5(path: str | os.PathLike) -> tuple[dict, ModelConfig, dict]:
     "has_optimizer_weights"}. Raises InputError naming ``path`` for anything else.
     """
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise InputError("is a directory, not an HDF5 file", path)
+    if not path.exists():
         raise InputError("Keras HDF5 file does not exist", path)
+    if not path.is_file():
+        raise InputError("is not a regular file, not an HDF5 file", path)
     try:
         with h5py.File(path, "r") as f:
             return _read_open(f, path)
@@ -279,7 +280,7 @@ def keras2_model_config(config: ModelConfig) -> dict:
     """The functional-model JSON (as a dict) that Keras 2.2.4 writes for this network.
 
     Every conv but main_output is followed by a Dropout '<layer>_dr' (rate 0 after the convs in
-    ``LEVEL1_DROPOUT``, ``dropout_rate`` elsewhere), as in the original's model_definition.py; the
+    ``model.LEVEL1_DROPOUT``, ``dropout_rate`` elsewhere), as in the original's model_definition.py; the
     skip connections are Add layers skip_conn_lvl2 and skip_conn_lvl1 of the Dropout outputs.
     """
 
@@ -317,7 +318,7 @@ def keras2_model_config(config: ModelConfig) -> dict:
         prev = layer.name
         if layer.name == "main_output":
             break
-        rate = 0.0 if layer.name in LEVEL1_DROPOUT else config.dropout_rate
+        rate = dropout_rate(layer.name, config)
         drop = layer.name.removesuffix("_conv") + "_dr"
         entries.append(
             {

@@ -52,6 +52,18 @@ LAYERS: tuple[Layer, ...] = (
     Layer("main_output", "conv", 0, 1, "softmax", 1),
 )
 LAYER_NAMES: tuple[str, ...] = tuple(layer.name for layer in LAYERS)
+# The original (model_definition.py) puts a Dropout '<layer>_dr' after every conv but main_output, at
+# the rate of the level it belongs to there: 0 at level 1 for these three (down_1to2_conv included),
+# ``dropout_rate`` for all the others (up_2to1_conv included, whose Dropout is at level 2).
+LEVEL1_DROPOUT: tuple[str, ...] = ("enc_lvl1_block1_conv", "down_1to2_conv", "dec_lvl1_block1_conv")
+
+
+def dropout_rate(name: str, config: ModelConfig) -> float:
+    """The training-time dropout rate after layer ``name``, as in the original (see ``LEVEL1_DROPOUT``)."""
+    if name == "main_output" or name in LEVEL1_DROPOUT:
+        return 0.0
+    return config.dropout_rate
+
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
@@ -71,7 +83,8 @@ class ModelConfig:
       n_filters: channels at level 1 (levels 2 and 3 have 2x and 4x).
       n_classes: output classes (softmax channels).
       enc_activation, dec_activation: names in ``ACTIVATIONS`` (Keras names).
-      dropout_rate: rate after every conv of levels 2 and 3 when training (level 1 has none).
+      dropout_rate: training-time dropout after every conv but main_output and the level-1 ones of
+        ``LEVEL1_DROPOUT`` (see ``dropout_rate``), as in the original.
       compute_dtype: "float32" or "bfloat16"; parameters stay float32 (mixed precision).
       remat: recompute the full-resolution (level 1) activations in the backward pass.
     """
@@ -296,8 +309,9 @@ class Cerebrum7T(nn.Module):
         act = {"enc": cfg.enc_activation, "dec": cfg.dec_activation}.get(layer.activation)
         if act is not None:
             y = ACTIVATIONS[act](y)
-        if layer.activation != "softmax" and layer.level > 1 and cfg.dropout_rate > 0:
-            y = nn.Dropout(cfg.dropout_rate, deterministic=not train)(y)
+        rate = dropout_rate(name, cfg)
+        if rate > 0:
+            y = nn.Dropout(rate, deterministic=not train, name=name.removesuffix("_conv") + "_dr")(y)
         return self._pin(y)
 
     def _tail(self, x: jax.Array, lvl1: jax.Array, train: bool) -> jax.Array:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -17,7 +18,8 @@ def load_nifti(path: str | os.PathLike, *, what: str = "image", allow_nonfinite:
     """Read a 3-D NIfTI volume: returns (data as float32 (X, Y, Z), nibabel image with affine and header).
 
     A 4-D image whose 4th axis has length 1 is squeezed to 3-D. Raises InputError naming ``path``
-    for a missing, unreadable or non-NIfTI file, a 2-D or 4-D volume, non-numeric data, or NaN/inf voxels.
+    for a missing, unreadable or non-NIfTI file, a 2-D or 4-D volume, non-numeric data, NaN/inf
+    voxels, or values beyond the float32 range.
     """
     path = Path(path)
     if not path.exists():
@@ -41,11 +43,22 @@ def load_nifti(path: str | os.PathLike, *, what: str = "image", allow_nonfinite:
         raise InputError(f"cannot read voxel data ({type(e).__name__}: {_first_line(e)})", path) from None
     if not (np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_) or np.iscomplexobj(data):
         raise InputError(f"{what} data of type {data.dtype} cannot be read as real numbers", path)
-    data = data.reshape(shape).astype(np.float32)
+    data = data.reshape(shape)
     if not allow_nonfinite:
         bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
         if bad:
             raise InputError(f"{what} contains {bad} NaN or infinite voxels", path)
+        limit = float(np.finfo(np.float32).max)
+        if np.issubdtype(data.dtype, np.floating) and data.dtype.itemsize > 4 and data.size:
+            peak = float(np.max(np.abs(data)))
+            if peak > limit:
+                raise InputError(
+                    f"{what} values exceed the float32 range (largest magnitude {peak:.3g} > {limit:.3g}); "
+                    "rescale the image",
+                    path,
+                )
+    with np.errstate(over="ignore", invalid="ignore"):  # only reached out of range with allow_nonfinite
+        data = data.astype(np.float32)
     return data, img
 
 
@@ -54,20 +67,43 @@ def _first_line(e: Exception) -> str:
     return text[0] if text else ""
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: set and restore (briefly process-wide)
+    os.umask(mask)
+    return mask
+
+
+def set_default_mode(path: str | os.PathLike) -> None:
+    """Give ``path`` the mode a plain open()/mkdir() would: 0666 (files) or 0777 (dirs) minus the umask.
+
+    For outputs made through tempfile.mkstemp (0600) or mkdtemp (0700) before they are renamed into place.
+    """
+    base = 0o777 if Path(path).is_dir() else 0o666
+    os.chmod(path, base & ~current_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
 
     The temporary name keeps the final suffixes (``.nii.gz``) so writers that look at the
-    extension behave the same.
+    extension behave the same. The result gets the umask's default permissions (not mkstemp's 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not replaced by a file", str(path))
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        set_default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

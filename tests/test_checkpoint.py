@@ -124,3 +124,45 @@ def test_failed_save_during_write_leaves_nothing(tmp_path, params):
     with pytest.raises(Exception):  # noqa: B017 - whatever Orbax raises, nothing may be left behind
         save_checkpoint(tmp_path / "ckpt", bad, ModelConfig(n_filters=2, n_classes=3))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_directory_gets_umask_permissions(tmp_path, params):
+    """Not mkdtemp's 0700: the directory mkdir would make under umask 022 (0755), and 0644 files."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / "ckpt", params, ModelConfig(n_filters=2, n_classes=3))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    assert stat.S_IMODE((path / checkpoint.META_FILE).stat().st_mode) == 0o644
+
+
+def test_overwrite_replaces_only_checkpoint_directories(tmp_path, params):
+    config = ModelConfig(n_filters=2, n_classes=3)
+    (tmp_path / "file").write_text("keep")
+    with pytest.raises(InputError, match="is a file, not a checkpoint directory"):
+        save_checkpoint(tmp_path / "file", params, config, overwrite=True)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep")
+    with pytest.raises(InputError, match="not a checkpoint; not replaced"):
+        save_checkpoint(tmp_path / "other", params, config, overwrite=True)
+    assert (tmp_path / "file").read_text() == (tmp_path / "other" / "notes.txt").read_text() == "keep"
+    (tmp_path / "empty").mkdir()
+    save_checkpoint(tmp_path / "empty", params, config, overwrite=True)  # an empty directory is fine
+    assert load_checkpoint(tmp_path / "empty").config == config
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file", "other"]
+
+
+def test_load_refuses_a_file_and_a_config_that_does_not_fit(tmp_path, params):
+    (tmp_path / "model.h5").write_bytes(b"x")
+    with pytest.raises(InputError, match="is a file, not a checkpoint directory"):
+        load_checkpoint(tmp_path / "model.h5")
+    path = save_checkpoint(tmp_path / "ckpt", params, ModelConfig(n_filters=2, n_classes=3))
+    meta = json.loads((path / checkpoint.META_FILE).read_text())
+    meta["model"]["n_filters"] = 4
+    (path / checkpoint.META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(InputError, match=r"enc_lvl1_block1_conv/kernel has shape \(3, 3, 3, 1, 2\)"):
+        load_checkpoint(path)

@@ -225,6 +225,8 @@ def test_bad_h5_exit_2_one_line_nothing_written(small, tmp_path, capsys, make, m
         (["{src}", "{out}", "--mean", "{src}"], "--mean and --std must be given together"),
         (["{src}", "{out}", "--mean", "nope.nii.gz", "--std", "nope.nii.gz"], "does not exist"),
         (["--to-keras", "{tmp}/nockpt", "{tmp}/x.h5"], "checkpoint directory does not exist"),
+        (["{tmp}", "{tmp}/out"], "is a directory, not an HDF5 file"),
+        (["--to-keras", "{src}", "{tmp}/x.h5"], "is a file, not a checkpoint directory"),
     ],
 )
 def test_cli_usage_errors(small, tmp_path, capsys, args, message):
@@ -322,3 +324,33 @@ def test_download_offline_one_sentence_no_traceback(tmp_path):
         r.stderr.count("\n") == 1 and "by hand" in r.stderr and str(tmp_path / "model_trained.h5") in r.stderr
     )
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("shape", [(12, 16, 16), (16, 16, 10)])
+def test_cli_normalization_volumes_off_the_grid_are_refused(small, tmp_path, capsys, shape):
+    """Voxelwise mean/std volumes set segment's grid, so each axis must be a multiple of 8."""
+    import nibabel as nib
+
+    for name in ("mean", "std"):
+        nib.save(nib.Nifti1Image(np.ones(shape, np.float32), np.eye(4)), tmp_path / f"{name}.nii.gz")
+    args = ["--mean", str(tmp_path / "mean.nii.gz"), "--std", str(tmp_path / "std.nii.gz")]
+    assert main(["convert", str(small[0]), str(tmp_path / "ckpt"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(tmp_path / "mean.nii.gz") in err and "multiple of 8" in err, err
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_dropout_rates_agree_with_the_keras_reference():
+    """Keras reference net (the original's rates), our Keras 2 writer and the Flax model: one placement."""
+    config = model.ModelConfig(n_filters=2, n_classes=3, dropout_rate=0.1)
+    ref = {
+        layer.name: layer.rate for layer in kr.build(2, 3, dropout=0.1).layers if layer.name.endswith("_dr")
+    }
+    written = {
+        e["name"]: e["config"]["rate"]
+        for e in convert.keras2_model_config(config)["config"]["layers"]
+        if e["class_name"] == "Dropout"
+    }
+    ours = {n.removesuffix("_conv") + "_dr": model.dropout_rate(n, config) for n in model.LAYER_NAMES[:-1]}
+    assert ref == written == ours
+    assert ref["down_1to2_dr"] == 0.0 and ref["up_2to1_dr"] == 0.1

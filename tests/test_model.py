@@ -117,3 +117,61 @@ def test_strided_conv_transpose_matches_definition(s, cin, cout):
         for a, b, c in np.ndindex(s, s, s):
             ref[0, s * i + a, s * j + b, s * m + c] = kernel[a, b, c] @ x[0, i, j, m] + bias
     np.testing.assert_allclose(model.strided_conv_transpose(x, kernel, bias), ref, rtol=1e-5, atol=1e-5)
+
+
+def _intermediates(params, config, x, key):
+    """Outputs of every submodule (conv layers and Dropouts '<layer>_dr') in a training-mode pass."""
+    _, state = model.Cerebrum7T(config).apply(
+        {"params": params}, x, train=True, rngs={"dropout": key}, capture_intermediates=True
+    )
+    return {
+        name: np.asarray(v["__call__"][0]) for name, v in state["intermediates"].items() if name != "__call__"
+    }
+
+
+def test_dropout_placement_follows_the_original(params):
+    """The original's Dropout after down_1to2_conv has the level-1 rate (0); the one after up_2to1_conv
+    the level-2 rate: REFERENCE.md and model_definition.py's '<layer>_dr' naming."""
+    config = model.ModelConfig(n_filters=2, n_classes=3, dropout_rate=0.5)
+    x = jax.random.normal(jax.random.key(3), (1, 8, 16, 8, 1))
+    a, b = (_intermediates(params, config, x, jax.random.key(k)) for k in (4, 5))
+    no_dropout = {"enc_lvl1_block1_conv", "down_1to2_conv", "dec_lvl1_block1_conv", "main_output"}
+    expected = {n.removesuffix("_conv") + "_dr" for n in model.LAYER_NAMES if n not in no_dropout}
+    assert {n for n in a if n.endswith("_dr")} == expected
+    assert "up_2to1_dr" in expected and "down_1to2_dr" not in expected
+    assert model.dropout_rate("down_1to2_conv", config) == 0.0
+    assert model.dropout_rate("up_2to1_conv", config) == 0.5
+    # Behaviour: what enc_lvl2_block1_conv sees (down_1to2's output) does not depend on the dropout key...
+    for name in ("enc_lvl1_block1_conv", "down_1to2_conv", "enc_lvl2_block1_conv"):
+        np.testing.assert_array_equal(a[name], b[name])
+    # ...while up_2to1's output is dropped out (zeros where the conv was not, scaled by 1 / (1 - rate)).
+    up, dropped = a["up_2to1_conv"], a["up_2to1_dr"]
+    kept, nonzero = dropped != 0, up != 0
+    assert nonzero.sum() > 100 and 0.3 < kept[nonzero].mean() < 0.7
+    np.testing.assert_allclose(dropped[kept], up[kept] / 0.5, rtol=1e-6)
+    assert not np.array_equal(a["up_2to1_dr"], b["up_2to1_dr"])
+
+
+def test_package_exports_and_cheap_import():
+    """The research API at package level; the heavy modules load only when one of their names is used."""
+    import subprocess
+    import sys
+
+    import cerebrum_jax
+    from cerebrum_jax import augment, checkpoint, losses, metrics, train
+
+    for name in cerebrum_jax.__all__:
+        assert getattr(cerebrum_jax, name) is not None, name
+    assert (
+        cerebrum_jax.loss_terms is losses.loss_terms and cerebrum_jax.augment_batch is augment.augment_batch
+    )
+    assert cerebrum_jax.make_train_step is train.make_train_step and cerebrum_jax.evaluate is metrics.evaluate
+    assert cerebrum_jax.load_checkpoint is checkpoint.load_checkpoint
+    assert set(cerebrum_jax.__all__) <= set(dir(cerebrum_jax))
+    code = (
+        "import sys, cerebrum_jax; "
+        "print(sorted(m for m in ('optax', 'orbax', 'matplotlib', 'nilearn', 'scipy.spatial', 'tqdm') "
+        "if m in sys.modules))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]", r.stdout

@@ -151,10 +151,16 @@ def bad_input(tmp_path, kind):
         write_nifti(path, v)
     elif kind == "complex":
         write_nifti(path, np.ones((8, 8, 8)), dtype=np.complex64)
+    elif kind == "beyond_float32":  # finite float64, but no float32 can hold 1e300
+        v = volume((8, 8, 8)).astype(np.float64)
+        v[2, 2, 2] = -1e300
+        write_nifti(path, v, dtype=np.float64)
     return path
 
 
-@pytest.mark.parametrize("kind", ["missing", "not_nifti", "4d", "2d", "nan", "inf", "complex"])
+@pytest.mark.parametrize(
+    "kind", ["missing", "not_nifti", "4d", "2d", "nan", "inf", "complex", "beyond_float32"]
+)
 def test_segment_cli_bad_input_writes_nothing(tmp_path, ckpt, capsys, kind):
     good = write_nifti(tmp_path / "good.nii.gz", volume((8, 8, 8)))
     bad = bad_input(tmp_path, kind)
@@ -179,3 +185,91 @@ def test_segment_cli_bad_options(tmp_path, ckpt, capsys, problem):
     assert main(argv) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_package_level_segment_api(params):
+    """The spec's Python API: cerebrum_jax.segment(volume, params, config) -> probabilities."""
+    import importlib
+
+    import cerebrum_jax
+
+    # The package attribute is the function; the module stays importable by its dotted name.
+    assert cerebrum_jax.segment is segment
+    seg_module = importlib.import_module("cerebrum_jax.segment")
+    assert seg_module.segment is segment and seg_module.forward_fn is forward_fn
+    v = volume((9, 12, 10), 3)
+    probs = cerebrum_jax.segment(v, params, CONFIG)
+    assert probs.shape == (9, 12, 10, CONFIG.n_classes) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(cerebrum_jax.labels_from(probs), probs.argmax(-1))
+
+
+def test_beyond_float32_is_one_line_without_warning(tmp_path, ckpt, capsys):
+    import warnings
+
+    bad = bad_input(tmp_path, "beyond_float32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a numpy RuntimeWarning would fail the test
+        assert main(["segment", "--weights", str(ckpt), str(bad), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "exceed the float32 range" in err and "NaN" not in err, err
+
+
+def test_weights_file_is_not_a_checkpoint_directory(tmp_path, capsys):
+    good = write_nifti(tmp_path / "a.nii.gz", volume((8, 8, 8)))
+    (tmp_path / "model.h5").write_bytes(b"x")
+    argv = ["segment", "--weights", str(tmp_path / "model.h5"), str(good), "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a file, not a checkpoint directory" in err and "model.h5" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("shape", [(10, 16, 8), (8, 16, 12)])
+def test_checkpoint_with_bad_normalisation_grid_writes_nothing(tmp_path, params, capsys, shape):
+    """Volumes off the network's grid (a hand-made or old checkpoint) stop segment before any output."""
+    vols = {k: np.ones(shape, np.float32) for k in ("mean", "std")}
+    ck = save_checkpoint(tmp_path / "ck", params, CONFIG, normalization="voxelwise", norm_volumes=vols)
+    good = write_nifti(tmp_path / "a.nii.gz", volume((8, 8, 8)))
+    out = tmp_path / "out"
+    assert main(["segment", "--weights", str(ck), str(good), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(ck) in err and "multiples of 8" in err, err
+    assert not out.exists()
+
+
+def test_failure_during_segmentation_leaves_no_dseg_tsv(tmp_path, ckpt, monkeypatch):
+    """dseg.tsv is written last: a crash in the first forward pass leaves no output (nor the new OUT)."""
+    import cerebrum_jax.cli.segment as cli_segment
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("forward pass failed")
+
+    monkeypatch.setattr(cli_segment, "segment", boom)
+    good = write_nifti(tmp_path / "a.nii.gz", volume((8, 8, 8)))
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="forward pass failed"):
+        main(["segment", "--weights", str(ckpt), str(good), "--out", str(out)])
+    assert not out.exists()
+    out.mkdir()
+    with pytest.raises(RuntimeError):
+        main(["segment", "--weights", str(ckpt), str(good), "--out", str(out)])
+    assert list(out.iterdir()) == []  # an existing OUT is kept, and stays empty
+
+
+def test_outputs_get_umask_permissions(tmp_path, ckpt):
+    """Not mkstemp's 0600: the files a plain open() would make under umask 022 (0644)."""
+    import os
+    import stat
+
+    good = write_nifti(tmp_path / "a.nii.gz", volume((8, 8, 8)))
+    old = os.umask(0o022)
+    try:
+        assert main(["segment", "--weights", str(ckpt), str(good), "--out", str(tmp_path / "out")]) == 0
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+    assert modes == {
+        "dseg.tsv": 0o644, "a_desc-cerebrum_dseg.nii.gz": 0o644, "a_desc-cerebrum_probseg.nii.gz": 0o644
+    }  # fmt: skip
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755

@@ -2,13 +2,15 @@
 
 Each subcommand lives in its own module of this package and defines ``add_parser(subparsers)``,
 which registers the subcommand and sets ``func`` (a callable taking the parsed args and returning
-an exit status). Bad input raises ``InputError``; ``main`` prints it as one line and exits 2.
+an exit status). Bad input raises ``InputError``; ``main`` prints it as one line and exits 2, and so
+it does for an ``OSError`` (a path that cannot be read or written), naming the path.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from cerebrum_jax.errors import InputError
@@ -28,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cerebrum-jax",
         description=(
             "Whole-volume segmentation of 7T T1-weighted MRI with CEREBRUM-7T, in JAX: convert the "
-            "published Keras weights, segment NIfTI volumes, fine-tune on a few labelled volumes, "
-            "evaluate segmentations and benchmark against PyTorch."
+            "published Keras weights, segment NIfTI volumes, fine-tune on a few labelled volumes and "
+            "evaluate segmentations. (Benchmarks against PyTorch run with 'make bench'.)"
         ),
         epilog="Run 'cerebrum-jax COMMAND --help' for the options of each command.",
     )
@@ -37,6 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
     for name in SUBCOMMANDS:
         importlib.import_module(f"cerebrum_jax.cli.{name}").add_parser(sub)
     return parser
+
+
+def os_error_line(e: OSError) -> str:
+    """'PATH: strerror' (or 'SRC -> DST: strerror') of an OSError, on one line."""
+    reason = e.strerror or str(e) or type(e).__name__
+    reason = " ".join(str(reason).split())
+    if e.filename is None:
+        return reason
+    where = os.fsdecode(e.filename)
+    if e.filename2 is not None:
+        where += f" -> {os.fsdecode(e.filename2)}"
+    return f"{where}: {reason}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except InputError as e:
         print(f"cerebrum-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file the command could not read or write: name it, no traceback
+        print(f"cerebrum-jax {args.command}: error: {os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cerebrum-jax {args.command}: interrupted", file=sys.stderr)

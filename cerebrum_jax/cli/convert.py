@@ -13,6 +13,7 @@ import numpy as np
 
 from cerebrum_jax import convert
 from cerebrum_jax.errors import InputError
+from cerebrum_jax.model import DIVISOR
 
 DESCRIPTION = """\
 Convert CEREBRUM-7T weights between Keras legacy HDF5 and cerebrum-jax's Orbax checkpoints.
@@ -89,16 +90,32 @@ def run(args) -> int:
     return _to_orbax(Path(args.source), Path(args.dest), args, {})
 
 
-def _check_dest(dest: Path, force: bool) -> None:
-    if dest.exists() and not force:
+def _check_dest(dest: Path, force: bool, kind: str = "dir") -> None:
+    """Refuse an existing ``dest`` without --force, and with it anything but what ``kind`` replaces.
+
+    kind "dir": a checkpoint directory (an empty one, or one with cerebrum.json); "file": a plain file.
+    """
+    from cerebrum_jax.checkpoint import META_FILE
+
+    if not (dest.exists() or dest.is_symlink()):
+        return
+    if not force:
         raise InputError("already exists (use --force to replace it)", dest)
+    if kind == "file" and dest.is_dir():
+        raise InputError("is a directory; --force replaces only a file", dest)
+    if kind == "dir" and not dest.is_dir():
+        raise InputError("is a file; --force replaces only a checkpoint directory", dest)
+    if kind == "dir" and any(dest.iterdir()) and not (dest / META_FILE).is_file():
+        raise InputError(
+            f"is a directory without {META_FILE}, not a checkpoint; --force will not replace it", dest
+        )
 
 
 def _to_keras(args) -> int:
     from cerebrum_jax.checkpoint import load_checkpoint
 
     dest = Path(args.dest)
-    _check_dest(dest, args.force)
+    _check_dest(dest, args.force, kind="file")
     ckpt = load_checkpoint(args.source)
     convert.write_keras_h5(dest, ckpt.params, ckpt.config)
     print(f"wrote {dest} (Keras {convert.KERAS2_VERSION} layout, {ckpt.config.n_classes} classes)")
@@ -136,6 +153,12 @@ def _norm_volumes(args) -> tuple[str, dict | None]:
         raise InputError(f"std shape {std.shape} differs from mean shape {mean.shape}", args.std)
     if (std < 0).any():
         raise InputError("std volume has negative voxels", args.std)
+    if any(s % DIVISOR for s in mean.shape):
+        raise InputError(
+            f"mean/std volumes have shape {mean.shape}; the network needs every axis a multiple of {DIVISOR} "
+            "(they set the grid of voxelwise normalisation)",
+            args.mean,
+        )
     # As the original: a voxel with std 0 (constant in the training set) is divided by 1.
     return "voxelwise", {"mean": mean, "std": np.where(std == 0, 1.0, std).astype(np.float32)}
 

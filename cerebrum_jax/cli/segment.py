@@ -69,8 +69,17 @@ def output_stem(path: Path) -> str:
     return path.stem
 
 
-def check_inputs(paths: list[Path]) -> None:
-    """Load every input once (and drop it) so a bad file stops the run before anything is written."""
+def output_files(out: Path, stem: str, probseg: bool = True) -> list[Path]:
+    """The files ``segment`` writes for one input of stem ``stem`` (dseg.tsv aside)."""
+    prefix = out / f"{stem}_desc-cerebrum"
+    return [Path(f"{prefix}_probseg.nii.gz")] * probseg + [Path(f"{prefix}_dseg.nii.gz")]
+
+
+def check_inputs(paths: list[Path], out: Path | None = None, probseg: bool = True) -> None:
+    """Load every input once (and drop it) so a bad file stops the run before anything is written.
+
+    With ``out``: also refuse output names that collide or are taken by directories.
+    """
     stems: dict[str, Path] = {}
     for path in paths:
         nifti.load_nifti(path)
@@ -78,6 +87,11 @@ def check_inputs(paths: list[Path]) -> None:
         if stem in stems:
             raise InputError(f"has the same output name {stem!r} as {stems[stem]}", path)
         stems[stem] = path
+        for target in output_files(out, stem, probseg) if out is not None else []:
+            if target.is_dir():
+                raise InputError("output name is taken by a directory", target)
+    if out is not None and (out / "dseg.tsv").is_dir():
+        raise InputError("output name is taken by a directory", out / "dseg.tsv")
 
 
 def dseg_tsv(classes: list[str]) -> str:
@@ -86,31 +100,39 @@ def dseg_tsv(classes: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check the checkpoint, options and every input first; then segment; dseg.tsv is written last."""
     weights = resolve_weights(args.weights)
     paths = [Path(p) for p in args.inputs]
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError("exists and is not a directory", out)
-    ckpt = load_checkpoint(weights)
+    ckpt = load_checkpoint(weights)  # checks params and normalisation volumes against the config
     normalization = args.normalize or ckpt.normalization
     if normalization == "voxelwise" and ckpt.norm_volumes is None:
         raise InputError("--normalize voxelwise needs a checkpoint with mean/std volumes", weights)
     if ckpt.config.n_classes > 256:
         raise InputError(f"{ckpt.config.n_classes} classes do not fit uint8 labels", weights)
-    check_inputs(paths)
+    check_inputs(paths, out, probseg=not args.no_probseg)
     print(f"weights: {weights} ({ckpt.config.n_classes} classes, normalisation {normalization})", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    nifti.write_text(out / "dseg.tsv", dseg_tsv(ckpt.classes))
-    for path in paths:
-        start = time.perf_counter()
-        data, img = nifti.load_nifti(path)
-        probs = segment(
-            data, ckpt.params, ckpt.config, normalization=normalization, norm_volumes=ckpt.norm_volumes
-        )
-        seconds = time.perf_counter() - start
-        prefix = out / f"{output_stem(path)}_desc-cerebrum"
-        if not args.no_probseg:
-            nifti.save_nifti(f"{prefix}_probseg.nii.gz", probs, like=img, dtype=np.float32)
-        nifti.save_nifti(f"{prefix}_dseg.nii.gz", labels_from(probs), like=img, dtype=np.uint8)
-        print(f"{path}: shape {data.shape}, segmented in {seconds:.1f} s -> {prefix}_*", flush=True)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)  # fails fast on an unwritable place, before any compute
+    try:
+        for path in paths:
+            start = time.perf_counter()
+            data, img = nifti.load_nifti(path)
+            probs = segment(
+                data, ckpt.params, ckpt.config, normalization=normalization, norm_volumes=ckpt.norm_volumes
+            )
+            seconds = time.perf_counter() - start
+            probseg, dseg = output_files(out, output_stem(path), probseg=True)
+            if not args.no_probseg:
+                nifti.save_nifti(probseg, probs, like=img, dtype=np.float32)
+            nifti.save_nifti(dseg, labels_from(probs), like=img, dtype=np.uint8)
+            prefix = out / f"{output_stem(path)}_desc-cerebrum"
+            print(f"{path}: shape {data.shape}, segmented in {seconds:.1f} s -> {prefix}_*", flush=True)
+        nifti.write_text(out / "dseg.tsv", dseg_tsv(ckpt.classes))
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
     return 0

@@ -2,7 +2,9 @@
 
 An experiment is ``experiments/<name>.py`` defining ``get_config() -> TrainConfig`` (start from
 ``TrainConfig()`` and ``override`` what differs), or a JSON file {key: value}. Every key must be a
-``TrainConfig`` field: an unknown key is an InputError naming the file (the CLI: one line, exit 2).
+``TrainConfig`` field: an unknown key is an InputError naming the file (the CLI: one line, exit 2), and
+so is a value of the wrong type or out of range (checked from the field annotations in ``__post_init__``,
+naming the key).
 """
 
 from __future__ import annotations
@@ -10,7 +12,12 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
+import numbers
 import os
+import types
+import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +32,22 @@ PRECISIONS = ("float32", "fp32", "bf16", "bfloat16")  # the names sharding.PRECI
 class TrainConfig:
     """Everything a fine-tuning fold depends on. Defaults: the original's AHEAD command (REFERENCE.md).
 
-    Data: data (dataset root; None = the offline demo cohort, built at demo_root on first use), layout,
-    contrast, labels (label map name of data.LABEL_MAPS or a dseg-style TSV), drop_labels / merge_labels
-    (command-line style edits, e.g. ("7",), ("3,4=fluid",)), grid (D, H, W) voxels (multiples of 8; None =
+    Data: data (dataset root; None = the offline demo cohort, built at demo_root on first use), layout
+    ("auto", "schneider" or "bids"), contrast (the Schneider image: uni, inv1, inv2, t1, t2s), seg_name /
+    mask_name (BIDS layout only: labels ``sub-*/seg/*_<seg_name>.nii.gz``, default "dseg"; optional brain
+    mask ``sub-*/seg/*_<mask_name>.nii.gz``, default None = the mask from the labels > 0), labels (label
+    map name of data.LABEL_MAPS or a dseg-style TSV), drop_labels / merge_labels (command-line style
+    edits, e.g. ("7",), ("3,4=fluid",)), grid (D, H, W) voxels (multiples of 8; None =
     the largest subject's brain box rounded up), voxel_mm (resample first; None = keep), margin (voxels
     around the brain box), fold (1-based leave-one-out fold: it tests the fold-th subject), val_subject
     (hold one out for validation; None = the training subjects).
     Model: weights (checkpoint dir; None = weights/glasgow if present, else weights/demo), dropout
     (rate 0.1 at levels 2-3 when True), last_layer (1..14: how many of the last layers get new weights).
-    Training: loss ("dice", "ce", "ce+dice"), class_weights ("balanced", "none"), lr_warmup / lr_finetune
+    Training: loss ("dice": the original's multilabel soft Dice; "ce": categorical cross-entropy;
+    "ce+dice": their sum), class_weights ("balanced": sklearn-style weights from the training labels'
+    class frequencies, or "none"). The class weights weight the cross-entropy only (each voxel's
+    -log p by its class's weight), in training and in the validation loss: with loss "dice" they have
+    no effect at all, with "ce+dice" they weight only the cross-entropy term. lr_warmup / lr_finetune
     (Adam learning rates), epochs_warmup / epochs_finetune (max epochs per phase; 0 skips the phase),
     batch_size (views per step), augment_views (random views per training volume per epoch; 0 = the
     volumes as they are), augment (AugmentConfig overrides), patience (early stopping, epochs),
@@ -44,12 +58,19 @@ class TrainConfig:
     over 4 devices; None = one device, no sharding), remat (recompute the full-resolution blocks in the
     backward pass), precision ("float32", or "bf16": bfloat16 convolutions with float32 parameters,
     optimizer state, softmax and loss).
+
+    Values are checked on construction against the annotations below (int fields take integers but not
+    true/false, float fields integers or finite floats, stored as float; tuple fields lists or tuples;
+    drop_labels / merge_labels also a single item) and against their ranges: a wrong value is one
+    InputError naming the key.
     """
 
     data: str | None = None
     demo_root: str = "data/demo"
     layout: str = "auto"
     contrast: str = "uni"
+    seg_name: str = "dseg"
+    mask_name: str | None = None
     labels: str = "schneider"
     drop_labels: tuple[str, ...] = ()
     merge_labels: tuple[str, ...] = ()
@@ -81,25 +102,58 @@ class TrainConfig:
     precision: str = "float32"
 
     def __post_init__(self):
-        for name in ("drop_labels", "merge_labels"):
-            object.__setattr__(self, name, tuple(str(v) for v in getattr(self, name)))
-        if self.grid is not None:
-            object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
-            if len(self.grid) != 3 or any(g <= 0 or g % 8 for g in self.grid):
-                raise InputError(f"grid {self.grid} must be 3 positive multiples of 8", "grid")
-        if not 1 <= self.last_layer <= 14:
-            raise InputError(f"last_layer must be in 1..14, got {self.last_layer}", "last_layer")
-        for name in ("epochs_warmup", "epochs_finetune", "augment_views", "patience", "plateau_patience"):
-            if int(getattr(self, name)) < 0:
-                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}", name)
-        if self.batch_size < 1:
-            raise InputError(f"batch_size must be >= 1, got {self.batch_size}", "batch_size")
+        hints = _field_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("drop_labels", "merge_labels"):  # "7", 7, ["6,7", 8] -> ("7",), ("6,7", "8")
+                if isinstance(value, str | int) and not isinstance(value, bool):
+                    value = (value,)
+                if isinstance(value, list | tuple):
+                    value = [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+            object.__setattr__(self, f.name, check_value(hints[f.name], value, f.name))
+        if self.grid is not None and any(g <= 0 or g % 8 for g in self.grid):
+            raise InputError(f"must be 3 positive multiples of 8, got {self.grid}", "grid")
+        ranges = {
+            "last_layer": (1, 14),
+            "epochs_warmup": (0, None),
+            "epochs_finetune": (0, None),
+            "augment_views": (0, None),
+            "patience": (0, None),
+            "plateau_patience": (0, None),
+            "batch_size": (1, None),
+            "fold": (1, None),
+            "margin": (0, None),
+            "seed": (0, 2**32 - 1),
+            "lr_warmup": (0, None),
+            "lr_finetune": (0, None),
+            "min_lr": (0, None),
+        }
+        for name, (low, high) in ranges.items():
+            value = getattr(self, name)
+            if value < low or (high is not None and value > high):
+                allowed = f">= {low}" if high is None else f"in {low}..{high}"
+                raise InputError(f"must be {allowed}, got {value}", name)
+        if not 0 < self.plateau_factor <= 1:
+            raise InputError(f"must be in (0, 1], got {self.plateau_factor}", "plateau_factor")
+        if self.voxel_mm is not None and self.voxel_mm <= 0:
+            raise InputError(f"must be > 0, got {self.voxel_mm}", "voxel_mm")
+        for name in ("layout", "contrast", "labels", "seg_name", "demo_root"):
+            if not getattr(self, name):
+                raise InputError("must not be empty", name)
         if self.precision not in PRECISIONS:
-            raise InputError(
-                f"precision must be one of {sorted(PRECISIONS)}, not {self.precision!r}", "precision"
-            )
-        if not isinstance(self.augment, dict):
-            raise InputError("augment must be a mapping of augmentation options", "augment")
+            raise InputError(f"must be one of {sorted(PRECISIONS)}, not {self.precision!r}", "precision")
+        # the loss and augmentation options, by the classes that use them (imported late: they import jax)
+        from cerebrum_jax.augment import AugmentConfig
+        from cerebrum_jax.losses import LossConfig
+
+        LossConfig(self.loss, self.class_weights)
+        known = _field_hints(AugmentConfig)
+        unknown = sorted(set(self.augment) - set(known))
+        if unknown:
+            raise InputError(f"unknown augmentation option(s) {unknown}; known: {sorted(known)}", "augment")
+        augment = {k: check_value(known[k], v, f"augment.{k}") for k, v in self.augment.items()}
+        AugmentConfig.from_dict(augment, "augment")
+        object.__setattr__(self, "augment", augment)
 
     def override(self, where: str = "config", **values: Any) -> TrainConfig:
         """A copy with ``values`` replaced; an unknown key raises InputError naming ``where``."""
@@ -107,10 +161,86 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise InputError(f"unknown config key(s) {unknown}; known: {', '.join(sorted(known))}", where)
-        return dataclasses.replace(self, **values)
+        try:
+            return dataclasses.replace(self, **values)
+        except InputError as e:
+            raise InputError(str(e), where) from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _field_hints(cls) -> dict:
+    """{field name: resolved annotation} of a dataclass (the annotations are strings here)."""
+    return typing.get_type_hints(cls)
+
+
+def _describe(hint) -> str:
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0]).split(' ', 1)[1]}s"
+        if len(set(args)) == 1:
+            return f"a list of {len(args)} {_describe(args[0]).split(' ', 1)[1]}s"
+        return f"a list ({', '.join(_describe(a) for a in args)})"
+    names = {
+        type(None): "null (None)",
+        bool: "a boolean (true/false)",
+        int: "an integer",
+        float: "a finite number",
+        str: "a string",
+        dict: "a mapping {key: value}",
+    }
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _convert(hint, value) -> tuple[bool, Any]:
+    """(whether ``value`` fits the annotation ``hint``, the value converted: float for float, tuple for
+    tuple)."""
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        for alternative in typing.get_args(hint):
+            ok, converted = _convert(alternative, value)
+            if ok:
+                return True, converted
+        return False, None
+    if hint is type(None):
+        return value is None, None
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        return ok, int(value) if ok else None
+    if hint is float:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        return ok, float(value) if ok else None
+    if hint is str:
+        return isinstance(value, str), value
+    if hint is dict or origin is dict:
+        return isinstance(value, Mapping), dict(value) if isinstance(value, Mapping) else None
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            return False, None
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            args = (args[0],) * len(value)
+        if len(args) != len(value):
+            return False, None
+        items = [_convert(a, v) for a, v in zip(args, value, strict=True)]
+        if not all(ok for ok, _ in items):
+            return False, None
+        return True, tuple(v for _, v in items)
+    return True, value  # an annotation this checker does not know: accepted as it is
+
+
+def check_value(hint, value, name: str) -> Any:
+    """``value`` converted to the annotation ``hint`` (see ``_convert``); InputError naming ``name``."""
+    ok, converted = _convert(hint, value)
+    if not ok:
+        raise InputError(f"must be {_describe(hint)}, got {value!r}", name)
+    return converted
 
 
 def find_config(name_or_file: str) -> Path:
@@ -163,11 +293,16 @@ def parse_value(text: str) -> Any:
 
 
 def apply_sets(config: TrainConfig, items: list[str]) -> TrainConfig:
-    """Apply ``--set KEY=VALUE`` items (VALUE parsed by ``parse_value``)."""
+    """Apply ``--set KEY=VALUE`` items (VALUE parsed by ``parse_value``; a string field whose VALUE parses
+    as something else, e.g. a number, keeps VALUE's text)."""
     values = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise InputError(f"expected KEY=VALUE, got {item!r}", "--set")
-        values[key.strip()] = parse_value(value)
+        key, parsed = key.strip(), parse_value(value)
+        hint = _field_hints(TrainConfig).get(key)
+        if hint is not None and not _convert(hint, parsed)[0] and _convert(hint, value)[0]:
+            parsed = value  # e.g. --set prob_class=1 or val_subject=123: a string field keeps the text
+        values[key] = parsed
     return config.override("--set", **values) if values else config

@@ -5,6 +5,11 @@ Run directory of a fold (``workdir``): config.json (resolved config, git commit,
 metrics.jsonl (one line per epoch), dseg.tsv, checkpoints/best (the model, ``checkpoint`` format),
 checkpoints/last (resumable: params, optimizer state, loop position), predictions/ (the test subject's
 dseg + probseg NIfTI as ``segment`` writes them), metrics.json, report.md and figures/.
+
+Every input is checked (``prepare_fold``; for ``run_cv``, every fold) before the run directory is created,
+so a failed check leaves nothing behind. checkpoints/best always holds the parameters the test subject
+was predicted with (the initial ones when no epoch ran). A non-finite loss stops the run with
+``train.NonFiniteLoss``: its message (also in log.txt) says which checkpoints are left.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ import numpy as np
 from tqdm import tqdm
 
 from cerebrum_jax import data as D
-from cerebrum_jax import metrics, model, nifti, preprocess, report, sharding, train
-from cerebrum_jax.checkpoint import load_checkpoint, save_checkpoint
+from cerebrum_jax import losses, metrics, model, nifti, preprocess, report, sharding, train
+from cerebrum_jax.augment import AugmentConfig
+from cerebrum_jax.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from cerebrum_jax.config import REPO, TrainConfig
 from cerebrum_jax.errors import InputError
 
@@ -51,12 +57,9 @@ def label_map_of(cfg: TrainConfig) -> D.LabelMap:
     return D.edit_label_map(D.get_label_map(cfg.labels), cfg.drop_labels, cfg.merge_labels)
 
 
-def load_fold(cfg: TrainConfig, log=print) -> dict:
-    """Subjects of fold ``cfg.fold`` read and prepared (all input checks happen here, before training).
-
-    Returns dict: root, label_map, train / val / test (lists of ``preprocess.load_subject`` dicts, each
-    with "x" (D, H, W) float32: the image z-scored inside its brain mask), grid.
-    """
+def fold_subjects(cfg: TrainConfig, log=print) -> tuple[Path, list[D.Subject]]:
+    """(dataset root, its subjects in sorted order): ``cfg.data`` read with the config's layout, contrast,
+    seg_name and mask_name, or the offline demo cohort (built on first use) when data is None."""
     if cfg.data is None:
         from cerebrum_jax.demo import ensure_demo_cohort
 
@@ -64,7 +67,16 @@ def load_fold(cfg: TrainConfig, log=print) -> dict:
         log(f"data: the offline demo cohort at {root} (template-derived, not 7T data)")
     else:
         root = Path(cfg.data)
-    subjects = D.find_subjects(root, cfg.layout, cfg.contrast)
+    return root, D.find_subjects(root, cfg.layout, cfg.contrast, cfg.seg_name, cfg.mask_name)
+
+
+def load_fold(cfg: TrainConfig, log=print) -> dict:
+    """Subjects of fold ``cfg.fold`` read and prepared (all input checks happen here, before training).
+
+    Returns dict: root, label_map, train / val / test (lists of ``preprocess.load_subject`` dicts, each
+    with "x" (D, H, W) float32: the image z-scored inside its brain mask), grid.
+    """
+    root, subjects = fold_subjects(cfg, log)
     train_s, val_s, test_s = D.split_fold(subjects, cfg.fold, cfg.val_subject)
     label_map = label_map_of(cfg)
     kw = {"voxel_mm": cfg.voxel_mm, "margin": cfg.margin}
@@ -185,40 +197,132 @@ def write_figures(run_dir: Path, history, subject, probs, names, k_prob) -> dict
 # One fold, all folds
 
 
-def _logger(run_dir: Path, progress: bool):
-    log_path = run_dir / "log.txt"
+class RunLog:
+    """Time-stamped log lines to the console (through tqdm while a progress bar may be shown) and to
+    RUN/log.txt once ``attach`` has named the run directory; lines logged before that are kept and
+    written then, so that checks can log before anything exists on disk."""
 
-    def log(msg: str) -> None:
+    def __init__(self, progress: bool = True):
+        self.progress, self.path, self.pending = progress, None, []
+
+    def __call__(self, msg: str, console: bool = True) -> None:
         line = f"{time.strftime('%H:%M:%S')} {msg}"
-        (tqdm.write if progress else print)(line)
-        with open(log_path, "a") as f:
-            f.write(line + "\n")
+        if console:
+            (tqdm.write if self.progress else print)(line)
+        if self.path is None:
+            self.pending.append(line)
+        else:
+            with open(self.path, "a") as f:
+                f.write(line + "\n")
 
-    return log
+    def attach(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / "log.txt"
+        with open(self.path, "a") as f:
+            f.write("".join(line + "\n" for line in self.pending))
+        self.pending = []
 
 
-def run_fold(cfg: TrainConfig, workdir, *, resume: bool = False, progress: bool = True) -> dict:
-    """Fine-tune and evaluate fold ``cfg.fold`` in ``workdir``; returns the content of metrics.json."""
-    run_dir = Path(workdir)
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError("is a file, not a run directory", run_dir)
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         raise InputError("run directory is not empty; use --resume to continue it, or another --out", run_dir)
-    t_start = time.perf_counter()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log = _logger(run_dir, progress)
+
+
+def prepare_fold(cfg: TrainConfig, log=print) -> dict:
+    """Every input check and load of fold ``cfg.fold``, writing nothing (InputError on bad input).
+
+    Initial weights found and loaded, subjects read and prepared (``load_fold``), loss and augmentation
+    options, the class whose probability map is drawn, the device mesh against the grid, and the new
+    network's parameters from the checkpoint. Returns dict: weights_path, ckpt, fold (``load_fold``),
+    k_prob, mesh, model_config, params, frozen, seconds.
+    """
+    t0 = time.perf_counter()
+    losses.LossConfig(cfg.loss, cfg.class_weights)  # the cheap checks first
+    AugmentConfig.from_dict(dict(cfg.augment), "augment")
+    k_prob = prob_class_index(cfg, label_map_of(cfg).names)
+    if cfg.grid is not None:
+        fold_mesh(cfg, cfg.grid)
     weights_path = find_weights(cfg.weights, log)
     ckpt = load_checkpoint(weights_path)
     fold = load_fold(cfg, log)
-    label_map, names = fold["label_map"], fold["label_map"].names
-    test = fold["test"][0]
+    label_map = fold["label_map"]
     mesh = fold_mesh(cfg, fold["grid"])
     model_config = train.finetune_model_config(ckpt, label_map.n_classes, 0.1 if cfg.dropout else 0.0)
+    params, frozen = train.load_finetune_init(
+        ckpt, label_map.n_classes, cfg.last_layer, jax.random.key(cfg.seed)
+    )
+    return {
+        "weights_path": weights_path,
+        "ckpt": ckpt,
+        "fold": fold,
+        "k_prob": k_prob,
+        "mesh": mesh,
+        "model_config": model_config,
+        "params": params,
+        "frozen": frozen,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def checkpoints_left(run_dir: Path, weights_path) -> str:
+    """What a stopped run leaves to go on from, in words: checkpoints/best and/or checkpoints/last (with
+    their epochs), or that none was written and the initial weights are unchanged."""
+    ckpts = Path(run_dir) / "checkpoints"
+    parts = []
+    if (ckpts / "best" / "cerebrum.json").is_file():
+        try:
+            record = read_meta(ckpts / "best").get("best_epoch") or {}
+        except (InputError, OSError, ValueError):
+            record = {}
+        when = f" ({record['phase']} epoch {record['epoch']})" if "epoch" in record else ""
+        parts.append(f"{ckpts / 'best'}{when}")
+    if (ckpts / "last" / "loop.json").is_file():
+        try:
+            history = json.loads((ckpts / "last" / "loop.json").read_text()).get("history") or []
+        except (OSError, ValueError):
+            history = []
+        when = f" (after {history[-1]['phase']} epoch {history[-1]['epoch']})" if history else ""
+        parts.append(f"{ckpts / 'last'}{when}")
+    if parts:
+        return "the last good checkpoints, untouched: " + " and ".join(parts)
+    return f"no checkpoint was written yet; the initial weights are unchanged at {weights_path}"
+
+
+def run_fold(
+    cfg: TrainConfig,
+    workdir,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    prepared: dict | None = None,
+    log: RunLog | None = None,
+) -> dict:
+    """Fine-tune and evaluate fold ``cfg.fold`` in ``workdir``; returns the content of metrics.json.
+
+    All inputs are checked (``prepare_fold``, or ``prepared``: its result for this very config, with the
+    ``log`` it wrote to) before ``workdir`` is created. Raises InputError on bad input, and
+    ``train.NonFiniteLoss`` (message also in log.txt) when the loss becomes NaN/inf.
+    """
+    run_dir = Path(workdir)
+    check_run_dir(run_dir, resume)
+    t_start = time.perf_counter()
+    log = log if log is not None else RunLog(progress)
+    if prepared is None:
+        prepared = prepare_fold(cfg, log)
+    else:
+        t_start -= prepared["seconds"]
+    weights_path, ckpt, fold = prepared["weights_path"], prepared["ckpt"], prepared["fold"]
+    mesh, model_config = prepared["mesh"], prepared["model_config"]
+    params, frozen = prepared["params"], prepared["frozen"]
+    label_map, names = fold["label_map"], fold["label_map"].names
+    test = fold["test"][0]
     # how to compute; the checkpoints store the portable float32 config without remat
     run_config = dataclasses.replace(
         model_config, remat=cfg.remat, compute_dtype=sharding.PRECISIONS[cfg.precision]
     )
-    params, frozen = train.load_finetune_init(
-        ckpt, label_map.n_classes, cfg.last_layer, jax.random.key(cfg.seed)
-    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log.attach(run_dir)
     init_note = ckpt.meta.get("description", "")
     info = {
         "config": cfg.to_dict(),
@@ -264,19 +368,28 @@ def run_fold(cfg: TrainConfig, workdir, *, resume: bool = False, progress: bool 
             overwrite=True,
         )
 
-    params, history = train.fit(
-        cfg,
-        run_config,
-        params,
-        phases,
-        fold,
-        run_dir,
-        log=log,
-        resume=resume,
-        save_best=save_best,
-        progress=progress,
-        mesh=mesh,
-    )
+    try:
+        params, history = train.fit(
+            cfg,
+            run_config,
+            params,
+            phases,
+            fold,
+            run_dir,
+            log=log,
+            resume=resume,
+            save_best=save_best,
+            progress=progress,
+            mesh=mesh,
+        )
+    except train.NonFiniteLoss as e:
+        message = f"{e}; {checkpoints_left(run_dir, Path(weights_path).absolute())}"
+        log(message, console=False)
+        raise train.NonFiniteLoss(message) from None
+    if not (run_dir / "checkpoints" / "best" / "cerebrum.json").is_file():
+        # no epoch ran (or none gave a finite val loss): the best is what the test subject is predicted with
+        log("no epoch improved on the initial parameters: checkpoints/best holds them")
+        save_best(params, None)
     t_trained = time.perf_counter()
     probs = predict(params, run_config, test, mesh)
     out = run_dir / "predictions"
@@ -303,7 +416,7 @@ def run_fold(cfg: TrainConfig, workdir, *, resume: bool = False, progress: bool 
         }
     )
     nifti.write_text(run_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
-    figures = write_figures(run_dir, history, test, probs, names, prob_class_index(cfg, names))
+    figures = write_figures(run_dir, history, test, probs, names, prepared["k_prob"])
     report.write_report(
         run_dir / "report.md",
         result,
@@ -330,11 +443,7 @@ def run_fold(cfg: TrainConfig, workdir, *, resume: bool = False, progress: bool 
 
 
 def n_subjects(cfg: TrainConfig) -> int:
-    if cfg.data is None:
-        from cerebrum_jax.demo import ensure_demo_cohort
-
-        return len(D.find_subjects(ensure_demo_cohort(cfg.demo_root)))
-    return len(D.find_subjects(cfg.data, cfg.layout, cfg.contrast))
+    return len(fold_subjects(cfg, log=lambda _: None)[1])
 
 
 def cv_summary(results: list[dict]) -> dict:
@@ -375,16 +484,32 @@ def summary_markdown(summary: dict) -> str:
 
 
 def run_cv(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True) -> dict:
-    """Every fold into out/fold-K, then out/cv_summary.json and cv_summary.md (mean ± sd across folds)."""
+    """Every fold into out/fold-K, then out/cv_summary.json and cv_summary.md (mean ± sd across folds).
+
+    Before the first fold trains, every fold's split (e.g. a --val-subject that is some fold's test
+    subject) and run directory are checked, and the first fold's inputs in full (data, weights, options:
+    all the same for every fold); InputError otherwise, with nothing written.
+    """
     out = Path(out)
-    results = []
-    for k in range(1, n_subjects(cfg) + 1):
+    _, subjects = fold_subjects(cfg, log=lambda _: None)
+    todo, results = [], {}
+    for k in range(1, len(subjects) + 1):
+        D.split_fold(subjects, k, cfg.val_subject)
         fold_dir = out / f"fold-{k}"
         if resume and (fold_dir / "metrics.json").is_file():
-            results.append(json.loads((fold_dir / "metrics.json").read_text()))
-            continue
-        results.append(run_fold(dataclasses.replace(cfg, fold=k), fold_dir, resume=resume, progress=progress))
-    summary = cv_summary(results)
+            results[k] = json.loads((fold_dir / "metrics.json").read_text())
+        else:
+            check_run_dir(fold_dir, resume)
+            todo.append(k)
+    first = None  # the first fold to train, prepared (checked) before any fold trains
+    if todo:
+        log = RunLog(progress)
+        first = {"prepared": prepare_fold(dataclasses.replace(cfg, fold=todo[0]), log), "log": log}
+    for k in todo:
+        kw, first = first or {}, None
+        fold_cfg = dataclasses.replace(cfg, fold=k)
+        results[k] = run_fold(fold_cfg, out / f"fold-{k}", resume=resume, progress=progress, **kw)
+    summary = cv_summary([results[k] for k in sorted(results)])
     nifti.write_text(out / "cv_summary.json", json.dumps(summary, indent=2) + "\n")
     nifti.write_text(out / "cv_summary.md", summary_markdown(summary))
     return summary

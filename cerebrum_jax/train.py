@@ -37,7 +37,9 @@ DROPOUT_TAG = 0x64726F70
 
 
 class NonFiniteLoss(RuntimeError):
-    """A NaN/inf training loss: the run stops; checkpoints/last and checkpoints/best stay as they were."""
+    """A NaN/inf training or validation loss: the run stops before saving anything of that epoch, so
+    checkpoints/last and checkpoints/best stay as the last good epoch left them (or were never written).
+    ``finetune.run_fold`` adds to the message which of them exist."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -368,14 +370,20 @@ def fit(
                 if not np.isfinite(loss):
                     bar.close()
                     raise NonFiniteLoss(
-                        f"non-finite training loss ({loss}) in {phase.name} epoch {epoch + 1}: stopped; "
-                        f"the last good checkpoints are in {run_dir / 'checkpoints'}"
+                        f"non-finite training loss ({loss}) in {phase.name} epoch {epoch + 1}, step "
+                        f"{b // cfg.batch_size + 1} of {n_steps}: stopped (lower the learning rate?)"
                     )
                 train_losses.append(loss)
                 bar.set_postfix_str(f"epoch {epoch + 1}/{phase.epochs} loss {loss:.4f}")
                 bar.update(1)
             vm = [jax.tree_util.tree_map(np.asarray, eval_step(state["params"], v)) for v in val]
             val_loss = float(np.mean([m["loss"] for m in vm]))
+            if not np.isfinite(val_loss):  # the last step's update broke the params: keep nothing of it
+                bar.close()
+                raise NonFiniteLoss(
+                    f"non-finite validation loss ({val_loss}) after {phase.name} epoch {epoch + 1}: "
+                    "stopped (lower the learning rate?)"
+                )
             val_dice = np.mean([m["dice"] for m in vm], axis=0)
             controller, events = controller_update(
                 controller,

@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cerebrum_jax import checkpoint, config, finetune
+from cerebrum_jax import checkpoint, config, finetune, train
 from cerebrum_jax.cli import main
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.model import ModelConfig, init_params
@@ -189,7 +189,19 @@ def test_cv_all_folds_summary(weights, tmp_path):
         (["--mesh", "3x1"], "needs 3 devices"),
         (["--mesh", "1x4"], "not divisible by the mesh"),  # depth 16 / 8 = 2 slabs for 4 devices
         (["--mesh", "four"], "DATAxSPACE"),
-        (["--set", "precision=fp8"], "precision must be one of"),
+        (["--set", "precision=fp8"], "precision: must be one of"),
+        (["--set", "patience=abc"], "patience: must be an integer, got 'abc'"),
+        (["--set", "grid=5"], "grid: must be a list of 3 integers"),
+        (["--set", "last_layer=abc"], "last_layer: must be an integer"),
+        (["--set", "seed=1.5"], "seed: must be an integer, got 1.5"),
+        (["--set", 'lr_warmup="x"'], "lr_warmup: must be a finite number, got 'x'"),
+        (["--set", "loss=focal"], "unknown loss 'focal'"),
+        (["--set", 'augment={"p_bias": 2}'], "p_bias must be in [0, 1]"),
+        (["--set", "prob_class=nope"], "prob_class 'nope' is not a class"),
+        (["--weights", "no-such-weights"], "checkpoint directory does not exist"),
+        (["--layout", "bids"], "found 0 subject(s)"),
+        # --fold all checks every fold before the first trains: sub-002 is fold 2's test subject
+        (["--fold", "all", "--val-subject", "sub-002"], "sub-002 is the test subject of fold 2"),
     ],
 )
 def test_bad_input_exits_2_before_training(dataset, weights, tmp_path, capsys, extra, message):
@@ -197,7 +209,87 @@ def test_bad_input_exits_2_before_training(dataset, weights, tmp_path, capsys, e
     assert main(_args(dataset, weights, out, *extra)) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert not (out / "fold-3" / "checkpoints").exists()
+    assert not out.exists()  # nothing written: a corrected re-run into the same --out needs no --resume
+
+
+def test_rerun_after_failed_check_and_best_checkpoint_without_epochs(dataset, weights, tmp_path, capsys):
+    """A failed check leaves no run directory, so the corrected command runs into the same --out; with
+    --epochs 0 checkpoints/best still holds the parameters the test subject was predicted with."""
+    out = tmp_path / "run"
+    assert main(_args(dataset, weights, out, "--fold", "1", "--set", "prob_class=nope")) == 2
+    assert not out.exists()
+    capsys.readouterr()
+    assert (
+        main(_args(dataset, weights, out, "--fold", "1", "--epochs", "0", "--set", "prob_class=grey matter"))
+        == 0
+    )
+    fold = out / "fold-1"
+    metrics = json.loads((fold / "metrics.json").read_text())
+    assert metrics["epochs"] == {"warmup": 0, "finetune": 0} and metrics["best_val_loss"] is None
+    best = checkpoint.load_checkpoint(fold / "checkpoints" / "best")
+    initial = checkpoint.load_checkpoint(weights)
+    assert best.meta["best_epoch"] is None and best.config.n_classes == 4
+    for name in train.copied_layers(3):  # the copied layers, unchanged; the head is new
+        np.testing.assert_array_equal(best.params[name]["kernel"], initial.params[name]["kernel"])
+    log = (fold / "log.txt").read_text()
+    assert "fold 1: test sub-001" in log and "checkpoints/best holds them" in log
+
+
+def test_nan_loss_before_any_checkpoint(dataset, weights, tmp_path, capsys):
+    out = tmp_path / "nan"
+    extra = ["--fold", "3", "--loss", "ce", "--last-layer", "14"]
+    extra += ["--set", "lr_warmup=1e30", "--set", "lr_finetune=1e30"]
+    assert main(_args(dataset, weights, out, *extra)) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "non-finite training loss (nan) in warmup epoch 1" in err
+    assert f"no checkpoint was written yet; the initial weights are unchanged at {weights.absolute()}" in err
+    fold = out / "fold-3"
+    assert err.split(": ", 1)[1] in (fold / "log.txt").read_text()
+    assert not (fold / "checkpoints").exists()
+
+
+def test_nan_loss_keeps_the_last_good_checkpoints(dataset, weights, tmp_path, capsys):
+    out = tmp_path / "nan"
+    extra = ["--fold", "3", "--loss", "ce", "--last-layer", "14", "--set", "lr_finetune=1e30"]
+    assert main(_args(dataset, weights, out, *extra)) == 1
+    err = capsys.readouterr().err.strip()
+    fold = out / "fold-3"
+    assert "non-finite training loss (nan) in finetune epoch 1" in err
+    assert f"{fold / 'checkpoints' / 'best'} (warmup epoch 1)" in err
+    assert f"{fold / 'checkpoints' / 'last'} (after warmup epoch 1)" in err
+    assert err.split(": ", 1)[1] in (fold / "log.txt").read_text()
+    # checkpoints/last is still the good warm-up epoch's (the finetune phase saved nothing)
+    loop = json.loads((fold / "checkpoints" / "last" / "loop.json").read_text())
+    assert loop["phase"] == 1 and [h["phase"] for h in loop["history"]] == ["warmup"]
+    assert len((fold / "metrics.jsonl").read_text().splitlines()) == 1
+    best = checkpoint.load_checkpoint(fold / "checkpoints" / "best")
+    assert best.meta["best_epoch"]["phase"] == "warmup"
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(best.params))
+
+
+def test_bids_layout_label_and_mask_names_from_the_command_line(weights, tmp_path, capsys):
+    root = tmp_path / "bids"
+    for i in range(2):
+        base = _subject(tmp_path / "src", f"sub-{i + 1:03d}", i)
+        sid = base.name
+        (root / sid / "anat").mkdir(parents=True)
+        (root / sid / "seg").mkdir(parents=True)
+        image = nib.load(base / "unbiased" / f"{sid}_uni_unbiased.nii.gz")
+        labels = nib.load(base / "labeled" / f"{sid}_labels_v01.nii.gz")
+        nib.save(image, root / sid / "anat" / f"{sid}_T1w.nii.gz")
+        nib.save(labels, root / sid / "seg" / f"{sid}_aseg.nii.gz")
+        mask = (np.asarray(labels.dataobj) > 0).astype(np.uint8)
+        nib.save(nib.Nifti1Image(mask, labels.affine), root / sid / "seg" / f"{sid}_brainmask.nii.gz")
+    out = tmp_path / "run"
+    base_args = ["--fold", "2", "--layout", "bids", "--epochs", "0", "--augment-views", "0"]
+    assert main(_args(root, weights, out, *base_args)) == 2  # no *_dseg.nii.gz: seg_name is needed
+    assert "dseg label file of sub-001" in capsys.readouterr().err and not out.exists()
+    names = ["--set", "seg_name=aseg", "--set", "mask_name=brainmask"]
+    assert main(_args(root, weights, out, *base_args, *names)) == 0
+    cfg = json.loads((out / "fold-2" / "config.json").read_text())
+    assert cfg["config"]["seg_name"] == "aseg" and cfg["config"]["mask_name"] == "brainmask"
+    assert cfg["data"] == str(root) and cfg["test_subject"] == "sub-002"
+    assert (out / "fold-2" / "predictions" / "sub-002_desc-cerebrum_dseg.nii.gz").is_file()
 
 
 def test_labels_outside_the_map_exit_2(tmp_path, weights, capsys):

@@ -150,6 +150,8 @@ def test_evaluate_cli_table_and_json(tmp_path, capsys):
         ("missing", "does not exist"),
         ("tsv", "header"),
         ("spacing", "voxel size"),
+        ("origin", "affine (orientation/origin) differs"),
+        ("orientation", "affine (orientation/origin) differs"),
     ],
 )
 def test_evaluate_cli_errors(tmp_path, capsys, problem, message):
@@ -171,6 +173,13 @@ def test_evaluate_cli_errors(tmp_path, capsys, problem, message):
     write_labels(tmp_path / "ref.nii.gz", ref)
     if problem != "missing":
         write_labels(tmp_path / "pred.nii.gz", pred, zooms, dtype)
+    if problem in ("origin", "orientation"):  # same shape and voxel size, other place or axis direction
+        affine = nib.load(tmp_path / "pred.nii.gz").affine
+        if problem == "origin":
+            affine[:3, 3] += (0.0, 0.01, 0.0)
+        else:
+            affine[0, 0] *= -1
+        nib.save(nib.Nifti1Image(pred.astype(dtype), affine), str(tmp_path / "pred.nii.gz"))
     (tmp_path / "l.tsv").write_text(tsv)
     out = tmp_path / "m.json"
     argv = ["evaluate", str(tmp_path / "pred.nii.gz"), str(tmp_path / "ref.nii.gz"), "--json", str(out)]
@@ -178,6 +187,16 @@ def test_evaluate_cli_errors(tmp_path, capsys, problem, message):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_evaluate_cli_accepts_affine_within_tolerance(tmp_path, capsys):
+    ref = labels((10, 10, 10), 4)
+    write_labels(tmp_path / "ref.nii.gz", ref)
+    affine = nib.load(tmp_path / "ref.nii.gz").affine
+    affine[:3, 3] += 1e-4  # float rounding of a header round trip, far below a voxel
+    nib.save(nib.Nifti1Image(ref.astype(np.uint8), affine), str(tmp_path / "pred.nii.gz"))
+    assert main(["evaluate", str(tmp_path / "pred.nii.gz"), str(tmp_path / "ref.nii.gz")]) == 0
+    assert "affine" not in capsys.readouterr().err
 
 
 def test_read_dseg_tsv_round_trip(tmp_path):

@@ -12,6 +12,8 @@ from cerebrum_jax import nifti
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.metrics import evaluate, format_table
 
+AFFINE_TOL_MM = 1e-3  # largest accepted difference of any entry of the two voxel-to-mm affines
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -19,7 +21,8 @@ def add_parser(sub) -> None:
         help="compare a predicted label volume with a reference (Dice, HD95, VS)",
         description=(
             "Per-class Dice, symmetric 95th-percentile Hausdorff distance in mm (voxel spacing from the "
-            "reference's header) and volumetric similarity of PRED against REF. Label values are compared "
+            "reference's header) and volumetric similarity of PRED against REF, which must share shape, "
+            "voxel size and affine (orientation and origin, to 1e-3 mm). Label values are compared "
             "as they are stored in the files. A class absent from both scores 1/0 mm/1, absent from one "
             "0/n/a/0. The mean Dice leaves out label 0 (background)."
         ),
@@ -77,6 +80,13 @@ def run(args: argparse.Namespace) -> int:
     pred_spacing = tuple(float(z) for z in pred_img.header.get_zooms()[:3])
     if not np.allclose(spacing, pred_spacing, rtol=1e-3):
         raise InputError(f"voxel size {pred_spacing} differs from the reference's {spacing}", args.pred)
+    affine_diff = np.abs(np.asarray(pred_img.affine, float) - np.asarray(ref_img.affine, float)).max()
+    if not affine_diff <= AFFINE_TOL_MM:
+        raise InputError(
+            f"affine (orientation/origin) differs from the reference's by up to {affine_diff:.4g} mm "
+            f"(tolerance {AFFINE_TOL_MM} mm): the voxels do not lie at the same places; resample it first",
+            args.pred,
+        )
     present = sorted(set(np.unique(pred).tolist()) | set(np.unique(ref).tolist()))
     if args.labels:
         labels = read_dseg_tsv(args.labels)

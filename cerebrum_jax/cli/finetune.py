@@ -39,6 +39,14 @@ def add_parser(sub) -> None:
             "OUT/fold-K/ (config, log, metrics.jsonl, checkpoints, predictions, metrics.json, report.md, "
             "figures). With --fold all, every fold and OUT/cv_summary.{json,md}."
         ),
+        epilog=(
+            "Every input (data, labels, weights, options; with --fold all, every fold's) is checked before "
+            "OUT/fold-K is created: bad input prints one line and exits with status 2, leaving nothing to "
+            "clean up. A NaN/inf loss stops the run with exit status 1 and a message (also in "
+            "OUT/fold-K/log.txt) naming the checkpoints left (checkpoints/best, checkpoints/last) or saying "
+            "that none was written yet. Exit status 0: done; checkpoints/best holds the parameters the "
+            "test subject was predicted with."
+        ),
     )
     p.add_argument("--config", default="demo", help="experiment: experiments/NAME.py, or a .py/.json file")
     p.add_argument("--fold", default=None, help="fold K (1..N subjects) or 'all' (default: the config's)")
@@ -72,16 +80,34 @@ def add_parser(sub) -> None:
     p.add_argument("--contrast", help="Schneider image contrast (uni, inv1, inv2, t1, t2s)")
     p.add_argument("--layout", help="dataset layout: auto, schneider or bids")
     p.add_argument("--last-layer", type=int, help="new weights for the last N of the 14 layers")
-    p.add_argument("--loss", help="dice, ce or ce+dice")
+    p.add_argument(
+        "--loss",
+        help="dice (the original's multilabel soft Dice), ce (cross-entropy) or ce+dice. The class weights "
+        "(config key class_weights: balanced or none) weight the cross-entropy only: with dice they have "
+        "no effect, with ce+dice they weight the ce term",
+    )
     p.add_argument(
         "--batch-size", type=int, help="augmented views per training step (default: 1, as the original)"
     )
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config key")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config key (repeatable; VALUE as JSON, else text), e.g. seg_name=aseg, "
+        "mask_name=brainmask (BIDS label and mask files), class_weights=none, lr_finetune=1e-5",
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in OUT from checkpoints/last")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     from cerebrum_jax.sharding import add_performance_args
 
     add_performance_args(p)  # --mesh, --remat, --precision
+    for action in p._actions:  # finetune's default differs from segment's: no mesh unless asked
+        if action.dest == "mesh":
+            action.help = (
+                "device mesh DATAxSPACE, e.g. 1x4 (volumes and activations split along depth over 4 "
+                "devices); default: the config's mesh key, None = one device, no sharding"
+            )
     p.set_defaults(func=run)
 
 

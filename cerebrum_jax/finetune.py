@@ -446,43 +446,6 @@ def n_subjects(cfg: TrainConfig) -> int:
     return len(fold_subjects(cfg, log=lambda _: None)[1])
 
 
-def cv_summary(results: list[dict]) -> dict:
-    """Mean and sd across folds of Dice, HD95 (mm) and VS per class, and of the mean Dice."""
-    classes = {}
-    for name in results[0]["classes"]:
-        row = {}
-        for key in ("dice", "hd95_mm", "vs"):
-            vals = [r["classes"][name][key] for r in results if r["classes"][name][key] is not None]
-            row[key] = {
-                "mean": float(np.mean(vals)) if vals else None,
-                "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
-                "n": len(vals),
-            }
-        classes[name] = row
-    md = [r["mean_dice"] for r in results]
-    return {
-        "folds": [r["fold"] for r in results],
-        "classes": classes,
-        "mean_dice": {"mean": float(np.mean(md)), "sd": float(np.std(md, ddof=1)) if len(md) > 1 else None},
-    }
-
-
-def summary_markdown(summary: dict) -> str:
-    fmt = lambda s: "n/a" if s["mean"] is None else f"{s['mean']:.4f} ± {s['sd'] or 0:.4f}"  # noqa: E731
-    rows = [
-        f"# Cross-validation summary (folds {summary['folds']})",
-        "",
-        "| class | Dice | HD95 (mm) | VS |",
-        "|---|---:|---:|---:|",
-    ]
-    rows += [
-        f"| {n} | {fmt(r['dice'])} | {fmt(r['hd95_mm'])} | {fmt(r['vs'])} |"
-        for n, r in summary["classes"].items()
-    ]
-    rows.append(f"| **mean Dice (no background)** | **{fmt(summary['mean_dice'])}** | | |")
-    return "\n".join(rows) + "\n"
-
-
 def run_cv(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True) -> dict:
     """Every fold into out/fold-K, then out/cv_summary.json and cv_summary.md (mean ± sd across folds).
 
@@ -509,7 +472,7 @@ def run_cv(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True
         kw, first = first or {}, None
         fold_cfg = dataclasses.replace(cfg, fold=k)
         results[k] = run_fold(fold_cfg, out / f"fold-{k}", resume=resume, progress=progress, **kw)
-    summary = cv_summary([results[k] for k in sorted(results)])
+    summary = report.cv_summary([results[k] for k in sorted(results)])
     nifti.write_text(out / "cv_summary.json", json.dumps(summary, indent=2) + "\n")
-    nifti.write_text(out / "cv_summary.md", summary_markdown(summary))
+    nifti.write_text(out / "cv_summary.md", report.cv_summary_markdown(summary))
     return summary

@@ -198,3 +198,41 @@ def _flatten(d: dict, prefix: str = ""):
             if isinstance(value, float):
                 value = f"{value:.4g}"
             yield f"{prefix}{key}", str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def cv_summary(results: list[dict]) -> dict:
+    """Mean and sd across folds of Dice, HD95 (mm) and VS per class, and of the mean Dice."""
+    classes = {}
+    for name in results[0]["classes"]:
+        row = {}
+        for key in ("dice", "hd95_mm", "vs"):
+            vals = [r["classes"][name][key] for r in results if r["classes"][name][key] is not None]
+            row[key] = {
+                "mean": float(np.mean(vals)) if vals else None,
+                "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
+                "n": len(vals),
+            }
+        classes[name] = row
+    md = [r["mean_dice"] for r in results]
+    return {
+        "folds": [r["fold"] for r in results],
+        "classes": classes,
+        "mean_dice": {"mean": float(np.mean(md)), "sd": float(np.std(md, ddof=1)) if len(md) > 1 else None},
+    }
+
+
+def cv_summary_markdown(summary: dict) -> str:
+    """The table of ``cv_summary``: mean ± sd across folds per class."""
+    fmt = lambda s: "n/a" if s["mean"] is None else f"{s['mean']:.4f} ± {s['sd'] or 0:.4f}"  # noqa: E731
+    rows = [
+        f"# Cross-validation summary (folds {summary['folds']})",
+        "",
+        "| class | Dice | HD95 (mm) | VS |",
+        "|---|---:|---:|---:|",
+    ]
+    rows += [
+        f"| {n} | {fmt(r['dice'])} | {fmt(r['hd95_mm'])} | {fmt(r['vs'])} |"
+        for n, r in summary["classes"].items()
+    ]
+    rows.append(f"| **mean Dice (no background)** | **{fmt(summary['mean_dice'])}** | | |")
+    return "\n".join(rows) + "\n"

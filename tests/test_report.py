@@ -103,3 +103,17 @@ def test_report_md_has_every_class_and_resolving_links(tmp_path):
     for link in links:
         assert not Path(link).is_absolute()
         read_png(path.parent / link)
+
+
+def test_cv_summary_mean_sd_and_missing_values():
+    def fold(k, dice, hd):
+        return {"fold": k, "mean_dice": dice, "classes": {"wm": {"dice": dice, "hd95_mm": hd, "vs": 1.0}}}
+
+    summary = report.cv_summary([fold(1, 0.8, 2.0), fold(2, 0.9, None), fold(3, 0.7, 4.0)])
+    assert summary["folds"] == [1, 2, 3]
+    assert summary["mean_dice"]["mean"] == pytest.approx(0.8)
+    assert summary["mean_dice"]["sd"] == pytest.approx(0.1)
+    hd = summary["classes"]["wm"]["hd95_mm"]
+    assert hd["n"] == 2 and hd["mean"] == pytest.approx(3.0)  # a fold without HD95 is left out
+    table = report.cv_summary_markdown(summary)
+    assert "| wm | 0.8000 ± 0.1000 | 3.0000 ± 1.4142 | 1.0000 ± 0.0000 |" in table

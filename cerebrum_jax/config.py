@@ -26,6 +26,7 @@ from cerebrum_jax.errors import InputError
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("warmup", "finetune")
 PRECISIONS = ("float32", "fp32", "bf16", "bfloat16")  # the names sharding.PRECISIONS maps to dtypes
+NORMALIZATIONS = ("auto", "zscore", "voxelwise")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +41,14 @@ class TrainConfig:
     edits, e.g. ("7",), ("3,4=fluid",)), grid (D, H, W) voxels (multiples of 8; None =
     the largest subject's brain box rounded up), voxel_mm (resample first; None = keep), margin (voxels
     around the brain box), fold (1-based leave-one-out fold: it tests the fold-th subject), val_subject
-    (hold one out for validation; None = the training subjects).
+    (hold one out for validation; None = the training subjects), normalization (the network input):
+    "zscore" = each volume z-scored inside its brain mask; "voxelwise" = voxel-by-voxel z-score with the
+    mean and std volumes (std 0 -> 1) of the fold's TRAINING subjects (never a validation-only or the test
+    subject) on the network grid, zero outside the brain mask, applied to every subject and saved in
+    checkpoints/best for ``segment``; "auto" (default) = what the initial checkpoint was trained with:
+    voxelwise for a voxelwise checkpoint (its own volumes are not reused: they are recomputed from the
+    training subjects), zscore for a zscore one (e.g. the Glasgow model converted without --mean/--std)
+    and, since fine-tuning always normalises, zscore for one that declares "none" (raw input).
     Model: weights (checkpoint dir; None = weights/glasgow if present, else weights/demo), dropout
     (rate 0.1 at levels 2-3 when True), last_layer (1..14: how many of the last layers get new weights).
     Training: loss ("dice": the original's multilabel soft Dice; "ce": categorical cross-entropy;
@@ -79,6 +87,7 @@ class TrainConfig:
     margin: int = 4
     fold: int = 1
     val_subject: str | None = None
+    normalization: str = "auto"
     weights: str | None = None
     dropout: bool = True
     last_layer: int = 3
@@ -140,6 +149,10 @@ class TrainConfig:
         for name in ("layout", "contrast", "labels", "seg_name", "demo_root"):
             if not getattr(self, name):
                 raise InputError("must not be empty", name)
+        if self.normalization not in NORMALIZATIONS:
+            raise InputError(
+                f"must be one of {list(NORMALIZATIONS)}, not {self.normalization!r}", "normalization"
+            )
         if self.precision not in PRECISIONS:
             raise InputError(f"must be one of {sorted(PRECISIONS)}, not {self.precision!r}", "precision")
         # the loss and augmentation options, by the classes that use them (imported late: they import jax)

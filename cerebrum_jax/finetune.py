@@ -4,7 +4,9 @@ metrics, report; and ``run_cv`` over all folds.
 Run directory of a fold (``workdir``): config.json (resolved config, git commit, seed), log.txt,
 metrics.jsonl (one line per epoch), dseg.tsv, checkpoints/best (the model, ``checkpoint`` format),
 checkpoints/last (resumable: params, optimizer state, loop position), predictions/ (the test subject's
-dseg + probseg NIfTI as ``segment`` writes them), metrics.json, report.md and figures/.
+dseg + probseg NIfTI as ``segment`` writes them), metrics.json, report.md and figures/. The input
+normalisation (config key ``normalization``) is in config.json, metrics.json, report.md and
+checkpoints/best (with the training subjects' mean/std volumes when voxelwise, for ``segment``).
 
 Every input is checked (``prepare_fold``; for ``run_cv``, every fold) before the run directory is created,
 so a failed check leaves nothing behind. checkpoints/best always holds the parameters the test subject
@@ -70,11 +72,13 @@ def fold_subjects(cfg: TrainConfig, log=print) -> tuple[Path, list[D.Subject]]:
     return root, D.find_subjects(root, cfg.layout, cfg.contrast, cfg.seg_name, cfg.mask_name)
 
 
-def load_fold(cfg: TrainConfig, log=print) -> dict:
+def load_fold(cfg: TrainConfig, log=print, normalization: str = "zscore") -> dict:
     """Subjects of fold ``cfg.fold`` read and prepared (all input checks happen here, before training).
 
     Returns dict: root, label_map, train / val / test (lists of ``preprocess.load_subject`` dicts, each
-    with "x" (D, H, W) float32: the image z-scored inside its brain mask), grid.
+    with "x" (D, H, W) float32: the image normalised by ``preprocess.normalise_fold`` with
+    ``normalization``, "zscore" or "voxelwise", whose volumes come from the train list only), grid,
+    normalization, norm_volumes ({"mean", "std"} or None).
     """
     root, subjects = fold_subjects(cfg, log)
     train_s, val_s, test_s = D.split_fold(subjects, cfg.fold, cfg.val_subject)
@@ -86,10 +90,12 @@ def load_fold(cfg: TrainConfig, log=print) -> dict:
         grid = tuple(int(g) for g in np.max(shapes, axis=0))
     loaded = {s.id: preprocess.load_subject(s, label_map, grid, **kw) for s in subjects}
     for s in subjects:
-        d = loaded[s.id]
-        d.update(x=preprocess.zscore(d["image"], d["mask"]), labels_path=s.labels, label_map=label_map)
+        loaded[s.id].update(labels_path=s.labels, label_map=label_map)
     pick = lambda group: [loaded[s.id] for s in group]  # noqa: E731
+    volumes = preprocess.normalise_fold(list(loaded.values()), pick(train_s), normalization)
     return {
+        "normalization": normalization,
+        "norm_volumes": volumes,
         "root": root,
         "label_map": label_map,
         "grid": grid,
@@ -232,9 +238,10 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
 def prepare_fold(cfg: TrainConfig, log=print) -> dict:
     """Every input check and load of fold ``cfg.fold``, writing nothing (InputError on bad input).
 
-    Initial weights found and loaded, subjects read and prepared (``load_fold``), loss and augmentation
-    options, the class whose probability map is drawn, the device mesh against the grid, and the new
-    network's parameters from the checkpoint. Returns dict: weights_path, ckpt, fold (``load_fold``),
+    Initial weights found and loaded, the normalisation resolved (``preprocess.resolve_normalization``),
+    subjects read and prepared (``load_fold``), loss and augmentation options, the class whose probability
+    map is drawn, the device mesh against the grid, and the new network's parameters from the checkpoint.
+    Returns dict: weights_path, ckpt, fold (``load_fold``), normalization_note (why that normalisation),
     k_prob, mesh, model_config, params, frozen, seconds.
     """
     t0 = time.perf_counter()
@@ -245,7 +252,9 @@ def prepare_fold(cfg: TrainConfig, log=print) -> dict:
         fold_mesh(cfg, cfg.grid)
     weights_path = find_weights(cfg.weights, log)
     ckpt = load_checkpoint(weights_path)
-    fold = load_fold(cfg, log)
+    normalization, why = preprocess.resolve_normalization(cfg.normalization, ckpt.normalization)
+    log(f"input normalisation: {normalization} ({why})")
+    fold = load_fold(cfg, log, normalization)
     label_map = fold["label_map"]
     mesh = fold_mesh(cfg, fold["grid"])
     model_config = train.finetune_model_config(ckpt, label_map.n_classes, 0.1 if cfg.dropout else 0.0)
@@ -256,6 +265,7 @@ def prepare_fold(cfg: TrainConfig, log=print) -> dict:
         "weights_path": weights_path,
         "ckpt": ckpt,
         "fold": fold,
+        "normalization_note": why,
         "k_prob": k_prob,
         "mesh": mesh,
         "model_config": model_config,
@@ -334,6 +344,8 @@ def run_fold(
         "train_subjects": [v["id"] for v in fold["train"]],
         "val_subjects": [v["id"] for v in fold["val"]],
         "test_subject": test["id"],
+        "normalization": fold["normalization"],
+        "normalization_note": prepared["normalization_note"],
         "initial_weights": str(Path(weights_path).absolute()),
         "initial_weights_note": init_note,
         "model": dataclasses.asdict(model_config),
@@ -363,7 +375,8 @@ def run_fold(
             p,
             model_config,
             classes=list(names),
-            normalization="zscore",
+            normalization=fold["normalization"],
+            norm_volumes=fold["norm_volumes"],
             meta={**meta, "best_epoch": record},
             overwrite=True,
         )
@@ -402,6 +415,7 @@ def run_fold(
         {
             "fold": cfg.fold,
             "test_subject": test["id"],
+            "normalization": fold["normalization"],
             "initial_weights": info["initial_weights"],
             "initial_weights_note": init_note,
             "epochs": {p.name: sum(h["phase"] == p.name for h in history) for p in phases},
@@ -426,6 +440,9 @@ def run_fold(
             "fold": cfg.fold,
             "test subject": test["id"],
             "training subjects": ", ".join(info["train_subjects"]),
+            "input normalisation": preprocess.describe_normalization(
+                fold["normalization"], info["normalization_note"], info["train_subjects"], fold["grid"]
+            ),
             "initial weights": info["initial_weights"],
             "initial weights note": init_note,
             "git commit": info["git_commit"],

@@ -191,6 +191,64 @@ def voxelwise_stats(volumes) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Normalisation of a fine-tuning fold
+
+FOLD_NORMALIZATIONS = ("zscore", "voxelwise")
+
+
+def resolve_normalization(requested: str, checkpoint_normalization: str) -> tuple[str, str]:
+    """(kind, why): the normalisation a fine-tuning fold uses, "zscore" or "voxelwise", and why.
+
+    ``requested`` is the config's ``normalization``: "zscore" or "voxelwise" as they are; "auto" takes
+    ``checkpoint_normalization`` (the initial checkpoint's): "voxelwise" -> voxelwise (the volumes are
+    recomputed from the fold's training subjects, never the checkpoint's own), "zscore" -> zscore (the
+    Glasgow model converted without --mean/--std), "none" -> zscore (a network on raw scanner units;
+    fine-tuning always normalises, and retrains every layer it does not freeze on the new input).
+    """
+    if requested in FOLD_NORMALIZATIONS:
+        return requested, "set in the config"
+    if requested != "auto":
+        raise ValueError(f"normalization must be auto or one of {FOLD_NORMALIZATIONS}, not {requested!r}")
+    if checkpoint_normalization == "voxelwise":
+        return "voxelwise", "auto: the initial checkpoint's (volumes recomputed from the training subjects)"
+    if checkpoint_normalization == "none":
+        return "zscore", "auto: the initial checkpoint declares none (raw input); fine-tuning z-scores"
+    return "zscore", "auto: the initial checkpoint's"
+
+
+def normalise_fold(subjects: list[dict], train: list[dict], kind: str) -> dict | None:
+    """Set "x" (D, H, W) float32, the network input, on every ``load_subject`` dict of ``subjects``.
+
+    "zscore": each image z-scored with the statistics inside its own brain mask. "voxelwise": every
+    image normalised voxel by voxel with the mean and std volumes of the images of ``train`` (give it
+    the fold's TRAINING subjects only, never a validation-only or the test subject) as ``load_subject``
+    returns them: on the network grid, zero outside the brain mask. Returns those volumes {"mean",
+    "std"} (float32, std 0 replaced by 1, as the original; for ``checkpoint.save_checkpoint``), or None
+    for "zscore".
+    """
+    if kind == "zscore":
+        for d in subjects:
+            d["x"] = zscore(d["image"], d["mask"])
+        return None
+    if kind != "voxelwise":
+        raise ValueError(f"normalization must be one of {FOLD_NORMALIZATIONS}, not {kind!r}")
+    mean, std = voxelwise_stats(d["image"] for d in train)
+    std = np.where(std == 0, 1.0, std).astype(np.float32)
+    for d in subjects:
+        d["x"] = voxelwise_zscore(d["image"], mean, std)
+    return {"mean": mean, "std": std}
+
+
+def describe_normalization(kind: str, why: str, train_ids, grid) -> str:
+    """A fold's input normalisation in words (for its report): kind, what it is computed from, why."""
+    if kind == "voxelwise":
+        what = f"mean/std volumes of {', '.join(train_ids)} on the {'x'.join(map(str, grid))} grid"
+    else:
+        what = "per volume, inside its brain mask"
+    return f"{kind} ({what}; {why})"
+
+
+# ----------------------------------------------------------------------------------------------------------
 # One subject from disk to the network's grid
 
 
@@ -211,7 +269,7 @@ def load_subject(
     ``label_map`` (InputError for values outside it); brain mask from the mask file or source labels > 0
     (dilated ``mask_dilation`` voxels); crop to the mask's box + ``margin`` voxels; zero the image
     outside the mask (``apply_mask``); centre on ``grid`` (default: the crop's shape rounded up to
-    multiples of 8). No intensity normalisation: do it with ``zscore`` or ``voxelwise_zscore``.
+    multiples of 8). No intensity normalisation: ``normalise_fold`` does it for a fine-tuning fold.
 
     Returns dict: id; image (D, H, W) float32 (scanner units); labels (D, H, W) int32 class indices;
     mask (D, H, W) bool; affine (4, 4) of the output grid (mm); spacing (3,) mm; img (the source nibabel

@@ -47,6 +47,7 @@ BAD = [
     ("loss", "focal", "unknown loss 'focal'"),
     ("class_weights", "inverse", "unknown class_weights 'inverse'"),
     ("precision", "fp8", "precision: must be one of"),
+    ("normalization", "global", "normalization: must be one of ['auto', 'zscore', 'voxelwise']"),
     ("augment", 3, "augment: must be a mapping"),
     ("augment", {"p_bias": "x"}, "augment.p_bias: must be a finite number"),
     ("augment", {"p_bias": 2}, "p_bias must be in [0, 1]"),
@@ -94,6 +95,7 @@ GOOD = [
     ("seg_name", "aseg", "aseg"),
     ("mask_name", "brainmask", "brainmask"),
     ("mask_name", "3", "3"),
+    ("normalization", "voxelwise", "voxelwise"),
     ("data", '["a"]', '["a"]'),
     (
         "augment",
@@ -115,6 +117,7 @@ def test_good_values_are_converted(key, text, stored):
 def test_defaults_and_shipped_experiments_pass_their_own_checks():
     cfg = TrainConfig()
     assert cfg.seg_name == "dseg" and cfg.mask_name is None
+    assert cfg.normalization == "auto"
     for name in ("demo", "schneider19"):
         loaded = load_config(name)
         assert TrainConfig(**loaded.to_dict()) == loaded  # the resolved dict (config.json) loads back

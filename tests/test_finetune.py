@@ -109,12 +109,58 @@ def test_one_fold_end_to_end(dataset, weights, tmp_path, capsys, monkeypatch):
     np.testing.assert_allclose(prob.get_fdata().sum(-1), 1.0, atol=1e-4)
     best = checkpoint.load_checkpoint(fold / "checkpoints/best")
     assert best.config.n_classes == 4 and best.classes[3] == "cerebrospinal fluid"
+    assert best.normalization == metrics["normalization"] == "zscore"  # auto: the initial checkpoint's
     assert "mean Dice" in capsys.readouterr().out
     # a second run into the same directory needs --resume; resuming a finished run only re-evaluates
     assert main(_args(dataset, weights, "run", "--fold", "2")) == 2
     assert main(_args(dataset, weights, "run", "--fold", "2", "--resume")) == 0
     again = [json.loads(line) for line in (fold / "metrics.jsonl").read_text().splitlines()]
     assert again == history
+
+
+def test_voxelwise_normalisation_from_the_training_subjects_reaches_segment(
+    dataset, weights, tmp_path, capsys
+):
+    """--set normalization=voxelwise: every subject is normalised with the mean/std volumes of the fold's
+    training subjects (on the grid, brain-masked), which checkpoints/best carries and segment applies."""
+    out = tmp_path / "run"
+    extra = ["--fold", "2", "--set", "normalization=voxelwise", "--set", "epochs_finetune=0"]
+    assert main(_args(dataset, weights, out, *extra)) == 0
+    fold = out / "fold-2"
+    best = checkpoint.load_checkpoint(fold / "checkpoints" / "best")
+    assert best.normalization == "voxelwise" and best.norm_volumes["mean"].shape == SHAPE
+
+    def masked(sid):  # the brain box + margin 4 is the whole 16^3 grid: only the mask applies
+        base = dataset / "derivatives" / sid
+        image = nib.load(base / "unbiased" / f"{sid}_uni_unbiased.nii.gz")
+        labels = nib.load(base / "labeled" / f"{sid}_labels_v01.nii.gz").get_fdata()
+        return np.where(labels > 0, image.get_fdata(), 0.0), image.affine
+
+    images = {sid: masked(sid)[0] for sid in ("sub-001", "sub-002", "sub-003")}
+    train_images = [images["sub-001"], images["sub-003"]]  # fold 2 tests sub-002
+    np.testing.assert_allclose(best.norm_volumes["mean"], np.mean(train_images, axis=0), atol=1e-3)
+    assert not np.allclose(best.norm_volumes["mean"], np.mean(list(images.values()), axis=0), atol=1.0)
+    std = np.std(train_images, axis=0)
+    np.testing.assert_allclose(best.norm_volumes["std"], np.where(std == 0, 1, std), rtol=1e-4, atol=1e-3)
+    cfg = json.loads((fold / "config.json").read_text())
+    assert cfg["train_subjects"] == ["sub-001", "sub-003"] and cfg["config"]["normalization"] == "voxelwise"
+    assert cfg["normalization"] == "voxelwise" and cfg["normalization_note"] == "set in the config"
+    assert json.loads((fold / "metrics.json").read_text())["normalization"] == "voxelwise"
+    words = "| input normalisation | voxelwise (mean/std volumes of sub-001, sub-003 on the 16x16x16 grid"
+    assert words in (fold / "report.md").read_text()
+    # segment applies the same volumes: on the masked test image it reproduces the run's predictions
+    image, affine = masked("sub-002")
+    nib.save(nib.Nifti1Image(image.astype(np.float32), affine), tmp_path / "masked.nii.gz")
+    raw = dataset / "derivatives/sub-002/unbiased/sub-002_uni_unbiased.nii.gz"
+    seg = tmp_path / "seg"
+    capsys.readouterr()
+    args = ["segment", str(raw), str(tmp_path / "masked.nii.gz"), "--weights", str(fold / "checkpoints/best")]
+    assert main([*args, "--out", str(seg)]) == 0
+    assert "normalisation voxelwise" in capsys.readouterr().out
+    assert nib.load(seg / "sub-002_uni_unbiased_desc-cerebrum_dseg.nii.gz").shape == SHAPE
+    ours = nib.load(seg / "masked_desc-cerebrum_probseg.nii.gz").get_fdata()
+    run = nib.load(fold / "predictions/sub-002_desc-cerebrum_probseg.nii.gz").get_fdata()
+    np.testing.assert_allclose(ours, run, atol=1e-4)
 
 
 def test_same_seed_same_result(dataset, weights, tmp_path):
@@ -190,6 +236,7 @@ def test_cv_all_folds_summary(weights, tmp_path):
         (["--mesh", "1x4"], "not divisible by the mesh"),  # depth 16 / 8 = 2 slabs for 4 devices
         (["--mesh", "four"], "DATAxSPACE"),
         (["--set", "precision=fp8"], "precision: must be one of"),
+        (["--set", "normalization=global"], "normalization: must be one of"),
         (["--set", "patience=abc"], "patience: must be an integer, got 'abc'"),
         (["--set", "grid=5"], "grid: must be a list of 3 integers"),
         (["--set", "last_layer=abc"], "last_layer: must be an integer"),

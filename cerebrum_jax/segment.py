@@ -2,8 +2,9 @@
 
 Volumes are (D, H, W) numpy arrays in the voxel order of their NIfTI file; the network sees them
 as (1, D', H', W', 1) with D', H', W' multiples of 8 (``preprocess.grid_for``), or, with voxelwise
-normalisation, on the grid of the checkpoint's mean/std volumes. There is no tiling: the whole
-volume goes through the network at once, as in the original.
+normalisation, on the grid of the checkpoint's mean/std volumes. The whole volume goes through the
+network at once, as in the original; on a CPU the full-resolution layers run in depth slabs
+(``model.probabilities_lean``, the same function), which bounds memory and is faster there.
 """
 
 from __future__ import annotations
@@ -24,10 +25,19 @@ NORMALIZATIONS = ("zscore", "voxelwise", "none")
 def forward_fn(config: ModelConfig) -> Callable:
     """Jit-compiled ``(params, x (1, D, H, W, 1)) -> probabilities (1, D, H, W, n_classes)`` of ``config``.
 
+    On a CPU backend it is ``model.probabilities_lean`` (depth slabs at full resolution: a 256x352x224
+    volume within 3 GB instead of 11 GB, and about 3x faster at any size, as XLA:CPU's 2-D convolutions
+    beat its 3-D ones); elsewhere ``model.probabilities``. The two agree to float rounding.
     Cached per (hashable, frozen) config so repeated calls on volumes of the same shape reuse
     one compilation.
     """
-    return jax.jit(lambda params, x: model.probabilities(params, config, x))
+
+    def forward(params, x):
+        if jax.default_backend() == "cpu":
+            return model.probabilities_lean(params, config, x)
+        return model.probabilities(params, config, x)
+
+    return jax.jit(forward)
 
 
 def prepare(
@@ -75,6 +85,7 @@ def segment(
     normalization: str = "zscore",
     norm_volumes: dict | None = None,
     mask: np.ndarray | None = None,
+    mesh=None,
 ) -> np.ndarray:
     """Class probabilities (D, H, W, n_classes) float32 of a whole volume (D, H, W).
 
@@ -82,9 +93,18 @@ def segment(
     "voxelwise" (``norm_volumes`` {"mean", "std"} of the training set, whose shape sets the grid)
     or "none". Voxels cropped away to fit a smaller voxelwise grid come back as background
     (probability 1 for class 0). Labels are ``probs.argmax(-1)``.
+    ``mesh``: a ``jax.sharding.Mesh`` (``sharding.make_mesh``) to split the forward along depth over its
+    devices (``sharding.sharded_forward``; the grid's depth / 8 must divide by the mesh's "space" size,
+    else ValueError); None: one device.
     """
     x, info = prepare(volume, normalization=normalization, norm_volumes=norm_volumes, mask=mask)
-    probs = np.asarray(forward_fn(config)(params, x[None, ..., None])[0], np.float32)
+    if mesh is None:
+        probs = forward_fn(config)(params, x[None, ..., None])
+    else:
+        from cerebrum_jax import sharding
+
+        probs = sharding.sharded_forward(params, config, x[None, ..., None], mesh)
+    probs = np.asarray(probs[0], np.float32)
     out = preprocess.undo_pad_or_crop(probs, info, fill=0.0)
     covered = preprocess.undo_pad_or_crop(np.ones(x.shape, bool), info, fill=False)
     out[~covered, 0] = 1.0

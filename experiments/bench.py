@@ -50,17 +50,20 @@ interleaved in one process are more reliable than absolute times.
 | `--xla_cpu_enable_fast_math=true` | no change | no |
 | bf16 head kept float32 (`main_output` 1x1x1 conv) under `--precision bf16` | float32 softmax/loss | yes |
 | remat of the level-1 blocks (jax.checkpoint, nothing_saveable) | same compiled footprint on CPU: XLA:CPU merges the recomputation back (CSE) | yes (for GPU) |
+| whole volume slab by slab (`model.probabilities_lean`, segment's CPU forward): level-1 layers per 16-row depth slab with halos in `lax.fori_loop`s writing into preallocated outputs, levels 2-3 whole | 256x352x224 peak RSS 11.1 -> 2.5-2.9 GB; with 3-D convs still 58 s vs 61 s (loaded machine, load ~4) | yes |
+| 3x3x3 convs as three 2-D convs over (H, W), one per D tap with the D rows as the batch, summed (`model.conv3d_depth_taps`) | XLA:CPU 2.5-3x faster per conv (dec_lvl1 16-row slab 2.94 -> 1.02 s); forward 64x88x56 0.73 -> 0.19 s, 256x352x224 61 -> 11.7 s (peer 16.5 s under the same load); loaded machine | yes, in the lean inference path; train step 64x88x56 2.17 -> 1.23 s in an A/B, not yet in model.apply |
 
 ## Goals not met on the CPU, and why (from the run above)
 
-- forward and train step at 64x88x56: ours/peer about 1.6-1.8. The time is in XLA:CPU's 3x3x3
-  convolution (Eigen): for `dec_lvl1_block1_conv` (24->24 channels at full resolution, 64 % of the FLOPs)
-  it takes about 2x oneDNN's time in PyTorch, and no XLA flag of jaxlib 0.10.2 (oneDNN, XNNPACK, YNNPACK
-  fusion types) nor a matmul decomposition (im2col variants above) closed that gap.
-- whole-volume forward: ours/peer about 3 and 10.7 GB peak RSS (goal 8 GB). Besides the slower
-  convolution, the D-slab workaround copies each full-resolution conv input (pad) and output (concat).
-  The fix that remains: run the full-resolution blocks (enc_lvl1 + down, and up + dec_lvl1 + head +
-  softmax) slab by slab with a one-voxel halo, so that no (256, 352, 224, 24) tensor is ever whole.
+- forward and train step at 64x88x56 (model.probabilities / model.apply): the time is in XLA:CPU's 3-D
+  3x3x3 convolution: for `dec_lvl1_block1_conv` (24->24 channels at full resolution, 64 % of the FLOPs)
+  about 2x oneDNN's time in PyTorch; no XLA flag of jaxlib 0.10.2 (oneDNN, XNNPACK, YNNPACK fusion
+  types) nor a matmul decomposition (im2col variants above) closed that gap. Three 2-D convolutions
+  (`model.conv3d_depth_taps`) are 2.5-3x faster; segment's CPU forward uses them, model.apply not yet.
+- whole-volume forward: ours is segment's CPU forward, `model.probabilities_lean`: the full-resolution
+  layers (enc_lvl1 + down, then enc_lvl1 again + up + skip + dec_lvl1 + head + softmax) run per 16-row
+  depth slab with halos, so no (256, 352, 224, 24) tensor is ever whole, and with 2-D convolutions.
+  Before it (model.probabilities with D-slab 3-D convs): 30.4 s, 10.7 GB in the run of 85f13d2.
 - The augmentation goal (>= 20x faster than the original pipeline) is met. Note: in this run the original
   pipeline fell back to its scipy implementation of the elastic deformation because the installed
   elasticdeform wheel is built against NumPy 1.x.
@@ -134,13 +137,23 @@ def volume(shape, seed: int = 0):
 # ---------------------------------------------------------------------------------------------
 
 
+def our_inference_forward(cfg):
+    """What ``cerebrum-jax segment`` runs: on a CPU model.probabilities_lean (depth slabs, 2-D convs)."""
+    from cerebrum_jax.segment import forward_fn
+
+    return forward_fn(cfg)
+
+
 def parity() -> dict:
+    """Max abs probability difference to the peer of model.probabilities and of segment's forward."""
     jax, np, torch, M, T = setup(ARGS.threads)
     cfg, params, net = net_pair()
     x = volume(SMALL)
-    ours = np.asarray(jax.jit(lambda p, v: M.probabilities(p, cfg, v))(params, x))
-    diff = float(np.max(np.abs(ours - T.forward_probabilities(net, x))))
-    return {"max_abs_prob_diff": diff, "ok": diff <= 1e-4}
+    peer = T.forward_probabilities(net, x)
+    model_fwd = np.asarray(jax.jit(lambda p, v: M.probabilities(p, cfg, v))(params, x))
+    segment_fwd = np.asarray(our_inference_forward(cfg)(params, x))
+    diffs = [float(np.max(np.abs(ours - peer))) for ours in (model_fwd, segment_fwd)]
+    return {"max_abs_prob_diff": max(diffs), "model": diffs[0], "segment": diffs[1], "ok": max(diffs) <= 1e-4}
 
 
 def case_fwd() -> dict:
@@ -227,7 +240,7 @@ def whole_worker(side: str, runs: int) -> dict:
     cfg, params, net = net_pair()
     x = volume(WHOLE)
     if side == "ours":
-        f = jax.jit(lambda p, v: M.probabilities(p, cfg, v))
+        f = our_inference_forward(cfg)
 
         def fn():
             return f(params, x).block_until_ready()
@@ -392,7 +405,10 @@ def write_report(path: str, info: dict, par: dict, results: dict) -> None:
         f"- threads per side: {ARGS.threads} (CPU affinity + torch.set_num_threads); repeats: {ARGS.repeats} "
         f"(augment {ARGS.aug_repeats}); warm-up call excluded; ours and peer interleaved",
         "- network: n_filters 24, 7 classes, random glorot weights shared by both sides; float32",
-        f"- parity (64x88x56 probabilities): max abs diff {par['max_abs_prob_diff']:.2e} (limit 1e-4)",
+        f"- parity (64x88x56 probabilities): max abs diff {par['model']:.2e} (model.probabilities), "
+        f"{par['segment']:.2e} (segment's forward, model.probabilities_lean on a CPU); limit 1e-4",
+        "- ours: forward and train step call model.probabilities / model.apply; the whole volume runs "
+        "segment's forward (on a CPU model.probabilities_lean: depth slabs of 16, 2-D convolutions)",
         "",
         "## CPU results",
         "",
@@ -446,7 +462,7 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown case(s) {sorted(unknown)}")
     par = parity()
-    print(f"parity: max abs prob diff {par['max_abs_prob_diff']:.2e}", flush=True)
+    print(f"parity: max abs prob diff {par['model']:.2e} (model), {par['segment']:.2e} (segment)", flush=True)
     if not par["ok"]:
         print("parity check failed (> 1e-4): not timing anything", file=sys.stderr)
         return 1

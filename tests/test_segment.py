@@ -273,3 +273,49 @@ def test_outputs_get_umask_permissions(tmp_path, ckpt):
         "dseg.tsv": 0o644, "a_desc-cerebrum_dseg.nii.gz": 0o644, "a_desc-cerebrum_probseg.nii.gz": 0o644
     }  # fmt: skip
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+
+
+def test_cpu_forward_is_the_lean_one(params):
+    """On a CPU, forward_fn runs model.probabilities_lean (slab loops), equal to model.probabilities."""
+    x = jax.random.normal(jax.random.key(2), (1, 40, 16, 8, 1))
+    f = forward_fn(CONFIG)
+    jaxpr = str(jax.make_jaxpr(f)(params, x))
+    assert "scan[" in jaxpr or "while[" in jaxpr  # fori_loop with static bounds is a scan
+    np.testing.assert_allclose(f(params, x), model.probabilities(params, CONFIG, x), atol=1e-5)
+
+
+def segment_cli(tmp_path, ckpt, src, name, *extra):
+    out = tmp_path / name
+    assert main(["segment", "--weights", str(ckpt), str(src), "--out", str(out), *extra]) == 0
+    stem = out / "a_desc-cerebrum"
+    dseg = np.asarray(nib.load(f"{stem}_dseg.nii.gz").dataobj)
+    return dseg, np.asarray(nib.load(f"{stem}_probseg.nii.gz").dataobj)
+
+
+def test_segment_cli_mesh_and_precision(tmp_path, ckpt, capsys):
+    """--mesh 1x4 (the 4 virtual CPU devices of conftest.py) gives the one-device labels; bf16 runs."""
+    assert len(jax.devices()) == 4
+    src = write_nifti(tmp_path / "a.nii.gz", volume((29, 16, 10), 7))  # grid (32, 16, 16): 32 / 8 = 4 slabs
+    labels, probs = segment_cli(tmp_path, ckpt, src, "one")
+    assert "float32, one device" in capsys.readouterr().out
+    mesh_labels, mesh_probs = segment_cli(tmp_path, ckpt, src, "mesh", "--mesh", "1x4")
+    assert "mesh 1x4" in capsys.readouterr().out
+    np.testing.assert_array_equal(mesh_labels, labels)
+    np.testing.assert_allclose(mesh_probs, probs, atol=1e-5)
+    bf_labels, bf_probs = segment_cli(tmp_path, ckpt, src, "bf16", "--precision", "bf16", "--remat")
+    assert "bfloat16" in capsys.readouterr().out
+    assert bf_probs.dtype == np.float32 and (bf_labels == labels).mean() > 0.9
+    np.testing.assert_allclose(bf_probs, probs, atol=0.05)
+
+
+@pytest.mark.parametrize(
+    "mesh,message",
+    [("3x3", "needs 9 devices"), ("banana", "DATAxSPACE"), ("2x2", "use 1xN"), ("1x4", "not divisible")],
+)
+def test_segment_cli_bad_mesh_is_one_line(tmp_path, ckpt, capsys, mesh, message):
+    good = write_nifti(tmp_path / "a.nii.gz", volume((16, 16, 8)))  # grid depth 16: 16 / 8 = 2 slabs
+    out = tmp_path / "out"
+    assert main(["segment", "--weights", str(ckpt), str(good), "--out", str(out), "--mesh", mesh]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not out.exists()

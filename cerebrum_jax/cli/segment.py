@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
 import numpy as np
 
-from cerebrum_jax import nifti
+from cerebrum_jax import nifti, preprocess, sharding
 from cerebrum_jax.checkpoint import load_checkpoint
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.segment import NORMALIZATIONS, labels_from, segment
@@ -42,6 +43,17 @@ def add_parser(sub) -> None:
         "or none (default: what the checkpoint was trained with)",
     )
     p.add_argument("--no-probseg", action="store_true", help="do not write the probability maps")
+    sharding.add_performance_args(p)  # --mesh, --remat, --precision
+    for action in p._actions:  # segment's meanings of the shared options
+        if action.dest == "mesh":
+            action.help = (
+                "device mesh DATAxSPACE, e.g. 1x4: each volume split along depth over 4 devices (its grid "
+                "depth / 8 must divide by SPACE); default: one device, no sharding"
+            )
+        elif action.dest == "remat":
+            action.help = "ignored by segment (there is no backward pass); accepted for finetune's options"
+        elif action.dest == "precision":
+            action.help = "bf16: bfloat16 convolutions with float32 parameters and softmax (default float32)"
     p.set_defaults(func=run)
 
 
@@ -75,14 +87,21 @@ def output_files(out: Path, stem: str, probseg: bool = True) -> list[Path]:
     return [Path(f"{prefix}_probseg.nii.gz")] * probseg + [Path(f"{prefix}_dseg.nii.gz")]
 
 
-def check_inputs(paths: list[Path], out: Path | None = None, probseg: bool = True) -> None:
+def check_inputs(paths: list[Path], out: Path | None = None, probseg: bool = True, grid_check=None) -> None:
     """Load every input once (and drop it) so a bad file stops the run before anything is written.
 
-    With ``out``: also refuse output names that collide or are taken by directories.
+    With ``out``: also refuse output names that collide or are taken by directories. ``grid_check``:
+    called with each input's shape, raises ValueError when the run cannot take it (named in an InputError).
     """
     stems: dict[str, Path] = {}
     for path in paths:
-        nifti.load_nifti(path)
+        data, _ = nifti.load_nifti(path)
+        if grid_check is not None:
+            try:
+                grid_check(data.shape)
+            except ValueError as e:
+                raise InputError(str(e), path) from None
+        del data
         stem = output_stem(path)
         if stem in stems:
             raise InputError(f"has the same output name {stem!r} as {stems[stem]}", path)
@@ -92,6 +111,20 @@ def check_inputs(paths: list[Path], out: Path | None = None, probseg: bool = Tru
                 raise InputError("output name is taken by a directory", target)
     if out is not None and (out / "dseg.tsv").is_dir():
         raise InputError("output name is taken by a directory", out / "dseg.tsv")
+
+
+def performance_options(args: argparse.Namespace, config):
+    """(model config with --precision, mesh of --mesh or None for one unsharded device); --remat is ignored.
+
+    A bad --mesh (malformed, or not the number of devices there are) is an InputError.
+    """
+    try:
+        config, mesh = sharding.apply_performance_args(args, config)
+    except ValueError as e:
+        raise InputError(str(e), "--mesh") from None
+    if args.mesh is not None and mesh.shape["data"] != 1:
+        raise InputError(f"segment splits one volume at a time: use 1xN, not {args.mesh}", "--mesh")
+    return dataclasses.replace(config, remat=False), (mesh if args.mesh is not None else None)
 
 
 def dseg_tsv(classes: list[str]) -> str:
@@ -112,8 +145,22 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--normalize voxelwise needs a checkpoint with mean/std volumes", weights)
     if ckpt.config.n_classes > 256:
         raise InputError(f"{ckpt.config.n_classes} classes do not fit uint8 labels", weights)
-    check_inputs(paths, out, probseg=not args.no_probseg)
-    print(f"weights: {weights} ({ckpt.config.n_classes} classes, normalisation {normalization})", flush=True)
+    config, mesh = performance_options(args, ckpt.config)
+    grid_check = None
+    if mesh is not None:
+        vols = ckpt.norm_volumes if normalization == "voxelwise" else None
+
+        def grid_check(shape):
+            grid = np.shape(vols["mean"]) if vols is not None else preprocess.grid_for(shape)
+            sharding.check_divisible((1, *grid), mesh)
+
+    check_inputs(paths, out, probseg=not args.no_probseg, grid_check=grid_check)
+    where = "one device" if mesh is None else f"mesh {args.mesh}"
+    print(
+        f"weights: {weights} ({config.n_classes} classes, normalisation {normalization}, "
+        f"{config.compute_dtype}, {where})",
+        flush=True,
+    )
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)  # fails fast on an unwritable place, before any compute
     try:
@@ -121,7 +168,12 @@ def run(args: argparse.Namespace) -> int:
             start = time.perf_counter()
             data, img = nifti.load_nifti(path)
             probs = segment(
-                data, ckpt.params, ckpt.config, normalization=normalization, norm_volumes=ckpt.norm_volumes
+                data,
+                ckpt.params,
+                config,
+                normalization=normalization,
+                norm_volumes=ckpt.norm_volumes,
+                mesh=mesh,
             )
             seconds = time.perf_counter() - start
             probseg, dseg = output_files(out, output_stem(path), probseg=True)

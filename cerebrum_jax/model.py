@@ -190,27 +190,43 @@ def _conv_depth_chunk(x_shape: tuple[int, ...], cin: int) -> int:
     return max([c for c in range(1, d + 1) if d % c == 0 and c * per_slice <= CONV_CHUNK_ELEMENTS] or [1])
 
 
+def conv3d_depth_taps(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Stride-1 conv without bias, 'valid' along D and 'same' along H and W, as k 2-D convolutions:
+    x (B, d + k - 1, H, W, Cin), kernel (k, k, k, Cin, Cout) odd k -> (B, d, H, W, Cout).
+
+    out[:, i] = sum_a conv2d_same(x[:, i + a], kernel[a]) with the d output rows as the 2-D batch. The input
+    carries its own k//2 halo rows along D (neighbouring rows, or zeros at a volume border). XLA:CPU runs
+    these 2-D convolutions about 2.5-3x faster than one 3-D convolution of the same shapes.
+    """
+    k = kernel.shape[0]
+    r = k // 2
+    b, rows, h, w, cin = x.shape
+    d = rows - (k - 1)
+    dn = ("NHWC", "HWIO", "NHWC")
+    out = None
+    for a in range(k):
+        xa = x[:, a : a + d].reshape(b * d, h, w, cin)
+        y = jax.lax.conv_general_dilated(xa, kernel[a], (1, 1), [(r, r), (r, r)], dimension_numbers=dn)
+        out = y if out is None else out + y
+    return out.reshape(b, d, h, w, kernel.shape[-1])
+
+
 def _conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """'same' stride-1 conv, x (B, D, H, W, Cin), kernel (k, k, k, Cin, Cout) odd k.
 
-    Large inputs are convolved in D-slabs (with k//2 halo slices from a D-padded copy): XLA:CPU's
-    convolution aborts with std::bad_alloc on a whole 256x352x224x24 volume; slabs of ~256 MB run.
+    On XLA:CPU as ``conv3d_depth_taps`` (k 2-D convolutions, 2.5-3x faster than its 3-D convolution), in
+    D-slabs of at most CONV_CHUNK_ELEMENTS input elements with k//2 halo rows from a D-padded copy: XLA:CPU
+    aborts with std::bad_alloc on one whole 256x352x224x24 convolution. Other backends: one 3-D convolution
+    (and GSPMD a plain sharded one).
     """
-    dn = ("NDHWC", "DHWIO", "NDHWC")
-    # Only XLA:CPU needs the slabs; GPU compilers get one convolution (and GSPMD a plain sharded one).
-    chunk = _conv_depth_chunk(x.shape, x.shape[-1]) if jax.default_backend() == "cpu" else x.shape[1]
-    if chunk == x.shape[1]:
+    if jax.default_backend() != "cpu":
+        dn = ("NDHWC", "DHWIO", "NDHWC")
         return jax.lax.conv_general_dilated(x, kernel, (1, 1, 1), "SAME", dimension_numbers=dn)
+    chunk = _conv_depth_chunk(x.shape, x.shape[-1])
     r = kernel.shape[0] // 2
     xp = jnp.pad(x, ((0, 0), (r, r), (0, 0), (0, 0), (0, 0)))
-    pad = [(0, 0), (r, r), (r, r)]
-    slabs = [
-        jax.lax.conv_general_dilated(
-            xp[:, s : s + chunk + 2 * r], kernel, (1, 1, 1), pad, dimension_numbers=dn
-        )
-        for s in range(0, x.shape[1], chunk)
-    ]
-    return jnp.concatenate(slabs, axis=1)
+    slabs = [conv3d_depth_taps(xp[:, s : s + chunk + 2 * r], kernel) for s in range(0, x.shape[1], chunk)]
+    return slabs[0] if len(slabs) == 1 else jnp.concatenate(slabs, axis=1)
 
 
 @jax.custom_vjp
@@ -387,27 +403,6 @@ def probabilities(params: dict, config: ModelConfig, x: jax.Array) -> jax.Array:
 # filters: slab 8: 11.7 s, 2.4 GB peak RSS; 16: 11.6 s, 2.9 GB; 32: 12.8 s, 3.8 GB. At 64x88x56 16 was
 # also faster than 32 or one slab (0.19 s vs 0.21 s and 0.23 s).
 LEAN_SLAB = 16
-
-
-def conv3d_depth_taps(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Stride-1 conv without bias, 'valid' along D and 'same' along H and W, as k 2-D convolutions:
-    x (B, d + k - 1, H, W, Cin), kernel (k, k, k, Cin, Cout) odd k -> (B, d, H, W, Cout).
-
-    out[:, i] = sum_a conv2d_same(x[:, i + a], kernel[a]) with the d output rows as the 2-D batch. The input
-    carries its own k//2 halo rows along D (neighbouring rows, or zeros at a volume border). XLA:CPU runs
-    these 2-D convolutions about 2.5-3x faster than one 3-D convolution of the same shapes.
-    """
-    k = kernel.shape[0]
-    r = k // 2
-    b, rows, h, w, cin = x.shape
-    d = rows - (k - 1)
-    dn = ("NHWC", "HWIO", "NHWC")
-    out = None
-    for a in range(k):
-        xa = x[:, a : a + d].reshape(b * d, h, w, cin)
-        y = jax.lax.conv_general_dilated(xa, kernel[a], (1, 1), [(r, r), (r, r)], dimension_numbers=dn)
-        out = y if out is None else out + y
-    return out.reshape(b, d, h, w, kernel.shape[-1])
 
 
 def _layer_fn(params: dict, config: ModelConfig, name: str, x: jax.Array, valid_depth: bool = False):

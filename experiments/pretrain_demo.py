@@ -8,8 +8,7 @@ is seen) with the label set data.DEMO_PRETRAIN_LABELS (background / white matter
 all 4 subjects for training, augmented views, Adam, ce+dice loss. The label set differs from the demo's
 fine-tuning task (background / WM / GM / CSF) as Glasgow's differs from Schneider's. cerebrum.json records
 all of this (meta "description", "pretraining"). Runtime: 11.4 min on the 2-core CPU while other jobs
-shared it
-(commit 4ef04e9, cohort v2: best val Dice 0.911 on its own subjects).
+shared it (commit 4ef04e9, cohort v2: best val Dice 0.911 on its own subjects).
 """
 
 from __future__ import annotations

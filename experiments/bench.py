@@ -51,15 +51,17 @@ interleaved in one process are more reliable than absolute times.
 | bf16 head kept float32 (`main_output` 1x1x1 conv) under `--precision bf16` | float32 softmax/loss | yes |
 | remat of the level-1 blocks (jax.checkpoint, nothing_saveable) | same compiled footprint on CPU: XLA:CPU merges the recomputation back (CSE) | yes (for GPU) |
 | whole volume slab by slab (`model.probabilities_lean`, segment's CPU forward): level-1 layers per 16-row depth slab with halos in `lax.fori_loop`s writing into preallocated outputs, levels 2-3 whole | 256x352x224 peak RSS 11.1 -> 2.5-2.9 GB; with 3-D convs still 58 s vs 61 s (loaded machine, load ~4) | yes |
-| 3x3x3 convs as three 2-D convs over (H, W), one per D tap with the D rows as the batch, summed (`model.conv3d_depth_taps`) | XLA:CPU 2.5-3x faster per conv (dec_lvl1 16-row slab 2.94 -> 1.02 s); forward 64x88x56 0.73 -> 0.19 s, 256x352x224 61 -> 11.7 s (peer 16.5 s under the same load); loaded machine | yes, in the lean inference path; train step 64x88x56 2.17 -> 1.23 s in an A/B, not yet in model.apply |
+| 3x3x3 convs as three 2-D convs over (H, W), one per D tap with the D rows as the batch, summed (`model.conv3d_depth_taps`) | XLA:CPU 2.5-3x faster per conv (dec_lvl1 16-row slab 2.94 -> 1.02 s); forward 64x88x56 0.73 -> 0.19 s, 256x352x224 61 -> 11.7 s (peer 16.5 s under the same load); loaded machine | yes: in the lean inference path and (35a9382) in `model.apply`'s 'same' convs on XLA:CPU, training included: forward 64x88x56 0.117 s vs peer 0.219 s, train step 0.658 s vs peer 0.621 s (quiet machine, interleaved, median of 5) |
+| kernel gradient of the 3x3x3 convs, `dec_lvl1_block1_conv` at 64x88x56 (quiet): 9 matmuls with 3 w-taps side by side (kept) / 27 dot_generals on slices / voxel axis split in 4 / per-D-tap 9 taps in one matmul / vjp of the 2-D convs | 0.312 / 0.555 / 0.628 / 0.458 / 0.510 s (input gradient 0.098 s, forward 0.095 s): the kernel gradient is the largest part of the train step | first kept |
 
 ## Goals not met on the CPU, and why (from the run above)
 
-- forward and train step at 64x88x56 (model.probabilities / model.apply): the time is in XLA:CPU's 3-D
-  3x3x3 convolution: for `dec_lvl1_block1_conv` (24->24 channels at full resolution, 64 % of the FLOPs)
-  about 2x oneDNN's time in PyTorch; no XLA flag of jaxlib 0.10.2 (oneDNN, XNNPACK, YNNPACK fusion
-  types) nor a matmul decomposition (im2col variants above) closed that gap. Three 2-D convolutions
-  (`model.conv3d_depth_taps`) are 2.5-3x faster; segment's CPU forward uses them, model.apply not yet.
+- forward at 64x88x56 is met since the 3x3x3 convs run as three 2-D convolutions on XLA:CPU
+  (`model.conv3d_depth_taps`; XLA:CPU's 3-D convolution took about 2x oneDNN's time in PyTorch, and no
+  XLA flag of jaxlib 0.10.2 (oneDNN, XNNPACK, YNNPACK fusion types) nor an im2col matmul closed that gap).
+- train step at 64x88x56: about at parity (see the table). What is left is the kernel gradient of the
+  3x3x3 convolutions (9 matmuls over all voxels, about 3x the forward conv's time for dec_lvl1): none of
+  the variants measured above was faster; a blocked direct kernel (as oneDNN's) is what remains.
 - whole-volume forward: ours is segment's CPU forward, `model.probabilities_lean`: the full-resolution
   layers (enc_lvl1 + down, then enc_lvl1 again + up + skip + dec_lvl1 + head + softmax) run per 16-row
   depth slab with halos, so no (256, 352, 224, 24) tensor is ever whole, and with 2-D convolutions.

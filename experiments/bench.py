@@ -305,8 +305,9 @@ def case_wholetrain() -> dict:
     cmd = [sys.executable, __file__, "--worker", "wholetrain", "--repeats", str(ARGS.wholetrain_repeats)]
     cmd += ["--threads", str(ARGS.threads)]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        raise RuntimeError(f"whole-volume training worker failed:\n{res.stderr[-3000:]}")
+    if res.returncode != 0:  # recorded, not fatal: whether it fits is the finding
+        errors = [line for line in res.stderr.splitlines() if "Error" in line or "error" in line]
+        return {"failed": (errors or res.stderr.strip().splitlines() or ["no output"])[-1][:300]}
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -463,10 +464,18 @@ def write_report(path: str, info: dict, par: dict, results: dict) -> None:
             lines.append(f"- {name}: ours {ours}, peer {peer}")
     if "wholetrain" in results:
         w = results["wholetrain"]
+        lines += ["", "## Whole-volume training on the CPU (ours only)", ""]
+        if "failed" in w:
+            lines += [
+                "One training step at 256x352x224, 8 classes, n_filters 24, remat, float32: **does not fit** "
+                f"in this 24 GB machine; the worker stopped with: `{w['failed']}`. Goal not met on the CPU: "
+                "the compiled whole-volume step (remat or not, XLA:CPU keeps full-resolution buffers of "
+                "the backward pass alive together) asks for far more than the machine has; whole-volume "
+                "training needs a GPU (unmeasured here) or a slab-wise backward pass (not built).",
+            ]
+    if "wholetrain" in results and "failed" not in results["wholetrain"]:
+        w = results["wholetrain"]
         lines += [
-            "",
-            "## Whole-volume training on the CPU (ours only)",
-            "",
             f"One training step at 256x352x224, 8 classes, n_filters 24, remat, float32 ({w['step']}): "
             f"median {statistics.median(w['times']):.1f} s over {len(w['times'])} step(s) "
             f"(first call with compilation {w['first']:.1f} s), peak RSS {w['peak_rss_gb']:.2f} GB "

@@ -59,7 +59,9 @@ interleaved in one process are more reliable than absolute times.
 - forward at 64x88x56 is met since the 3x3x3 convs run as three 2-D convolutions on XLA:CPU
   (`model.conv3d_depth_taps`; XLA:CPU's 3-D convolution took about 2x oneDNN's time in PyTorch, and no
   XLA flag of jaxlib 0.10.2 (oneDNN, XNNPACK, YNNPACK fusion types) nor an im2col matmul closed that gap).
-- train step at 64x88x56: about at parity (see the table). What is left is the kernel gradient of the
+- train step at 64x88x56: not met. Ours/peer was 1.05-1.06 in two earlier runs of this stop (ours 0.66-0.71 s,
+  peer 0.62-0.68 s) and 1.95 in the run above, whose raw times (ours 0.67-1.40 s) show the machine was not
+  quiet for our side of that case. What is left is the kernel gradient of the
   3x3x3 convolutions (9 matmuls over all voxels, about 3x the forward conv's time for dec_lvl1): none of
   the variants measured above was faster; a blocked direct kernel (as oneDNN's) is what remains.
 - whole-volume forward: ours is segment's CPU forward, `model.probabilities_lean`: the full-resolution

@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.model import DIVISOR, ModelConfig
-from cerebrum_jax.nifti import set_default_mode
+from cerebrum_jax.nifti import replace_dir
 
 FORMAT = "cerebrum-jax-checkpoint"
 META_FILE = "cerebrum.json"
@@ -107,23 +107,11 @@ def save_checkpoint(
             ckptr.save(tmp / STATE_DIR, tree)
             ckptr.wait_until_finished()
         (tmp / META_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
-        set_default_mode(tmp)  # mkdtemp made it 0700
-        _replace_dir(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst``; an existing ``dst`` is moved aside first and removed after."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_meta(path: str | os.PathLike) -> dict:

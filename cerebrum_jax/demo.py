@@ -33,7 +33,7 @@ from scipy import ndimage
 
 from cerebrum_jax.data import DEMO_LABELS
 from cerebrum_jax.errors import InputError
-from cerebrum_jax.nifti import atomic_path, write_text
+from cerebrum_jax.nifti import atomic_path, replace_dir, write_text
 
 VERSION = 2  # bump when the recipe changes: cohorts built by another version are rebuilt
 N_SUBJECTS = 4
@@ -93,12 +93,7 @@ def build_demo_cohort(root, *, n_subjects=N_SUBJECTS, voxel_mm=VOXEL_MM, seed=SE
             checksums[name] = _sha256(tmp / name)
         manifest = {"params": _params(n_subjects, voxel_mm, seed), "files": dict(sorted(checksums.items()))}
         write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-        old = root.with_name(f".{root.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if root.exists():
-            os.replace(root, old)
-        os.replace(tmp, root)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root

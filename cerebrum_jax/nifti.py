@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -85,6 +86,21 @@ def set_default_mode(path: str | os.PathLike) -> None:
     """
     base = 0o777 if Path(path).is_dir() else 0o666
     os.chmod(path, base & ~current_umask())
+
+
+def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Rename the finished temporary directory ``src`` (from tempfile.mkdtemp) to ``dst`` with the umask's
+    default mode; an existing ``dst`` is moved aside first and removed after (never half-written).
+    """
+    src, dst = Path(src), Path(dst)
+    set_default_mode(src)  # mkdtemp made it 0700
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -236,12 +235,7 @@ def save_last(path: Path, state: dict, loop: dict) -> None:
             ckptr.save(tmp / "state", state)
             ckptr.wait_until_finished()
         (tmp / "loop.json").write_text(json.dumps(loop, indent=1) + "\n")
-        old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        nifti.replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

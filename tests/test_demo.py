@@ -4,6 +4,8 @@ Reduced variants (2 subjects at 6 mm) keep the builds fast; the recipe is the sa
 """
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -104,3 +106,12 @@ def test_tissue_posteriors_follow_intensity_within_priors():
     gm[5, 5, 5], wm[5, 5, 5] = 0.9, 0.05
     post = demo.tissue_posteriors(t1, gm, wm, brain)
     assert post["gm"][5, 5, 5] > post["wm"][5, 5, 5]
+
+
+def test_cohort_directory_gets_default_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        root = demo.build_demo_cohort(tmp_path / "c", **SMALL)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(root.stat().st_mode) == 0o755  # not mkdtemp's 0700

@@ -1,5 +1,9 @@
 """Train step, frozen layers, optimizer state, init from a real Orbax checkpoint, plateau controller."""
 
+import json
+import os
+import stat
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,3 +151,18 @@ def test_controller_stops_and_floors_lr():
         stops.append(e["stop"])
     assert stops.index(True) == KW["patience"]
     assert c.lr == pytest.approx(KW["min_lr"])
+
+
+def test_save_last_round_trip_with_default_permissions(tmp_path):
+    state = {"params": {"w": jnp.arange(3.0)}, "step": jnp.asarray(2, jnp.int32)}
+    old = os.umask(0o022)
+    try:
+        train.save_last(tmp_path / "last", state, {"phase": 0})
+        train.save_last(tmp_path / "last", state, {"phase": 1})  # replaces the first, leaves nothing beside
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "last").stat().st_mode) == 0o755
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    assert json.loads((tmp_path / "last" / "loop.json").read_text()) == {"phase": 1}
+    back = train.load_last(tmp_path / "last", state)
+    np.testing.assert_array_equal(back["params"]["w"], np.arange(3.0))

@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 PHASES = ("warmup", "finetune")
 PRECISIONS = ("float32", "fp32", "bf16", "bfloat16")  # the names sharding.PRECISIONS maps to dtypes
 NORMALIZATIONS = ("auto", "zscore", "voxelwise")
+TEST_MASKS = ("auto", "file", "labels", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +50,16 @@ class TrainConfig:
     voxelwise for a voxelwise checkpoint (its own volumes are not reused: they are recomputed from the
     training subjects), zscore for a zscore one (e.g. the Glasgow model converted without --mean/--std)
     and, since fine-tuning always normalises, zscore for one that declares "none" (raw input).
-    Model: weights (checkpoint dir; None = weights/glasgow if present, else weights/demo), dropout
+    test_mask (how every subject of a fold, the test subject too, is masked, so that training and test
+    inputs are of one kind and a new subject can be prepared the same way): "file" = the dataset's
+    brain-mask files (Schneider layout: none; BIDS: mask_name); "none" = no mask, each image cropped to
+    the box of its own head foreground (intensities only, never labels) + margin; "labels" = the mask is
+    each subject's manual labels > 0, the test subject's too: the original paper's protocol, which hands
+    the brain's outer boundary to the network and is stated in the report; "auto" (default) = "file"
+    when every subject has a mask file, else "none".
+    Model: weights (checkpoint dir; None = weights/glasgow if present, else weights/demo; "none" = train
+    from scratch: random init with n_filters level-1 channels (default 24, the published width), no
+    warm-up phase), dropout
     (rate 0.1 at levels 2-3 when True), last_layer (1..14: how many of the last layers get new weights).
     Training: loss ("dice": the original's multilabel soft Dice; "ce": categorical cross-entropy;
     "ce+dice": their sum), class_weights ("balanced": sklearn-style weights from the training labels'
@@ -88,7 +98,9 @@ class TrainConfig:
     fold: int = 1
     val_subject: str | None = None
     normalization: str = "auto"
+    test_mask: str = "auto"
     weights: str | None = None
+    n_filters: int = 24
     dropout: bool = True
     last_layer: int = 3
     loss: str = "dice"
@@ -130,6 +142,7 @@ class TrainConfig:
             "patience": (0, None),
             "plateau_patience": (0, None),
             "batch_size": (1, None),
+            "n_filters": (1, 512),
             "fold": (1, None),
             "margin": (0, None),
             "seed": (0, 2**32 - 1),
@@ -153,6 +166,8 @@ class TrainConfig:
             raise InputError(
                 f"must be one of {list(NORMALIZATIONS)}, not {self.normalization!r}", "normalization"
             )
+        if self.test_mask not in TEST_MASKS:
+            raise InputError(f"must be one of {list(TEST_MASKS)}, not {self.test_mask!r}", "test_mask")
         if self.precision not in PRECISIONS:
             raise InputError(f"must be one of {sorted(PRECISIONS)}, not {self.precision!r}", "precision")
         # the loss and augmentation options, by the classes that use them (imported late: they import jax)

@@ -23,18 +23,24 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from cerebrum_jax import data as D
-from cerebrum_jax import losses, metrics, model, nifti, preprocess, report, sharding, train
+from cerebrum_jax import inputs, losses, metrics, nifti, predictor, preprocess, report, sharding, train
 from cerebrum_jax.augment import AugmentConfig
 from cerebrum_jax.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from cerebrum_jax.config import REPO, TrainConfig
 from cerebrum_jax.errors import InputError
+from cerebrum_jax.model import ModelConfig
 
 DEFAULT_WEIGHTS = ("weights/glasgow", "weights/demo")
+MASK_WORDS = {
+    "none": "none: unmasked images, each cropped to its own head-foreground box (no labels used)",
+    "file": "the brain-mask files of the dataset",
+    "labels": "the manual labels > 0 (the original paper's protocol: the test subject's own labels give "
+    "its brain boundary, so the scores are optimistic for new subjects)",
+}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -72,33 +78,61 @@ def fold_subjects(cfg: TrainConfig, log=print) -> tuple[Path, list[D.Subject]]:
     return root, D.find_subjects(root, cfg.layout, cfg.contrast, cfg.seg_name, cfg.mask_name)
 
 
+def resolve_test_mask(requested: str, subjects: list[D.Subject]) -> tuple[str, str]:
+    """(kind, why): how a fold masks its subjects (config key ``test_mask``; see ``config.TrainConfig``).
+
+    "auto" is "file" when every subject has a brain-mask file, else "none" (never the labels: a new
+    subject has none). "file" without a mask file for some subject is an InputError naming it.
+    """
+    if requested == "auto":
+        if subjects and all(s.mask is not None for s in subjects):
+            return "file", "auto: every subject has a brain-mask file"
+        return "none", "auto: no brain-mask files; heads cropped to their own foreground box"
+    if requested == "file":
+        missing = [s.id for s in subjects if s.mask is None]
+        if missing:
+            raise InputError(
+                f"test_mask file, but {', '.join(missing)} have no brain-mask file (BIDS: set mask_name)",
+                "test_mask",
+            )
+    if requested == "labels":
+        return "labels", "set in the config: masks from the manual labels, the test subject's too (paper)"
+    return requested, "set in the config"
+
+
 def load_fold(cfg: TrainConfig, log=print, normalization: str = "zscore") -> dict:
     """Subjects of fold ``cfg.fold`` read and prepared (all input checks happen here, before training).
 
-    Returns dict: root, label_map, train / val / test (lists of ``preprocess.load_subject`` dicts, each
-    with "x" (D, H, W) float32: the image normalised by ``preprocess.normalise_fold`` with
-    ``normalization``, "zscore" or "voxelwise", whose volumes come from the train list only), grid,
-    normalization, norm_volumes ({"mean", "std"} or None).
+    Every subject, the test subject too, is prepared by ``inputs.load_subject`` with one
+    ``inputs.Preprocessing`` (mask kind ``resolve_test_mask``, crop to a box + margin, the grid,
+    voxel size, ``normalization``), the record the fold's checkpoint keeps for ``segment``.
+    Returns dict: root, label_map, train / val / test (lists of ``load_subject`` dicts, each with "x"
+    (D, H, W) float32: the image normalised by ``preprocess.normalise_fold``, whose volumes come from the
+    train list only), grid, normalization, norm_volumes ({"mean", "std"} or None), preprocessing,
+    mask_note (why that mask kind).
     """
     root, subjects = fold_subjects(cfg, log)
     train_s, val_s, test_s = D.split_fold(subjects, cfg.fold, cfg.val_subject)
     label_map = label_map_of(cfg)
-    kw = {"voxel_mm": cfg.voxel_mm, "margin": cfg.margin}
-    grid = cfg.grid
-    if grid is None:  # the largest brain box over all subjects, rounded up to multiples of 8
-        shapes = [preprocess.load_subject(s, label_map, **kw)["image"].shape for s in subjects]
-        grid = tuple(int(g) for g in np.max(shapes, axis=0))
-    loaded = {s.id: preprocess.load_subject(s, label_map, grid, **kw) for s in subjects}
-    for s in subjects:
-        loaded[s.id].update(labels_path=s.labels, label_map=label_map)
+    mask, mask_note = resolve_test_mask(cfg.test_mask, subjects)
+    pre = inputs.Preprocessing(
+        mask=mask, crop="box", margin=cfg.margin, grid=cfg.grid, voxel_mm=cfg.voxel_mm,
+        normalization=normalization,
+    )  # fmt: skip
+    if pre.grid is None:  # the largest box over all subjects, rounded up to multiples of 8
+        shapes = [inputs.load_subject(s, label_map, pre)["image"].shape for s in subjects]
+        pre = dataclasses.replace(pre, grid=tuple(int(g) for g in np.max(shapes, axis=0)))
+    loaded = {s.id: inputs.load_subject(s, label_map, pre) for s in subjects}
     pick = lambda group: [loaded[s.id] for s in group]  # noqa: E731
     volumes = preprocess.normalise_fold(list(loaded.values()), pick(train_s), normalization)
     return {
         "normalization": normalization,
         "norm_volumes": volumes,
+        "preprocessing": pre,
+        "mask_note": mask_note,
         "root": root,
         "label_map": label_map,
-        "grid": grid,
+        "grid": pre.grid,
         "train": pick(train_s),
         "val": pick(val_s),
         "test": pick(test_s),
@@ -132,39 +166,23 @@ def fold_mesh(cfg: TrainConfig, grid) -> jax.sharding.Mesh | None:
     return mesh
 
 
-def predict(params, model_config, subject: dict, mesh=None) -> np.ndarray:
-    """Probabilities (D, H, W, C) on the network grid of a loaded subject (its "x"); split along depth
-    over ``mesh``'s "space" axis when given (its "data" axis must then be 1: one volume)."""
-    x = jnp.asarray(subject["x"][None, ..., None])
-    if mesh is not None and mesh.shape["data"] == 1:
-        return np.asarray(sharding.sharded_forward(params, model_config, x, mesh)[0], np.float32)
-    fwd = jax.jit(lambda p, x: jax.nn.softmax(model.apply(p, model_config, x), axis=-1))
-    return np.asarray(fwd(params, x)[0], np.float32)
+def predict_test(net: predictor.Model, subject: dict, mesh=None) -> tuple[np.ndarray, dict]:
+    """The test subject predicted from its raw files exactly as ``segment`` predicts a new volume
+    (``predictor.ensemble`` of one; its labels are read only when the mask kind is "labels").
 
-
-def write_predictions(out: Path, subject: dict, probs: np.ndarray, cfg: TrainConfig) -> tuple[Path, dict]:
-    """dseg (uint8) + probseg (float32) NIfTI of the test subject as ``segment`` names them.
-
-    On the source grid with the source header when no resampling was asked (voxels outside the network's
-    grid are background, probability 1); on the network grid with its affine otherwise. Returns (dseg
-    path, {"pred", "ref", "spacing"}) for the evaluation on that same grid.
+    Returns (probabilities (D, H, W, C) on the source grid, {"image", "img", "ref" (class indices from
+    the label file), "spacing"} for the evaluation and figures on that same grid).
     """
-    img = subject["img"]
-    prefix = out / f"{subject['id']}_desc-cerebrum"
-    if cfg.voxel_mm is None:
-        full = preprocess.to_source_grid(probs, subject, fill=0.0)
-        full[full.sum(-1) == 0, 0] = 1.0
-        like, affine = img, None
-        ref_raw, _ = nifti.load_nifti(Path(subject["labels_path"]), what="labels")
-        ref = subject["label_map"].apply(ref_raw, subject["labels_path"])
-        spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
-    else:
-        full, like, affine = probs, None, subject["affine"]
-        ref, spacing = subject["labels"], subject["spacing"]
-    pred = np.argmax(full, axis=-1).astype(np.uint8)
-    nifti.save_nifti(f"{prefix}_probseg.nii.gz", full, like=like, affine=affine, dtype=np.float32)
-    path = nifti.save_nifti(f"{prefix}_dseg.nii.gz", pred, like=like, affine=affine, dtype=np.uint8)
-    return path, {"pred": pred, "ref": ref, "spacing": spacing}
+    source = subject["subject"]
+    image, img = nifti.load_nifti(source.image, what="image")
+    mask = inputs.read_mask(source.mask, img, net.pre, source.labels)
+    if mesh is not None and mesh.shape["data"] != 1:
+        mesh = None  # one volume: only a 1xN mesh splits it
+    probs = predictor.ensemble([net], image, img.affine, mask, mesh=mesh)
+    ref_raw, _ = nifti.load_nifti(source.labels, what="labels")
+    ref = subject["label_map"].apply(ref_raw, source.labels)
+    spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
+    return probs, {"image": image, "img": img, "ref": ref, "spacing": spacing}
 
 
 def prob_class_index(cfg: TrainConfig, names: tuple[str, ...]) -> int:
@@ -175,26 +193,19 @@ def prob_class_index(cfg: TrainConfig, names: tuple[str, ...]) -> int:
     return names.index("vessels") if "vessels" in names else len(names) - 1
 
 
-def write_figures(run_dir: Path, history, subject, probs, names, k_prob) -> dict:
+def write_figures(run_dir: Path, history, grids: dict, probs, names, k_prob) -> dict:
+    """Training curves, image / reference / prediction slices and one class's probability map, on the
+    test subject's own grid (``predict_test``'s ``grids``); {caption: PNG path}."""
     figs = run_dir / "figures"
-    pred = probs.argmax(-1)
     out = {}
     if history:
         out["Training curves"] = report.plot_training_curves(history, figs / "training_curves.png")
+    image, spacing = grids["image"], grids["spacing"]
     out["Test subject: image, reference, prediction"] = report.plot_segmentation(
-        subject["image"],
-        subject["labels"],
-        pred,
-        list(names),
-        figs / "segmentation.png",
-        spacing=subject["spacing"],
+        image, grids["ref"], probs.argmax(-1), list(names), figs / "segmentation.png", spacing=spacing
     )
     out[f"Probability of {names[k_prob]}"] = report.plot_probability(
-        subject["image"],
-        probs[..., k_prob],
-        names[k_prob],
-        figs / "probability.png",
-        spacing=subject["spacing"],
+        image, probs[..., k_prob], names[k_prob], figs / "probability.png", spacing=spacing
     )
     return out
 
@@ -238,29 +249,37 @@ def check_run_dir(run_dir: Path, resume: bool) -> None:
 def prepare_fold(cfg: TrainConfig, log=print) -> dict:
     """Every input check and load of fold ``cfg.fold``, writing nothing (InputError on bad input).
 
-    Initial weights found and loaded, the normalisation resolved (``preprocess.resolve_normalization``),
-    subjects read and prepared (``load_fold``), loss and augmentation options, the class whose probability
-    map is drawn, the device mesh against the grid, and the new network's parameters from the checkpoint.
-    Returns dict: weights_path, ckpt, fold (``load_fold``), normalization_note (why that normalisation),
-    k_prob, mesh, model_config, params, frozen, seconds.
+    Initial weights found and loaded (or, for weights "none", a random init: training from scratch), the
+    normalisation resolved (``preprocess.resolve_normalization``), subjects read and prepared
+    (``load_fold``), loss and augmentation options, the class whose probability map is drawn, the device
+    mesh against the grid, and the new network's parameters. Returns dict: weights_path (None from
+    scratch), ckpt (None from scratch), fold (``load_fold``), normalization_note (why that
+    normalisation), k_prob, mesh, model_config, params, frozen, seconds.
     """
     t0 = time.perf_counter()
     losses.LossConfig(cfg.loss, cfg.class_weights)  # the cheap checks first
     AugmentConfig.from_dict(dict(cfg.augment), "augment")
+    n_classes = label_map_of(cfg).n_classes
     k_prob = prob_class_index(cfg, label_map_of(cfg).names)
     if cfg.grid is not None:
         fold_mesh(cfg, cfg.grid)
-    weights_path = find_weights(cfg.weights, log)
-    ckpt = load_checkpoint(weights_path)
-    normalization, why = preprocess.resolve_normalization(cfg.normalization, ckpt.normalization)
+    dropout = 0.1 if cfg.dropout else 0.0
+    if cfg.weights == "none":  # from scratch: random init of the config's width, nothing frozen
+        weights_path, ckpt = None, None
+        model_config = ModelConfig(n_filters=cfg.n_filters, n_classes=n_classes, dropout_rate=dropout)
+        params, frozen = train.init_from_scratch(model_config, jax.random.key(cfg.seed))
+        log(f"training from scratch: random initialisation, n_filters {cfg.n_filters}, no warm-up phase")
+        normalization, why = preprocess.resolve_normalization(cfg.normalization, "zscore")
+    else:
+        weights_path = find_weights(cfg.weights, log)
+        ckpt = load_checkpoint(weights_path)
+        model_config = train.finetune_model_config(ckpt, n_classes, dropout)
+        params, frozen = train.load_finetune_init(ckpt, n_classes, cfg.last_layer, jax.random.key(cfg.seed))
+        normalization, why = preprocess.resolve_normalization(cfg.normalization, ckpt.normalization)
     log(f"input normalisation: {normalization} ({why})")
     fold = load_fold(cfg, log, normalization)
-    label_map = fold["label_map"]
+    log(f"brain mask: {fold['preprocessing'].mask} ({fold['mask_note']})")
     mesh = fold_mesh(cfg, fold["grid"])
-    model_config = train.finetune_model_config(ckpt, label_map.n_classes, 0.1 if cfg.dropout else 0.0)
-    params, frozen = train.load_finetune_init(
-        ckpt, label_map.n_classes, cfg.last_layer, jax.random.key(cfg.seed)
-    )
     return {
         "weights_path": weights_path,
         "ckpt": ckpt,
@@ -273,6 +292,13 @@ def prepare_fold(cfg: TrainConfig, log=print) -> dict:
         "frozen": frozen,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def initial_weights_text(prepared: dict, cfg: TrainConfig) -> tuple[str, str]:
+    """(initial weights, their note) in words, for config.json, metrics.json and the report."""
+    if prepared["ckpt"] is None:
+        return "none", f"trained from scratch: random initialisation, n_filters {cfg.n_filters}, no warm-up"
+    return str(Path(prepared["weights_path"]).absolute()), prepared["ckpt"].meta.get("description", "")
 
 
 def checkpoints_left(run_dir: Path, weights_path) -> str:
@@ -333,7 +359,8 @@ def run_fold(
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     log.attach(run_dir)
-    init_note = ckpt.meta.get("description", "")
+    init_weights, init_note = initial_weights_text(prepared, cfg)
+    pre = fold["preprocessing"]
     info = {
         "config": cfg.to_dict(),
         "fold": cfg.fold,
@@ -346,10 +373,12 @@ def run_fold(
         "test_subject": test["id"],
         "normalization": fold["normalization"],
         "normalization_note": prepared["normalization_note"],
-        "initial_weights": str(Path(weights_path).absolute()),
+        "initial_weights": init_weights,
         "initial_weights_note": init_note,
+        "preprocessing": pre.to_dict(),
+        "brain_mask": f"{pre.mask} ({fold['mask_note']})",
         "model": dataclasses.asdict(model_config),
-        "copied_layers": list(train.copied_layers(cfg.last_layer)),
+        "copied_layers": list(train.copied_layers(cfg.last_layer)) if ckpt is not None else [],
         "labels": label_map.to_source_tsv(),
         "jax": jax.__version__,
         "devices": [str(d) for d in jax.devices()],
@@ -359,12 +388,12 @@ def run_fold(
     label_map.to_tsv(run_dir / "dseg.tsv")
     log(
         f"fold {cfg.fold}: test {test['id']}, train {info['train_subjects']}, grid {fold['grid']}, "
-        f"{label_map.n_classes} classes, initial weights {weights_path}"
+        f"{label_map.n_classes} classes, initial weights {init_weights}"
     )
     t_loaded = time.perf_counter()
     unfrozen = jax.tree_util.tree_map(lambda _: False, frozen)
-    phases = [
-        train.Phase("warmup", cfg.lr_warmup, cfg.epochs_warmup, frozen),
+    phases = [  # from scratch nothing is copied, so there is nothing to warm up around
+        train.Phase("warmup", cfg.lr_warmup, cfg.epochs_warmup if ckpt is not None else 0, frozen),
         train.Phase("finetune", cfg.lr_finetune, cfg.epochs_finetune, unfrozen),
     ]
     meta = {"description": f"fine-tuned by cerebrum-jax finetune, fold {cfg.fold}", "run": info}
@@ -377,7 +406,7 @@ def run_fold(
             classes=list(names),
             normalization=fold["normalization"],
             norm_volumes=fold["norm_volumes"],
-            meta={**meta, "best_epoch": record},
+            meta={**meta, "preprocessing": pre.to_dict(), "best_epoch": record},
             overwrite=True,
         )
 
@@ -404,18 +433,21 @@ def run_fold(
         log("no epoch improved on the initial parameters: checkpoints/best holds them")
         save_best(params, None)
     t_trained = time.perf_counter()
-    probs = predict(params, run_config, test, mesh)
+    net = predictor.Model(params, run_config, pre, fold["norm_volumes"])
+    probs, grids = predict_test(net, test, mesh)
     out = run_dir / "predictions"
     label_map.to_tsv(out / "dseg.tsv")
-    _, grids = write_predictions(out, test, probs, cfg)
+    predictor.write_segmentation(out, test["id"], probs, grids["img"])
     t_predicted = time.perf_counter()
-    result = metrics.evaluate(grids["pred"], grids["ref"], grids["spacing"], dict(enumerate(names)))
+    pred = predictor.labels_from(probs)
+    result = metrics.evaluate(pred, grids["ref"], grids["spacing"], dict(enumerate(names)))
     t_evaluated = time.perf_counter()
     result.update(
         {
             "fold": cfg.fold,
             "test_subject": test["id"],
             "normalization": fold["normalization"],
+            "brain_mask": info["brain_mask"],
             "initial_weights": info["initial_weights"],
             "initial_weights_note": init_note,
             "epochs": {p.name: sum(h["phase"] == p.name for h in history) for p in phases},
@@ -430,7 +462,7 @@ def run_fold(
         }
     )
     nifti.write_text(run_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
-    figures = write_figures(run_dir, history, test, probs, names, prepared["k_prob"])
+    figures = write_figures(run_dir, history, grids, probs, names, prepared["k_prob"])
     report.write_report(
         run_dir / "report.md",
         result,
@@ -443,6 +475,8 @@ def run_fold(
             "input normalisation": preprocess.describe_normalization(
                 fold["normalization"], info["normalization_note"], info["train_subjects"], fold["grid"]
             ),
+            "brain mask (all subjects, the test subject too)": MASK_WORDS[pre.mask],
+            "preprocessing": pre.describe(),
             "initial weights": info["initial_weights"],
             "initial weights note": init_note,
             "git commit": info["git_commit"],
@@ -451,7 +485,7 @@ def run_fold(
             "timings (s)": result["timings_s"],
         },
     )
-    per_class = ", ".join(f"{n} {m['dice']:.3f}" for n, m in result["classes"].items())
+    per_class = ", ".join(f"{n} {report.fmt(m['dice'], 3)}" for n, m in result["classes"].items())
     log(
         f"fold {cfg.fold} ({test['id']}): mean Dice {result['mean_dice']:.4f} ({per_class}), "
         f"{result['timings_s']['total']:.0f} s"

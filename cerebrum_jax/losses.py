@@ -96,12 +96,13 @@ def loss_terms(logits, labels, class_weights, cfg: LossConfig) -> tuple[jax.Arra
 
 
 def hard_dice_per_class(pred, labels, n_classes: int) -> jax.Array:
-    """Dice of argmax labels per class, (C,); 1.0 where a class is absent from both (nothing to miss)."""
+    """Dice of argmax labels per class, (C,); NaN where a class is absent from both (n/a: nothing to find
+    or miss; ``np.nanmean`` leaves it out of means, as ``metrics.evaluate`` does)."""
     p = jax.nn.one_hot(pred, n_classes, dtype=jnp.float32)
     r = jax.nn.one_hot(labels, n_classes, dtype=jnp.float32)
     axes = tuple(range(p.ndim - 1))
     inter, total = jnp.sum(p * r, axis=axes), jnp.sum(p + r, axis=axes)
-    return jnp.where(total > 0, 2.0 * inter / jnp.maximum(total, 1.0), 1.0)
+    return jnp.where(total > 0, 2.0 * inter / jnp.maximum(total, 1.0), jnp.nan)
 
 
 def balanced_class_weights(label_volumes, n_classes: int) -> np.ndarray:

@@ -8,9 +8,13 @@ Empty classes (a class absent from one or both volumes), as defined here:
 ============================  ======  =====  ==============================================
 case                          dice    vs     hd95
 ============================  ======  =====  ==============================================
-absent from both              1.0     1.0    0.0 mm
+absent from both              n/a     n/a    n/a (``None``; ``class_metrics`` sets "absent")
 absent from exactly one       0.0     0.0    ``math.inf`` (``None`` / JSON null in evaluate)
 ============================  ======  =====  ==============================================
+
+A class absent from both volumes has nothing to find and nothing to miss: it is not scored, and it is
+left out of every mean (a fold's, the cross-validation summary's, the report's), rather than entering
+them as a free 1.0. ``dice`` and ``volumetric_similarity`` alone still return 1.0 for two empty masks.
 
 HD95 follows the MRBrainS18 evaluation: the surface of a mask is the mask minus its erosion (here a
 3-D erosion with 6-connectivity, since 7T data are isotropic; MRBrainS18 eroded in-plane only for
@@ -79,14 +83,22 @@ def hd95(pred: np.ndarray, ref: np.ndarray, spacing) -> float:
 
 
 def class_metrics(pred: np.ndarray, ref: np.ndarray, spacing) -> dict:
-    """{"dice", "hd95_mm", "vs", "voxels_pred", "voxels_ref"} of two boolean masks; hd95 None if undefined."""
+    """{"dice", "hd95_mm", "vs", "voxels_pred", "voxels_ref", "absent"} of two boolean masks.
+
+    absent: True when both masks are empty; dice, hd95_mm and vs are then None (n/a). hd95_mm is also
+    None when exactly one mask is empty (infinite).
+    """
+    n_pred, n_ref = int(np.count_nonzero(pred)), int(np.count_nonzero(ref))
+    counts = {"voxels_pred": n_pred, "voxels_ref": n_ref}
+    if n_pred == 0 and n_ref == 0:
+        return {"dice": None, "hd95_mm": None, "vs": None, **counts, "absent": True}
     h = hd95(pred, ref, spacing)
     return {
         "dice": dice(pred, ref),
         "hd95_mm": None if math.isinf(h) else h,
         "vs": volumetric_similarity(pred, ref),
-        "voxels_pred": int(np.count_nonzero(pred)),
-        "voxels_ref": int(np.count_nonzero(ref)),
+        **counts,
+        "absent": False,
     }
 
 
@@ -95,10 +107,12 @@ def evaluate(pred: np.ndarray, ref: np.ndarray, spacing, labels: dict[int, str])
 
     ``labels`` maps label value -> class name. Returns a JSON-safe dict::
 
-        {"classes": {name: {"label", "dice", "hd95_mm", "vs", "voxels_pred", "voxels_ref"}},
-         "mean_dice": mean Dice over the classes other than background (value 0),
+        {"classes": {name: {"label", "dice", "hd95_mm", "vs", "voxels_pred", "voxels_ref", "absent"}},
+         "mean_dice": mean Dice over the classes other than background (value 0) that are present in
+             the prediction or the reference (None if none is),
          "mean_hd95_mm": mean over those classes where HD95 is defined (None if none is),
-         "mean_vs": mean volumetric similarity over the same classes,
+         "mean_vs": mean volumetric similarity over the same classes as mean_dice,
+         "n_a": names of the classes absent from both volumes (not scored),
          "spacing_mm": [3 floats]}
     """
     pred, ref = np.asarray(pred), np.asarray(ref)
@@ -109,10 +123,11 @@ def evaluate(pred: np.ndarray, ref: np.ndarray, spacing, labels: dict[int, str])
     classes = {}
     for value, name in sorted(labels.items()):
         classes[name] = {"label": int(value), **class_metrics(pred == value, ref == value, spacing)}
-    fg = [m for m in classes.values() if m["label"] != BACKGROUND]
+    fg = [m for m in classes.values() if m["label"] != BACKGROUND and not m["absent"]]
     hds = [m["hd95_mm"] for m in fg if m["hd95_mm"] is not None]
     return {
         "classes": classes,
+        "n_a": [name for name, m in classes.items() if m["absent"]],
         "mean_dice": float(np.mean([m["dice"] for m in fg])) if fg else None,
         "mean_hd95_mm": float(np.mean(hds)) if hds else None,
         "mean_vs": float(np.mean([m["vs"] for m in fg])) if fg else None,
@@ -124,8 +139,9 @@ def format_table(result: dict) -> str:
     """A fixed-width text table of ``evaluate``'s result (one row per class, then the means)."""
     rows = [f"{'class':<20} {'label':>5} {'dice':>7} {'hd95_mm':>9} {'vs':>7}"]
     for name, m in result["classes"].items():
-        hd = "n/a" if m["hd95_mm"] is None else f"{m['hd95_mm']:.3f}"
-        rows.append(f"{name:<20} {m['label']:>5} {m['dice']:>7.4f} {hd:>9} {m['vs']:>7.4f}")
+        dice_, vs = (f"{m[k]:.4f}" if m[k] is not None else "n/a" for k in ("dice", "vs"))
+        hd = "n/a" if m.get("absent") else ("inf" if m["hd95_mm"] is None else f"{m['hd95_mm']:.3f}")
+        rows.append(f"{name:<20} {m['label']:>5} {dice_:>7} {hd:>9} {vs:>7}")
     mean = result["mean_dice"]
     rows.append(f"{'mean (no background)':<20} {'':>5} {'n/a' if mean is None else f'{mean:.4f}':>7}")
     return "\n".join(rows)

@@ -1,6 +1,6 @@
 """Preprocessing as pure numpy functions on (D, H, W) volumes: normalisation, padding/cropping to a grid,
-brain masks and bounding boxes, resampling, training-set statistics; and ``load_subject``, which reads
-one subject from disk and runs these steps.
+brain masks and bounding boxes, resampling, training-set statistics. ``inputs`` composes them into the
+preparation of one subject (``inputs.load_subject``, ``inputs.prepare``).
 
 Everything here works on one volume in voxel order as stored in the NIfTI file; the batch and
 channel axes are added only when a volume goes into the network.
@@ -10,14 +10,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import nibabel as nib
 import numpy as np
 from nibabel import processing
 from scipy import ndimage
 
-from cerebrum_jax.errors import InputError
 from cerebrum_jax.model import DIVISOR
-from cerebrum_jax.nifti import load_nifti
 
 
 def zscore(volume: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -246,87 +243,3 @@ def describe_normalization(kind: str, why: str, train_ids, grid) -> str:
     else:
         what = "per volume, inside its brain mask"
     return f"{kind} ({what}; {why})"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# One subject from disk to the network's grid
-
-
-def load_subject(
-    subject,
-    label_map,
-    grid: tuple[int, int, int] | None = None,
-    *,
-    voxel_mm: float | tuple[float, float, float] | None = None,
-    margin: int = 4,
-    mask_dilation: int = 0,
-    apply_mask: bool = True,
-) -> dict:
-    """Read, validate and prepare one ``data.Subject`` for training or evaluation.
-
-    Steps: load image and labels (InputError naming both files if their shapes or affines differ);
-    optionally resample both to ``voxel_mm`` (order 1 image, 0 labels and mask); map labels with
-    ``label_map`` (InputError for values outside it); brain mask from the mask file or source labels > 0
-    (dilated ``mask_dilation`` voxels); crop to the mask's box + ``margin`` voxels; zero the image
-    outside the mask (``apply_mask``); centre on ``grid`` (default: the crop's shape rounded up to
-    multiples of 8). No intensity normalisation: ``normalise_fold`` does it for a fine-tuning fold.
-
-    Returns dict: id; image (D, H, W) float32 (scanner units); labels (D, H, W) int32 class indices;
-    mask (D, H, W) bool; affine (4, 4) of the output grid (mm); spacing (3,) mm; img (the source nibabel
-    image, for its header); box (``Box`` on the possibly resampled source grid); padcrop (``PadCrop``).
-    """
-    image, img = load_nifti(subject.image, what="image")
-    labels, limg = load_nifti(subject.labels, what="labels")
-    _check_same_grid(subject.image, img, subject.labels, limg, image.shape, labels.shape)
-    mask = None
-    if subject.mask is not None:
-        mask, mimg = load_nifti(subject.mask, what="mask")
-        _check_same_grid(subject.image, img, subject.mask, mimg, image.shape, mask.shape)
-    affine = np.array(img.affine, np.float64)
-    if voxel_mm is not None:
-        image, new = _resampled(image, affine, voxel_mm, 1)
-        labels, _ = _resampled(labels, affine, voxel_mm, 0)
-        mask = None if mask is None else _resampled(mask, affine, voxel_mm, 0)[0]
-        affine = new
-    classes = label_map.apply(labels, subject.labels)
-    mask = mask_from_labels(labels, mask_dilation) if mask is None else mask > 0.5
-    box = bounding_box(mask, margin)
-    image, classes, mask = crop(image, box), crop(classes, box), crop(mask, box)
-    if apply_mask:
-        image = np.where(mask, image, 0.0).astype(np.float32)
-    grid = tuple(grid) if grid is not None else grid_for(image.shape)
-    if len(grid) != 3 or any(g <= 0 or g % DIVISOR for g in grid):
-        raise InputError(f"grid {grid} must be 3 positive multiples of {DIVISOR}", "--grid")
-    image, info = pad_or_crop(image, grid)
-    classes, _ = pad_or_crop(classes, grid)
-    mask, _ = pad_or_crop(mask, grid, value=False)
-    offset = tuple(b + o for b, o in zip(box.starts, pad_crop_offset(info), strict=True))
-    return {
-        "id": subject.id,
-        "image": image.astype(np.float32),
-        "labels": classes.astype(np.int32),
-        "mask": mask.astype(bool),
-        "affine": shift_affine(affine, offset),
-        "spacing": tuple(float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))),
-        "img": img,
-        "box": box,
-        "padcrop": info,
-    }
-
-
-def to_source_grid(volume: np.ndarray, loaded: dict, fill: float = 0.0) -> np.ndarray:
-    """A (D, H, W[, C]) volume on ``load_subject``'s output grid put back on the (resampled) source grid."""
-    return uncrop(undo_pad_or_crop(volume, loaded["padcrop"], fill=fill), loaded["box"], fill=fill)
-
-
-def _check_same_grid(path_a, img_a, path_b, img_b, shape_a, shape_b) -> None:
-    if tuple(shape_a) != tuple(shape_b):
-        raise InputError(f"shape {tuple(shape_b)} differs from {tuple(shape_a)} of {path_a}", path_b)
-    if not np.allclose(img_a.affine, img_b.affine, atol=1e-3):
-        worst = float(np.abs(np.asarray(img_a.affine) - np.asarray(img_b.affine)).max())
-        raise InputError(f"affine differs from that of {path_a} (by up to {worst:.3g} mm)", path_b)
-
-
-def _resampled(data: np.ndarray, affine: np.ndarray, voxel_mm, order: int):
-    out = resample(nib.Nifti1Image(np.asarray(data, np.float32), affine), voxel_mm, order)
-    return np.asarray(out.dataobj, np.float32), np.array(out.affine, np.float64)

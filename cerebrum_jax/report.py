@@ -156,7 +156,8 @@ def plot_probability(image, prob_map, class_name, path, *, spacing=None, centre=
     return _save(fig, path)
 
 
-def _fmt(value, digits=4) -> str:
+def fmt(value, digits=4) -> str:
+    """A metric in a table: n/a for None (undefined, or a class absent from both volumes)."""
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
@@ -165,8 +166,14 @@ def metrics_table(metrics: dict) -> str:
     rows = ["| class | label | Dice | HD95 (mm) | VS |", "|---|---:|---:|---:|---:|"]
     for name, m in metrics["classes"].items():
         label = m.get("label", "")
-        rows.append(f"| {name} | {label} | {_fmt(m['dice'])} | {_fmt(m['hd95_mm'], 2)} | {_fmt(m['vs'])} |")
-    rows.append(f"| **mean (no background)** | | **{_fmt(metrics.get('mean_dice'))}** | | |")
+        hd = fmt(m["hd95_mm"], 2) if m["hd95_mm"] is not None or m.get("absent") else "inf"
+        rows.append(f"| {name} | {label} | {fmt(m['dice'])} | {hd} | {fmt(m['vs'])} |")
+    rows.append(f"| **mean (no background)** | | **{fmt(metrics.get('mean_dice'))}** | | |")
+    if metrics.get("n_a"):
+        rows += [
+            "",
+            f"n/a: {', '.join(metrics['n_a'])} absent from both reference and prediction (not scored).",
+        ]
     return "\n".join(rows)
 
 
@@ -201,7 +208,10 @@ def _flatten(d: dict, prefix: str = ""):
 
 
 def cv_summary(results: list[dict]) -> dict:
-    """Mean and sd across folds of Dice, HD95 (mm) and VS per class, and of the mean Dice."""
+    """Mean and sd across folds of Dice, HD95 (mm) and VS per class, and of the mean Dice.
+
+    A fold where a class is n/a (absent from both volumes) or its HD95 infinite (None) is left out of
+    that class's figures; "n" says how many folds each figure averages."""
     classes = {}
     for name in results[0]["classes"]:
         row = {}
@@ -213,11 +223,15 @@ def cv_summary(results: list[dict]) -> dict:
                 "n": len(vals),
             }
         classes[name] = row
-    md = [r["mean_dice"] for r in results]
+    md = [r["mean_dice"] for r in results if r["mean_dice"] is not None]
     return {
         "folds": [r["fold"] for r in results],
         "classes": classes,
-        "mean_dice": {"mean": float(np.mean(md)), "sd": float(np.std(md, ddof=1)) if len(md) > 1 else None},
+        "mean_dice": {
+            "mean": float(np.mean(md)) if md else None,
+            "sd": float(np.std(md, ddof=1)) if len(md) > 1 else None,
+            "n": len(md),
+        },
     }
 
 

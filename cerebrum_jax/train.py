@@ -89,6 +89,13 @@ def load_finetune_init(ckpt, n_classes: int, last_layer: int, key: jax.Array) ->
     return params, frozen
 
 
+def init_from_scratch(config: ModelConfig, key: jax.Array) -> tuple[dict, dict]:
+    """(random glorot-normal params of ``config``, frozen mask all False): training from scratch."""
+    params = model.init_params(config, jax.random.fold_in(key, INIT_TAG))
+    frozen = jax.tree_util.tree_map(lambda _: False, params)
+    return params, frozen
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Optimizer
 
@@ -257,6 +264,19 @@ class Phase:
     frozen: dict  # pytree like params, True = not trained in this phase
 
 
+def nanmean(values) -> np.ndarray:
+    """Mean over the first axis ignoring NaN (n/a Dice), NaN where all are NaN, without a warning."""
+    values = np.asarray(values, np.float64)
+    count = np.sum(~np.isnan(values), axis=0)
+    total = np.nansum(values, axis=0)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def _none_if_nan(value) -> float | None:
+    value = float(value)
+    return None if np.isnan(value) else value
+
+
 def _stack(vols, key):
     return jnp.asarray(np.stack([v[key] for v in vols]))
 
@@ -378,7 +398,7 @@ def fit(
                     f"non-finite validation loss ({val_loss}) after {phase.name} epoch {epoch + 1}: "
                     "stopped (lower the learning rate?)"
                 )
-            val_dice = np.mean([m["dice"] for m in vm], axis=0)
+            val_dice = nanmean([m["dice"] for m in vm])  # (C,): NaN for a class absent everywhere
             controller, events = controller_update(
                 controller,
                 val_loss,
@@ -392,8 +412,8 @@ def fit(
                 "epoch": epoch + 1,
                 "train_loss": float(np.mean(train_losses)),
                 "val_loss": val_loss,
-                "val_dice": float(np.mean(val_dice[1:])),
-                "val_dice_per_class": [float(d) for d in val_dice],
+                "val_dice": _none_if_nan(nanmean(val_dice[1:])),
+                "val_dice_per_class": [_none_if_nan(d) for d in val_dice],
                 "lr": float(get_learning_rate(state["opt_state"])),
                 "seconds": round(time.perf_counter() - t0, 2),
                 **events,
@@ -405,7 +425,7 @@ def fit(
                     save_best(best[1], record)
             log(
                 f"{phase.name} epoch {epoch + 1}: train {record['train_loss']:.4f} val {val_loss:.4f} "
-                f"val dice {record['val_dice']:.4f} lr {record['lr']:.2e}"
+                f"val dice {record['val_dice'] or float('nan'):.4f} lr {record['lr']:.2e}"
                 + (" *" if events["improved"] else "")
             )
             nifti.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))

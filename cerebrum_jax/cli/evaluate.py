@@ -23,8 +23,9 @@ def add_parser(sub) -> None:
             "Per-class Dice, symmetric 95th-percentile Hausdorff distance in mm (voxel spacing from the "
             "reference's header) and volumetric similarity of PRED against REF, which must share shape, "
             "voxel size and affine (orientation and origin, to 1e-3 mm). Label values are compared "
-            "as they are stored in the files. A class absent from both scores 1/0 mm/1, absent from one "
-            "0/n/a/0. The mean Dice leaves out label 0 (background)."
+            "as they are stored in the files. A class absent from both is n/a (not scored, left out "
+            "of the means); absent from one it scores Dice 0, HD95 inf, VS 0. The mean Dice leaves out "
+            "label 0 (background)."
         ),
     )
     p.add_argument("pred", metavar="PRED.nii.gz", help="predicted labels (integer values)")

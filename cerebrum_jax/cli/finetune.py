@@ -26,6 +26,7 @@ DIRECT = {
     "last_layer": "last_layer",
     "loss": "loss",
     "batch_size": "batch_size",
+    "test_mask": "test_mask",
 }
 
 
@@ -52,7 +53,18 @@ def add_parser(sub) -> None:
     p.add_argument("--fold", default=None, help="fold K (1..N subjects) or 'all' (default: the config's)")
     p.add_argument("--out", default=None, help="output directory (default: runs/<config name>)")
     p.add_argument("--data", help="dataset root (Schneider or BIDS layout; default: the config's / demo)")
-    p.add_argument("--weights", help="initial checkpoint (default: weights/glasgow, else weights/demo)")
+    p.add_argument(
+        "--weights",
+        help="initial checkpoint (default: weights/glasgow, else weights/demo); 'none': train from scratch "
+        "(random init with the config's n_filters, default 24; no warm-up phase)",
+    )
+    p.add_argument(
+        "--test-mask",
+        choices=("auto", "file", "labels", "none"),
+        help="brain masks of every subject, the test subject too: file (the dataset's mask files), none "
+        "(unmasked, cropped to each head's foreground box), labels (the manual labels > 0, the paper's "
+        "protocol: optimistic for new subjects); default auto: file when every subject has one, else none",
+    )
     p.add_argument("--grid", help="network grid D,H,W (multiples of 8), or 'auto' (the brain boxes)")
     p.add_argument("--epochs", type=int, help="max epochs of both phases")
     p.add_argument("--epochs-warmup", type=int, help="max epochs of the warm-up phase")
@@ -158,7 +170,7 @@ def resolve(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from cerebrum_jax import finetune, train  # heavy imports after argument checks
+    from cerebrum_jax import finetune, report, train  # heavy imports after argument checks
 
     cfg, fold, out = resolve(args)
     progress = not args.no_progress
@@ -166,10 +178,11 @@ def run(args: argparse.Namespace) -> int:
         if fold == "all":
             summary = finetune.run_cv(cfg, out, resume=args.resume, progress=progress)
             mean = summary["mean_dice"]["mean"]
-            print(f"cross-validation: mean Dice {mean:.4f} -> {out / 'cv_summary.md'}")
+            print(f"cross-validation: mean Dice {report.fmt(mean)} -> {out / 'cv_summary.md'}")
         else:
             result = finetune.run_fold(cfg, out / f"fold-{fold}", resume=args.resume, progress=progress)
-            print(f"fold {fold}: mean Dice {result['mean_dice']:.4f} -> {out / f'fold-{fold}' / 'report.md'}")
+            mean = report.fmt(result["mean_dice"])
+            print(f"fold {fold}: mean Dice {mean} -> {out / f'fold-{fold}' / 'report.md'}")
     except train.NonFiniteLoss as e:
         print(f"cerebrum-jax finetune: {e}", file=sys.stderr)
         return 1

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cerebrum_jax import nifti, preprocess, sharding
+from cerebrum_jax import inputs, nifti, predictor, preprocess, sharding
 from cerebrum_jax.checkpoint import load_checkpoint
 from cerebrum_jax.errors import InputError
-from cerebrum_jax.segment import NORMALIZATIONS, labels_from, segment
+from cerebrum_jax.inputs import NORMALIZATIONS, Preprocessing, of_checkpoint
 
 DEFAULT_WEIGHTS = ("weights/glasgow", "weights/demo")
 _REPO = Path(__file__).resolve().parents[2]
@@ -26,21 +26,54 @@ def add_parser(sub) -> None:
             "Segment each input volume with one forward pass of the network over the whole volume and "
             "write OUT/<stem>_desc-cerebrum_dseg.nii.gz (uint8 labels), "
             "OUT/<stem>_desc-cerebrum_probseg.nii.gz (float32, classes on the 4th axis) and OUT/dseg.tsv, "
-            "with the input's affine and header. All inputs are checked before any work starts."
+            "with the input's affine and header. A fine-tuned checkpoint prepares each input exactly as "
+            "its training volumes were (brain mask, crop, grid, voxel size, normalisation: recorded in "
+            "its cerebrum.json), through the same predictor as the fold's own test prediction. All inputs "
+            "are checked before any work starts."
+        ),
+        epilog=(
+            "Brain masks: a model fine-tuned on brain-masked inputs (test_mask file or labels) needs "
+            "--mask, one mask per input in the same order (e.g. from your skull-stripping tool); without "
+            "it segment stops with one line rather than segment an unmasked head it never saw. Ensembles: "
+            "--weights A B C D averages the probabilities of the four fold models. --tta averages mirrored "
+            "copies (default: along the left-right axis)."
         ),
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT.nii[.gz]", help="3-D NIfTI volumes to segment")
+    p.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="INPUT.nii[.gz]",
+        help="3-D NIfTI volumes to segment (before the options that take several values, or after --; "
+        ".nii/.nii.gz names at the end of --weights are taken as inputs)",
+    )
     p.add_argument(
         "--weights",
+        nargs="+",
         metavar="CKPT_DIR",
-        help="cerebrum-jax checkpoint directory (default: weights/glasgow if present, else weights/demo)",
+        help="cerebrum-jax checkpoint directory; several: an ensemble (their probabilities averaged; same "
+        "classes). Default: weights/glasgow if present, else weights/demo",
     )
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="output directory (created if needed)")
+    p.add_argument(
+        "--mask",
+        nargs="+",
+        metavar="MASK.nii[.gz]",
+        help="brain masks (voxels > 0.5 inside), one per input, same order and grid; the image is set to 0 "
+        "outside. Needed by models trained on masked inputs",
+    )
     p.add_argument(
         "--normalize",
         choices=NORMALIZATIONS,
         help="input normalisation: zscore (per volume), voxelwise (the checkpoint's mean/std volumes) "
         "or none (default: what the checkpoint was trained with)",
+    )
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: average mirrored copies")
+    p.add_argument(
+        "--tta-axes",
+        default="lr",
+        metavar="AXES",
+        help="axes mirrored by --tta: lr (the voxel axis nearest the left-right axis, from the affine; "
+        "default), all, or voxel axes such as 0,2 (every combination is averaged: 2^n passes)",
     )
     p.add_argument("--no-probseg", action="store_true", help="do not write the probability maps")
     sharding.add_performance_args(p)  # --mesh, --remat, --precision
@@ -83,19 +116,27 @@ def output_stem(path: Path) -> str:
 
 def output_files(out: Path, stem: str, probseg: bool = True) -> list[Path]:
     """The files ``segment`` writes for one input of stem ``stem`` (dseg.tsv aside)."""
-    prefix = out / f"{stem}_desc-cerebrum"
-    return [Path(f"{prefix}_probseg.nii.gz")] * probseg + [Path(f"{prefix}_dseg.nii.gz")]
+    return predictor.output_paths(out, stem, probseg)
 
 
-def check_inputs(paths: list[Path], out: Path | None = None, probseg: bool = True, grid_check=None) -> None:
-    """Load every input once (and drop it) so a bad file stops the run before anything is written.
+def check_inputs(
+    paths: list[Path], out: Path | None = None, probseg: bool = True, grid_check=None, masks=None
+) -> None:
+    """Load every input (and its mask) once and drop it, so a bad file stops the run before anything is
+    written.
 
     With ``out``: also refuse output names that collide or are taken by directories. ``grid_check``:
     called with each input's shape, raises ValueError when the run cannot take it (named in an InputError).
+    ``masks``: one mask path per input, on the input's grid.
     """
     stems: dict[str, Path] = {}
-    for path in paths:
-        data, _ = nifti.load_nifti(path)
+    for i, path in enumerate(paths):
+        data, img = nifti.load_nifti(path)
+        if masks is not None:
+            mask, mimg = nifti.load_nifti(masks[i], what="mask")
+            inputs.check_same_grid(path, img, masks[i], mimg, data.shape, mask.shape)
+            if not (mask > 0.5).any():
+                raise InputError("brain mask is empty (no voxel > 0.5)", masks[i])
         if grid_check is not None:
             try:
                 grid_check(data.shape)
@@ -132,57 +173,118 @@ def dseg_tsv(classes: list[str]) -> str:
     return "index\tname\n" + "".join(f"{i}\t{name}\n" for i, name in enumerate(classes))
 
 
+def load_models(args: argparse.Namespace, n_inputs: int):
+    """([(checkpoint path, Checkpoint, predictor.Model)] of --weights, the mesh or None for one device),
+    checked together: same classes; --normalize, --mask and --mesh against each. InputError otherwise."""
+    paths = [resolve_weights(w) for w in (args.weights or [None])]
+    models, mesh = [], None
+    for path in paths:
+        ckpt = load_checkpoint(path)  # checks params and normalisation volumes against the config
+        if models and list(ckpt.classes) != list(models[0][1].classes):
+            raise InputError(
+                f"classes {ckpt.classes} differ from {models[0].ckpt.classes} of {paths[0]}", path
+            )
+        if ckpt.config.n_classes > 256:
+            raise InputError(f"{ckpt.config.n_classes} classes do not fit uint8 labels", path)
+        pre = of_checkpoint(ckpt)
+        if args.normalize is not None:
+            if args.normalize == "voxelwise" and ckpt.norm_volumes is None:
+                raise InputError("--normalize voxelwise needs a checkpoint with mean/std volumes", path)
+            grid = np.shape(ckpt.norm_volumes["mean"]) if args.normalize == "voxelwise" else pre.grid
+            pre = dataclasses.replace(pre, normalization=args.normalize, grid=grid)
+        pre = _with_masks(pre, path, ckpt, args.mask, n_inputs)
+        config, mesh = performance_options(args, ckpt.config)
+        models.append((path, ckpt, predictor.Model(ckpt.params, config, pre, ckpt.norm_volumes)))
+    return models, mesh
+
+
+def _with_masks(pre: Preprocessing, path: Path, ckpt, masks, n_inputs: int) -> Preprocessing:
+    """``pre`` checked against --mask: a model trained masked needs masks, one trained on unmasked inputs
+    refuses them; a checkpoint without a preprocessing record (converted from Keras) applies given ones."""
+    if masks is not None and len(masks) != n_inputs:
+        raise InputError(f"{len(masks)} masks for {n_inputs} inputs: give one per input", "--mask")
+    recorded = "preprocessing" in ckpt.meta
+    if pre.needs_mask and masks is None:
+        how = "a brain-mask file" if pre.mask == "file" else "masks made from their manual labels"
+        raise InputError(
+            f"this model was trained on brain-masked inputs ({how}): give --mask with one brain mask per "
+            "input (an unmasked head would be an input it never saw)",
+            path,
+        )
+    if masks is not None and not pre.needs_mask:
+        if recorded:
+            raise InputError(
+                "this model was trained on unmasked inputs: --mask would change what it sees; leave it out",
+                path,
+            )
+        pre = dataclasses.replace(pre, mask="file")
+    return pre
+
+
+def _grid_check(models, mesh):
+    """Each input's network grid must split over the mesh (None: nothing to check)."""
+    if mesh is None:
+        return None
+
+    def check(shape):
+        for _, _, m in models:
+            grid = m.pre.grid if m.pre.grid is not None else preprocess.grid_for(shape)
+            sharding.check_divisible((1, *grid), mesh)
+
+    return check
+
+
+def split_inputs(args: argparse.Namespace) -> list[Path]:
+    """The input volumes: the positional ones, or the NIfTI names that a greedy ``--weights A B in.nii``
+    swallowed (checkpoints are directories). InputError when there are none."""
+    if not args.inputs and args.weights:
+        nii = [w for w in args.weights if output_stem(Path(w)) != Path(w).name]
+        args.weights = [w for w in args.weights if w not in nii] or None
+        args.inputs = nii
+    if not args.inputs:
+        raise InputError(
+            "no input volumes: give them before --weights/--mask, or after -- (e.g. segment --weights A B "
+            "--out OUT -- in.nii.gz)",
+            "INPUT",
+        )
+    return [Path(p) for p in args.inputs]
+
+
 def run(args: argparse.Namespace) -> int:
-    """Check the checkpoint, options and every input first; then segment; dseg.tsv is written last."""
-    weights = resolve_weights(args.weights)
-    paths = [Path(p) for p in args.inputs]
+    """Check the checkpoints, options and every input first; then segment; dseg.tsv is written last."""
+    paths = split_inputs(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError("exists and is not a directory", out)
-    ckpt = load_checkpoint(weights)  # checks params and normalisation volumes against the config
-    normalization = args.normalize or ckpt.normalization
-    if normalization == "voxelwise" and ckpt.norm_volumes is None:
-        raise InputError("--normalize voxelwise needs a checkpoint with mean/std volumes", weights)
-    if ckpt.config.n_classes > 256:
-        raise InputError(f"{ckpt.config.n_classes} classes do not fit uint8 labels", weights)
-    config, mesh = performance_options(args, ckpt.config)
-    grid_check = None
-    if mesh is not None:
-        vols = ckpt.norm_volumes if normalization == "voxelwise" else None
-
-        def grid_check(shape):
-            grid = np.shape(vols["mean"]) if vols is not None else preprocess.grid_for(shape)
-            sharding.check_divisible((1, *grid), mesh)
-
-    check_inputs(paths, out, probseg=not args.no_probseg, grid_check=grid_check)
+    models, mesh = load_models(args, len(paths))
+    masks = [Path(m) for m in args.mask] if args.mask else None
+    check_inputs(paths, out, probseg=not args.no_probseg, grid_check=_grid_check(models, mesh), masks=masks)
     where = "one device" if mesh is None else f"mesh {args.mesh}"
-    print(
-        f"weights: {weights} ({config.n_classes} classes, normalisation {normalization}, "
-        f"{config.compute_dtype}, {where})",
-        flush=True,
-    )
+    for path, _, m in models:
+        print(f"weights: {path} ({m.config.n_classes} classes, {m.pre.describe()})", flush=True)
+    extra = f", ensemble of {len(models)} (probabilities averaged)" if len(models) > 1 else ""
+    print(f"compute: {models[0][2].config.compute_dtype}, {where}{extra}", flush=True)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)  # fails fast on an unwritable place, before any compute
     try:
-        for path in paths:
+        for i, path in enumerate(paths):
             start = time.perf_counter()
             data, img = nifti.load_nifti(path)
-            probs = segment(
-                data,
-                ckpt.params,
-                config,
-                normalization=normalization,
-                norm_volumes=ckpt.norm_volumes,
-                mesh=mesh,
+            mask = None if masks is None else nifti.load_nifti(masks[i], what="mask")[0] > 0.5
+            tta = predictor.mirror_axes(args.tta_axes, img.affine) if args.tta else ()
+            probs = predictor.ensemble(
+                [m for _, _, m in models], data, img.affine, mask, tta_axes=tta, mesh=mesh
             )
             seconds = time.perf_counter() - start
-            probseg, dseg = output_files(out, output_stem(path), probseg=True)
-            if not args.no_probseg:
-                nifti.save_nifti(probseg, probs, like=img, dtype=np.float32)
-            nifti.save_nifti(dseg, labels_from(probs), like=img, dtype=np.uint8)
-            prefix = out / f"{output_stem(path)}_desc-cerebrum"
-            print(f"{path}: shape {data.shape}, segmented in {seconds:.1f} s -> {prefix}_*", flush=True)
-        nifti.write_text(out / "dseg.tsv", dseg_tsv(ckpt.classes))
+            stem = output_stem(path)
+            predictor.write_segmentation(out, stem, probs, img, probseg=not args.no_probseg)
+            note = f" (mirrored along axes {tta}, {2 ** len(tta)} passes per model)" if tta else ""
+            print(
+                f"{path}: shape {data.shape}, segmented in {seconds:.1f} s{note} -> "
+                f"{out / stem}_desc-cerebrum_*",
+                flush=True,
+            )
+        nifti.write_text(out / "dseg.tsv", dseg_tsv(models[0][1].classes))
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()

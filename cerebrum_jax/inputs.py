@@ -1,0 +1,268 @@
+"""How a volume becomes a network input, the same way in training and in prediction.
+
+A fine-tuned checkpoint records how its training volumes were prepared (``Preprocessing``, saved in its
+cerebrum.json): brain mask or none, crop rule, margin, network grid, voxel size and normalisation.
+``prepare`` applies the record to any raw volume (``predictor`` for ``segment`` and a fold's test
+subject), and ``load_subject`` applies it to a training subject with its labels, so training and test
+inputs are always of one kind. No step here ever reads a subject's labels unless the record says
+mask "labels" (the original paper's protocol).
+
+Volumes are (D, H, W) numpy arrays in the voxel order of their NIfTI file (scanner units, mm grids);
+the network grid (D', H', W') has multiples of 8.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+from cerebrum_jax import preprocess
+from cerebrum_jax.errors import InputError
+from cerebrum_jax.model import DIVISOR
+from cerebrum_jax.nifti import load_nifti
+
+MASKS = ("none", "file", "labels")
+CROPS = ("none", "box")
+NORMALIZATIONS = ("zscore", "voxelwise", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """How a checkpoint's inputs were prepared; ``prepare`` applies it to any volume.
+
+    mask: "none" (the image as it is), "file" (a brain-mask file; voxels outside it are set to 0) or
+      "labels" (the mask was the manual labels > 0: the original paper's protocol; a new subject then
+      needs a mask file of its own).
+    crop: "box" (cut to the box of the mask, or of the head foreground (``foreground``) when there is no
+      mask, plus ``margin`` voxels per side, then centred on ``grid``) or "none" (the whole volume,
+      centred on ``grid``).
+    grid: the network grid (D, H, W), multiples of 8; None = the (cropped) volume's shape rounded up to 8.
+    voxel_mm: resample to this voxel size (mm) first, and the probabilities back afterwards; None = keep.
+    normalization: "zscore" (statistics inside the mask; else inside the foreground when cropping to a
+      box; else of the whole volume), "voxelwise" (the checkpoint's mean/std volumes, on ``grid``) or
+      "none".
+    """
+
+    mask: str = "none"
+    crop: str = "none"
+    margin: int = 4
+    grid: tuple[int, int, int] | None = None
+    voxel_mm: float | None = None
+    normalization: str = "zscore"
+
+    def __post_init__(self):
+        if self.mask not in MASKS or self.crop not in CROPS or self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown preprocessing {dataclasses.asdict(self)}")
+        if self.grid is not None:
+            object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
+
+    @property
+    def needs_mask(self) -> bool:
+        return self.mask != "none"
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["grid"] = None if self.grid is None else list(self.grid)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def describe(self) -> str:
+        mask = {"none": "no brain mask", "file": "brain-mask file", "labels": "mask from the manual labels"}
+        crop = f"cropped to the box + {self.margin} voxels" if self.crop == "box" else "whole volume"
+        grid = "x".join(map(str, self.grid)) if self.grid else "auto"
+        voxel = f", resampled to {self.voxel_mm} mm" if self.voxel_mm else ""
+        return f"{mask[self.mask]}, {crop}, grid {grid}{voxel}, {self.normalization} normalisation"
+
+
+def of_checkpoint(ckpt) -> Preprocessing:
+    """The checkpoint's recorded Preprocessing; for one without a record (converted from Keras, or older):
+    the whole volume, no mask, its normalisation (voxelwise on the mean/std volumes' grid)."""
+    record = ckpt.meta.get("preprocessing")
+    if record:
+        return Preprocessing.from_dict(record)
+    grid = np.shape(ckpt.norm_volumes["mean"]) if ckpt.normalization == "voxelwise" else None
+    return Preprocessing(normalization=ckpt.normalization, grid=grid)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Geometry: the pure operations, on one (D, H, W) volume
+
+
+def foreground(image: np.ndarray) -> np.ndarray:
+    """Head (or brain) foreground (D, H, W) bool from intensities alone, never from labels.
+
+    Voxels above 10 % of the 99th percentile, opened once (drops isolated noise voxels), the largest
+    connected component, holes filled. Used to crop unmasked volumes to a box and for their z-score.
+    """
+    image = np.asarray(image, np.float64)
+    low = float(np.min(image))
+    level = low + 0.1 * (float(np.percentile(image, 99)) - low)
+    fg = ndimage.binary_opening(image > level)
+    if not fg.any():
+        return np.ones(image.shape, bool)
+    parts, n = ndimage.label(fg)
+    if n > 1:
+        sizes = ndimage.sum_labels(fg, parts, index=np.arange(1, n + 1))
+        fg = parts == 1 + int(np.argmax(sizes))
+    return ndimage.binary_fill_holes(fg)
+
+
+class Geometry(NamedTuple):
+    """Where a network input lies on its source grid: the crop box, then ``pad_or_crop`` to the grid."""
+
+    box: preprocess.Box
+    padcrop: preprocess.PadCrop
+
+    def to_grid(self, volume: np.ndarray, value=0) -> np.ndarray:
+        """A (D, H, W[, C]) source-grid volume cut and padded onto the network grid."""
+        return preprocess.pad_or_crop(preprocess.crop(volume, self.box), self.grid, value=value)[0]
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        return tuple(int(b0 + s + b1) for (b0, b1), s in zip(self.padcrop.pads, self._cropped, strict=True))
+
+    @property
+    def _cropped(self) -> tuple[int, ...]:
+        return tuple(b - a for a, b in self.padcrop.crops)
+
+    def to_source(self, volume: np.ndarray, fill=0) -> np.ndarray:
+        """Inverse of ``to_grid``: a network-grid volume back on the source grid, ``fill`` elsewhere."""
+        return preprocess.uncrop(preprocess.undo_pad_or_crop(volume, self.padcrop, fill), self.box, fill)
+
+    def affine(self, source_affine: np.ndarray) -> np.ndarray:
+        """The affine (4, 4) of the network grid, given the source grid's."""
+        offset = tuple(
+            b + o for b, o in zip(self.box.starts, preprocess.pad_crop_offset(self.padcrop), strict=True)
+        )
+        return preprocess.shift_affine(source_affine, offset)
+
+
+def plan(image: np.ndarray, mask: np.ndarray | None, pre: Preprocessing) -> tuple[Geometry, np.ndarray]:
+    """(Geometry, statistics region (D, H, W) bool on the source grid) of a source-grid ``image``.
+
+    The region is the mask when there is one, else the foreground for a "box" crop, else every voxel.
+    """
+    if mask is not None:
+        region = np.asarray(mask, bool)
+    elif pre.crop == "box":
+        region = foreground(image)
+    else:
+        region = np.ones(image.shape, bool)
+    if pre.crop == "box":
+        box = preprocess.bounding_box(region, pre.margin)
+    else:
+        box = preprocess.Box((0, 0, 0), tuple(image.shape), tuple(image.shape))
+    grid = pre.grid if pre.grid is not None else preprocess.grid_for(box.shape)
+    _, info = preprocess.pad_or_crop(np.zeros(box.shape, bool), grid)
+    return Geometry(box, info), region
+
+
+def prepare(
+    image: np.ndarray, mask: np.ndarray | None, pre: Preprocessing, norm_volumes: dict | None = None
+) -> tuple[np.ndarray, Geometry, np.ndarray]:
+    """(network input x (D', H', W') float32, Geometry, statistics region on the grid (D', H', W') bool).
+
+    ``image`` (D, H, W) in scanner units on the (resampled) source grid; ``mask`` (D, H, W) bool or None
+    (applied: the image is 0 outside it). Normalised as ``pre.normalization`` says; voxelwise needs
+    ``norm_volumes`` {"mean", "std"} on ``pre.grid``.
+    """
+    image = np.asarray(image, np.float32)
+    if mask is not None and np.shape(mask) != image.shape:
+        raise ValueError(f"mask shape {np.shape(mask)} differs from image shape {image.shape}")
+    geom, region = plan(image, mask, pre)
+    if mask is not None:
+        image = np.where(mask, image, 0.0).astype(np.float32)
+    x = geom.to_grid(image, 0.0)
+    region = geom.to_grid(region, False)
+    if pre.normalization == "zscore":
+        x = preprocess.zscore(x, region)
+    elif pre.normalization == "voxelwise":
+        if norm_volumes is None:
+            raise ValueError("voxelwise normalization needs norm_volumes={'mean', 'std'}")
+        x = preprocess.voxelwise_zscore(x, norm_volumes["mean"], norm_volumes["std"])
+    return x.astype(np.float32), geom, region
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A subject with labels, for training and evaluation
+
+
+def read_mask(path, img, pre: Preprocessing, labels_path=None) -> np.ndarray | None:
+    """The brain mask (D, H, W) bool that ``pre.mask`` asks for, on ``img``'s grid: a mask file's voxels > 0.5
+    ("file"), a label file's voxels > 0 ("labels"), or None ("none"). InputError naming the file when it
+    is missing or on another grid."""
+    if pre.mask == "none":
+        return None
+    source = path if pre.mask == "file" else labels_path
+    if source is None:
+        raise InputError(f"the preprocessing needs a brain mask ({pre.mask}) and none was given", "mask")
+    data, mimg = load_nifti(source, what="mask")
+    check_same_grid(img.get_filename() or "image", img, source, mimg, img.shape[:3], data.shape)
+    return data > (0.5 if pre.mask == "file" else 0)
+
+
+def load_subject(subject, label_map, pre: Preprocessing) -> dict:
+    """Read, validate and prepare one ``data.Subject`` with its labels, as ``pre`` says.
+
+    Steps: load image and labels (InputError naming both files if their shapes or affines differ);
+    optionally resample both (and a mask file) to ``pre.voxel_mm`` (order 1 image, 0 labels and mask);
+    map labels with ``label_map`` (InputError for values outside it); the brain mask ``pre.mask`` asks
+    for (``read_mask``); ``prepare`` without normalisation (``preprocess.normalise_fold`` does it for a
+    fold, from its training subjects); labels cut and padded the same way.
+
+    Returns dict: id; image (D', H', W') float32 (scanner units, 0 outside the mask); labels (D', H', W')
+    int32 class indices; mask (D', H', W') bool: the z-score statistics region (the brain mask, else the
+    foreground); affine (4, 4) of the network grid (mm); spacing (3,) mm; img (the source nibabel image);
+    geometry (``Geometry`` on the possibly resampled source grid); subject (``subject``); labels_path;
+    label_map.
+    """
+    image, img = load_nifti(subject.image, what="image")
+    labels, limg = load_nifti(subject.labels, what="labels")
+    check_same_grid(subject.image, img, subject.labels, limg, image.shape, labels.shape)
+    mask = read_mask(subject.mask, img, pre, subject.labels)
+    affine = np.array(img.affine, np.float64)
+    if pre.voxel_mm is not None:
+        image, new = resampled(image, affine, pre.voxel_mm, 1)
+        labels, _ = resampled(labels, affine, pre.voxel_mm, 0)
+        mask = None if mask is None else resampled(mask, affine, pre.voxel_mm, 0)[0] > 0.5
+        affine = new
+    classes = label_map.apply(labels, subject.labels)
+    if pre.grid is not None and (len(pre.grid) != 3 or any(g <= 0 or g % DIVISOR for g in pre.grid)):
+        raise InputError(f"grid {pre.grid} must be 3 positive multiples of {DIVISOR}", "--grid")
+    x, geom, region = prepare(image, mask, dataclasses.replace(pre, normalization="none"))
+    return {
+        "id": subject.id,
+        "subject": subject,
+        "image": x,
+        "labels": geom.to_grid(classes, 0).astype(np.int32),
+        "mask": region,
+        "affine": geom.affine(affine),
+        "spacing": tuple(float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))),
+        "img": img,
+        "geometry": geom,
+        "labels_path": subject.labels,
+        "label_map": label_map,
+    }
+
+
+def check_same_grid(path_a, img_a, path_b, img_b, shape_a, shape_b) -> None:
+    """InputError naming ``path_b`` unless its shape and affine are those of ``path_a``."""
+    if tuple(shape_a) != tuple(shape_b):
+        raise InputError(f"shape {tuple(shape_b)} differs from {tuple(shape_a)} of {path_a}", path_b)
+    if not np.allclose(img_a.affine, img_b.affine, atol=1e-3):
+        worst = float(np.abs(np.asarray(img_a.affine) - np.asarray(img_b.affine)).max())
+        raise InputError(f"affine differs from that of {path_a} (by up to {worst:.3g} mm)", path_b)
+
+
+def resampled(data: np.ndarray, affine: np.ndarray, voxel_mm, order: int):
+    """(data resampled to ``voxel_mm`` with ``preprocess.resample``, the new nibabel image's affine)."""
+    out = preprocess.resample(nib.Nifti1Image(np.asarray(data, np.float32), affine), voxel_mm, order)
+    return np.asarray(out.dataobj, np.float32), np.array(out.affine, np.float64)

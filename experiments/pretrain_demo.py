@@ -27,6 +27,7 @@ from cerebrum_jax.checkpoint import save_checkpoint
 from cerebrum_jax.config import TrainConfig
 from cerebrum_jax.demo import ensure_pretrain_cohort
 from cerebrum_jax.finetune import git_commit
+from cerebrum_jax.inputs import Preprocessing, load_subject
 
 GRID = (56, 72, 64)  # the demo's brain boxes (3 mm voxels) rounded up to multiples of 8
 
@@ -45,7 +46,8 @@ def main(argv=None) -> int:
     root = ensure_pretrain_cohort(args.data)
     labels = data.DEMO_PRETRAIN_LABELS
     subjects = data.find_subjects(root)
-    vols = [preprocess.load_subject(s, labels, GRID) for s in subjects]
+    pre = Preprocessing(mask="labels", crop="box", grid=GRID)  # as the demo weights were trained
+    vols = [load_subject(s, labels, pre) for s in subjects]
     for v in vols:
         v["x"] = preprocess.zscore(v["image"], v["mask"])
     cfg = TrainConfig(loss="ce+dice", augment_views=args.views, patience=10, seed=args.seed, grid=GRID)

@@ -13,8 +13,8 @@ import pytest
 from cerebrum_jax import demo
 from cerebrum_jax.data import DEMO_LABELS, DEMO_PRETRAIN_LABELS, find_subjects
 from cerebrum_jax.errors import InputError
+from cerebrum_jax.inputs import Preprocessing, load_subject
 from cerebrum_jax.nifti import load_nifti
-from cerebrum_jax.preprocess import load_subject
 
 SMALL = {"n_subjects": 2, "voxel_mm": 6.0}
 
@@ -52,7 +52,7 @@ def test_reader_reads_the_cohort(cohort):
 
 @pytest.mark.parametrize("label_map", [DEMO_LABELS, DEMO_PRETRAIN_LABELS])
 def test_label_sets_load(cohort, label_map):
-    loaded = load_subject(find_subjects(cohort)[0], label_map)
+    loaded = load_subject(find_subjects(cohort)[0], label_map, Preprocessing(mask="labels", crop="box"))
     assert sorted(np.unique(loaded["labels"])) == list(range(label_map.n_classes))
 
 

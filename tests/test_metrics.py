@@ -93,7 +93,11 @@ def test_empty_classes(pred_empty, ref_empty, dice, vs, hd):
     assert metrics.volumetric_similarity(pred, ref) == vs
     assert metrics.hd95(pred, ref, (1, 1, 1)) == hd
     m = metrics.class_metrics(pred, ref, (1, 1, 1))
-    assert m["hd95_mm"] == (None if math.isinf(hd) else hd)
+    assert m["absent"] == (pred_empty and ref_empty)
+    if m["absent"]:  # nothing to find or miss: n/a, not a free 1.0
+        assert m["dice"] is None and m["vs"] is None and m["hd95_mm"] is None
+    else:
+        assert m["hd95_mm"] == (None if math.isinf(hd) else hd) and m["dice"] == dice
 
 
 def test_evaluate_structure_mean_and_json_safety():
@@ -105,12 +109,16 @@ def test_evaluate_structure_mean_and_json_safety():
     assert list(r["classes"]) == ["background", "csf", "gm", "wm", "absent"]
     assert r["classes"]["wm"]["hd95_mm"] is None and r["classes"]["wm"]["dice"] == 0.0
     assert r["classes"]["absent"] == {
-        "label": 9, "dice": 1.0, "hd95_mm": 0.0, "vs": 1.0, "voxels_pred": 0, "voxels_ref": 0
+        "label": 9, "dice": None, "hd95_mm": None, "vs": None, "voxels_pred": 0, "voxels_ref": 0,
+        "absent": True,
     }  # fmt: skip
+    assert r["n_a"] == ["absent"]
     for value, name in names.items():
-        assert r["classes"][name]["dice"] == pytest.approx(metrics.dice(pred == value, ref == value))
-    fg = [r["classes"][n]["dice"] for v, n in names.items() if v != 0]
+        if value != 9:
+            assert r["classes"][name]["dice"] == pytest.approx(metrics.dice(pred == value, ref == value))
+    fg = [r["classes"][n]["dice"] for v, n in names.items() if v not in (0, 9)]  # n/a left out
     assert r["mean_dice"] == pytest.approx(np.mean(fg))
+    assert r["mean_vs"] == pytest.approx(np.mean([r["classes"][n]["vs"] for n in ("csf", "gm", "wm")]))
     assert json.loads(json.dumps(r, allow_nan=False)) == r
 
 

@@ -1,5 +1,5 @@
-"""Preprocessing: pure functions checked by round trips and independent computations; load_subject on real
-NIfTI files in tmp_path."""
+"""Preprocessing: pure functions checked by round trips and independent computations (the subject-level
+composition is tests/test_inputs.py)."""
 
 import nibabel as nib
 import numpy as np
@@ -7,8 +7,6 @@ import pytest
 from scipy import ndimage
 
 from cerebrum_jax import preprocess as pp
-from cerebrum_jax.data import DEMO_LABELS, SCHNEIDER_LABELS, Subject
-from cerebrum_jax.errors import InputError
 
 RNG = np.random.default_rng(0)
 
@@ -158,74 +156,3 @@ def test_normalise_fold_voxelwise_uses_the_training_subjects_only():
         pp.normalise_fold([test], train, "auto")
     words = pp.describe_normalization("voxelwise", "set in the config", ["sub-1", "sub-2"], (8, 8, 8))
     assert "sub-1, sub-2" in words and "8x8x8" in words
-
-
-# ------------------------------------------------------------------------------------------- load_subject
-
-
-def _write(path, data, affine):
-    nib.save(nib.Nifti1Image(np.asarray(data), affine), str(path))
-    return path
-
-
-def _subject(tmp_path, labels_shape=None, labels_affine=None, values=(1, 2, 3), mask=False):
-    affine = np.array([[0.9, 0, 0, -20], [0, 1.1, 0, 5], [0, 0, 1.0, 3], [0, 0, 0, 1]])
-    shape = (20, 24, 18)
-    blob = _blob(shape, (10, 11, 9), 6)
-    labels = np.where(blob, RNG.choice(values, size=shape), 0).astype(np.int16)
-    image = (labels * 100 + RNG.normal(0, 5, shape)).astype(np.float32)
-    if labels_shape:
-        labels = np.zeros(labels_shape, np.int16)
-    m = _write(tmp_path / "mask.nii.gz", ndimage.binary_dilation(blob, iterations=2).astype(np.uint8), affine)
-    return Subject(
-        "sub-001",
-        _write(tmp_path / "img.nii.gz", image, affine),
-        _write(tmp_path / "lab.nii.gz", labels, affine if labels_affine is None else labels_affine),
-        m if mask else None,
-    )
-
-
-@pytest.mark.parametrize(
-    ("grid", "voxel_mm", "mask"), [(None, None, False), ((24, 24, 24), None, False), (None, 2.0, True)]
-)
-def test_load_subject(tmp_path, grid, voxel_mm, mask):
-    subject = _subject(tmp_path, mask=mask)
-    out = pp.load_subject(subject, DEMO_LABELS, grid, voxel_mm=voxel_mm, margin=1)
-    shape = out["image"].shape
-    assert all(s % 8 == 0 for s in shape) and (grid is None or shape == grid)
-    assert out["image"].dtype == np.float32 and out["labels"].dtype == np.int32 and out["mask"].dtype == bool
-    assert out["labels"].shape == shape == out["mask"].shape
-    assert np.all(out["image"][~out["mask"]] == 0) and np.all(out["mask"][out["labels"] > 0])
-    if voxel_mm is not None:
-        np.testing.assert_allclose(out["spacing"], voxel_mm)
-        return
-    # each output voxel lies where the same source voxel lies in the world, with its mapped label
-    labels = nib.load(str(subject.labels))
-    src = np.asarray(labels.dataobj)
-    inside = np.argwhere(out["labels"] > 0)
-    world = nib.affines.apply_affine(out["affine"], inside)
-    source_vox = np.rint(nib.affines.apply_affine(np.linalg.inv(labels.affine), world)).astype(int)
-    np.testing.assert_array_equal(DEMO_LABELS.apply(src[tuple(source_vox.T)]), out["labels"][tuple(inside.T)])
-    back = pp.to_source_grid(out["labels"], out)
-    np.testing.assert_array_equal(back, DEMO_LABELS.apply(src))
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "load_kwargs", "message"),
-    [
-        ({"labels_shape": (20, 24, 17)}, {}, "differs from .* of .*img.nii.gz"),
-        ({"labels_affine": np.diag([1.0, 1.0, 2.0, 1.0])}, {}, "affine differs from that of .*img.nii.gz"),
-        ({"values": (1, 9)}, {}, "label values 9 are not in the label map"),
-        ({}, {"grid": (20, 24, 24)}, "multiples of 8"),
-    ],
-)
-def test_load_subject_errors(tmp_path, kwargs, load_kwargs, message):
-    subject = _subject(tmp_path, **kwargs)
-    with pytest.raises(InputError, match=message):
-        pp.load_subject(subject, DEMO_LABELS, **load_kwargs)
-
-
-def test_load_subject_schneider_values(tmp_path):
-    subject = _subject(tmp_path, values=(1, 5, 7))
-    out = pp.load_subject(subject, SCHNEIDER_LABELS.drop(7))
-    assert set(np.unique(out["labels"])) == {0, 1, 5}

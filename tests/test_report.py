@@ -117,3 +117,22 @@ def test_cv_summary_mean_sd_and_missing_values():
     assert hd["n"] == 2 and hd["mean"] == pytest.approx(3.0)  # a fold without HD95 is left out
     table = report.cv_summary_markdown(summary)
     assert "| wm | 0.8000 ± 0.1000 | 3.0000 ± 1.4142 | 1.0000 ± 0.0000 |" in table
+
+
+def test_classes_absent_from_both_are_na_everywhere(tmp_path):
+    """A class absent from reference and prediction (e.g. the sagittal sinus of a label map that lacks it)
+    is n/a in the metrics table, the fold's mean and the cross-validation summary: never a free 1.0."""
+    image, ref, pred = phantom()
+    names = {**dict(enumerate(NAMES)), 7: "sagittal sinus"}
+    result = metrics.evaluate(pred, ref, (0.7, 0.7, 0.7), names)
+    present = [m["dice"] for n, m in result["classes"].items() if n not in (NAMES[0], "sagittal sinus")]
+    assert result["mean_dice"] == pytest.approx(np.mean(present)) and result["n_a"] == ["sagittal sinus"]
+    text = report.write_report(tmp_path / "report.md", result, {}, {"fold": 1}).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| sagittal sinus |"))
+    assert row.count("n/a") == 3 and "1.0000" not in row
+    assert "absent from both" in text
+    other = dict(result, fold=2, mean_dice=0.5)
+    summary = report.cv_summary([dict(result, fold=1), other])
+    assert summary["classes"]["sagittal sinus"]["dice"] == {"mean": None, "sd": None, "n": 0}
+    assert summary["mean_dice"]["mean"] == pytest.approx((result["mean_dice"] + 0.5) / 2)
+    assert "| sagittal sinus | n/a | n/a | n/a |" in report.cv_summary_markdown(summary)

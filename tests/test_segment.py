@@ -5,7 +5,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cerebrum_jax import model, preprocess
+from cerebrum_jax import model, predictor, preprocess
 from cerebrum_jax.checkpoint import save_checkpoint
 from cerebrum_jax.cli import main
 from cerebrum_jax.segment import forward_fn, prepare, segment
@@ -245,7 +245,7 @@ def test_failure_during_segmentation_leaves_no_dseg_tsv(tmp_path, ckpt, monkeypa
     def boom(*args, **kwargs):
         raise RuntimeError("forward pass failed")
 
-    monkeypatch.setattr(cli_segment, "segment", boom)
+    monkeypatch.setattr(cli_segment.predictor, "ensemble", boom)
     good = write_nifti(tmp_path / "a.nii.gz", volume((8, 8, 8)))
     out = tmp_path / "out"
     with pytest.raises(RuntimeError, match="forward pass failed"):
@@ -319,3 +319,116 @@ def test_segment_cli_bad_mesh_is_one_line(tmp_path, ckpt, capsys, mesh, message)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------- ensembles, TTA, masks, argv
+
+
+def test_mirroring_twice_is_the_identity_and_tta_averages_the_mirrored_passes():
+    params = model.init_params(CONFIG, jax.random.key(3))  # unsaturated probabilities
+    v = volume((16, 16, 8), 8)
+    for axes in predictor.mirror_sets((0, 1, 2)):
+        np.testing.assert_array_equal(predictor.flip(predictor.flip(v, axes), axes), v)
+    assert predictor.mirror_sets((2, 0)) == [(), (0,), (2,), (0, 2)]
+    x, _ = prepare(v)
+    by_hand = np.mean(
+        [
+            predictor.flip(predictor.network_probs(params, CONFIG, predictor.flip(x, a)), a)
+            for a in [(), (0,)]
+        ],
+        axis=0,
+    )
+    tta = segment(v, params, CONFIG, tta_axes=(0,))
+    np.testing.assert_allclose(tta, by_hand, atol=1e-6)
+    assert not np.allclose(tta, segment(v, params, CONFIG), atol=1e-4)  # the mirrored pass counts
+
+
+@pytest.mark.parametrize(("spec", "expected"), [("lr", (1,)), ("all", (0, 1, 2)), ("2,0", (0, 2))])
+def test_mirror_axes(spec, expected):
+    a = np.array([[0, 0.7, 0, 0], [0.8, 0, 0, 0], [0, 0, 0.9, 0], [0, 0, 0, 1]])  # voxel axis 1 is x (L-R)
+    assert predictor.mirror_axes(spec, a) == expected
+
+
+def test_ensemble_of_one_is_the_model_and_of_two_the_mean(tmp_path, ckpt, params):
+    src = write_nifti(tmp_path / "a.nii.gz", volume((13, 20, 11), 9))
+    other = jax.tree_util.tree_map(lambda a: np.asarray(a) * 0.9, params)
+    ck2 = save_checkpoint(tmp_path / "ck2", other, CONFIG, classes=CLASSES, normalization="zscore")
+    one = segment_cli(tmp_path, ckpt, src, "one")[1]
+    two = tmp_path / "two"
+    assert main(["segment", str(src), "--weights", str(ckpt), str(ck2), "--out", str(two)]) == 0
+    both = np.asarray(nib.load(two / "a_desc-cerebrum_probseg.nii.gz").dataobj)
+    data = volume((13, 20, 11), 9)
+    np.testing.assert_allclose(one, segment(data, params, CONFIG), atol=1e-6)
+    np.testing.assert_allclose(
+        both, (segment(data, params, CONFIG) + segment(data, other, CONFIG)) / 2, atol=1e-6
+    )
+
+
+def test_greedy_weights_leave_the_inputs(tmp_path, ckpt):
+    """segment --weights A B in.nii.gz: argparse hands the input to --weights; it is taken back."""
+    src = write_nifti(tmp_path / "a.nii.gz", volume((8, 8, 8)))
+    assert main(["segment", "--out", str(tmp_path / "o"), "--weights", str(ckpt), str(src)]) == 0
+    assert (tmp_path / "o" / "a_desc-cerebrum_dseg.nii.gz").is_file()
+
+
+@pytest.fixture(scope="module")
+def masked_ckpt(tmp_path_factory, params):
+    """A fine-tuned-style checkpoint that records training on brain-masked inputs."""
+    pre = {"mask": "file", "crop": "box", "margin": 1, "grid": [16, 16, 16], "normalization": "zscore"}
+    path = tmp_path_factory.mktemp("masked") / "model"
+    return save_checkpoint(path, params, CONFIG, classes=CLASSES, meta={"preprocessing": pre})
+
+
+def test_masked_model_needs_masks_and_uses_them(tmp_path, masked_ckpt, capsys):
+    data = volume((13, 20, 11), 10)
+    src = write_nifti(tmp_path / "a.nii.gz", data)
+    mask = np.zeros(data.shape, np.uint8)
+    mask[2:11, 3:17, 2:9] = 1
+    m = write_nifti(tmp_path / "a_mask.nii.gz", mask, np.uint8)
+    out = tmp_path / "out"
+    assert main(["segment", str(src), "--weights", str(masked_ckpt), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "brain-masked" in err and "--mask" in err and not out.exists()
+    assert (
+        main(["segment", str(src), "--weights", str(masked_ckpt), "--mask", str(m), "--out", str(out)]) == 0
+    )
+    probs = np.asarray(nib.load(out / "a_desc-cerebrum_probseg.nii.gz").dataobj)
+    # outside the mask's box + margin the model never looked: background with certainty
+    box = np.zeros(data.shape, bool)
+    box[1:12, 2:18, 1:10] = True
+    np.testing.assert_array_equal(probs[~box][:, 0], 1.0)
+    # the image outside the mask does not matter: it is zeroed before the network
+    src2 = write_nifti(tmp_path / "b.nii.gz", np.where(mask > 0, data, 5000.0))
+    assert (
+        main(["segment", str(src2), "--weights", str(masked_ckpt), "--mask", str(m), "--out", str(out)]) == 0
+    )
+    np.testing.assert_array_equal(np.asarray(nib.load(out / "b_desc-cerebrum_probseg.nii.gz").dataobj), probs)
+
+
+@pytest.mark.parametrize(
+    ("which", "extra", "message"),
+    [
+        ("plain_recorded", ["--mask", "MASK"], "trained on unmasked inputs"),
+        ("masked", ["--mask", "MASK", "MASK"], "2 masks for 1 inputs"),
+        ("masked", ["--mask", "OTHER"], "shape"),
+        ("masked", ["--mask", "EMPTY"], "brain mask is empty"),
+    ],
+)
+def test_mask_option_errors(tmp_path, params, masked_ckpt, capsys, which, extra, message):
+    src = write_nifti(tmp_path / "a.nii.gz", volume((13, 20, 11), 11))
+    files = {
+        "MASK": write_nifti(tmp_path / "m.nii.gz", np.ones((13, 20, 11)), np.uint8),
+        "OTHER": write_nifti(tmp_path / "o.nii.gz", np.ones((13, 20, 12)), np.uint8),
+        "EMPTY": write_nifti(tmp_path / "e.nii.gz", np.zeros((13, 20, 11)), np.uint8),
+    }
+    weights = masked_ckpt
+    if which == "plain_recorded":
+        pre = {"mask": "none", "crop": "box", "grid": [16, 24, 16]}
+        weights = save_checkpoint(
+            tmp_path / "ck", params, CONFIG, classes=CLASSES, meta={"preprocessing": pre}
+        )
+    argv = ["segment", str(src), "--weights", str(weights), *[str(files.get(e, e)) for e in extra]]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out").exists()

@@ -111,6 +111,17 @@ def test_one_fold_end_to_end(dataset, weights, tmp_path, capsys, monkeypatch):
     assert best.config.n_classes == 4 and best.classes[3] == "cerebrospinal fluid"
     assert best.normalization == metrics["normalization"] == "zscore"  # auto: the initial checkpoint's
     assert "mean Dice" in capsys.readouterr().out
+    # one prediction path: segment with the fold's checkpoint on the raw test image gives its labels
+    assert cfg["preprocessing"]["mask"] == "none" and cfg["brain_mask"].startswith("none (auto")
+    raw = dataset / "derivatives/sub-002/unbiased/sub-002_uni_unbiased.nii.gz"
+    assert main(["segment", str(raw), "--weights", str(fold / "checkpoints/best"), "--out", "seg"]) == 0
+    seg = nib.load(tmp_path / "seg" / "sub-002_uni_unbiased_desc-cerebrum_dseg.nii.gz")
+    np.testing.assert_array_equal(np.asarray(seg.dataobj), np.asarray(dseg.dataobj))
+    np.testing.assert_allclose(seg.affine, dseg.affine)
+    assert (
+        "| brain mask (all subjects, the test subject too) | none: unmasked"
+        in (fold / "report.md").read_text()
+    )
     # a second run into the same directory needs --resume; resuming a finished run only re-evaluates
     assert main(_args(dataset, weights, "run", "--fold", "2")) == 2
     assert main(_args(dataset, weights, "run", "--fold", "2", "--resume")) == 0
@@ -125,6 +136,7 @@ def test_voxelwise_normalisation_from_the_training_subjects_reaches_segment(
     training subjects (on the grid, brain-masked), which checkpoints/best carries and segment applies."""
     out = tmp_path / "run"
     extra = ["--fold", "2", "--set", "normalization=voxelwise", "--set", "epochs_finetune=0"]
+    extra += ["--test-mask", "labels"]  # the paper's protocol: every subject masked by its labels
     assert main(_args(dataset, weights, out, *extra)) == 0
     fold = out / "fold-2"
     best = checkpoint.load_checkpoint(fold / "checkpoints" / "best")
@@ -148,19 +160,56 @@ def test_voxelwise_normalisation_from_the_training_subjects_reaches_segment(
     assert json.loads((fold / "metrics.json").read_text())["normalization"] == "voxelwise"
     words = "| input normalisation | voxelwise (mean/std volumes of sub-001, sub-003 on the 16x16x16 grid"
     assert words in (fold / "report.md").read_text()
-    # segment applies the same volumes: on the masked test image it reproduces the run's predictions
-    image, affine = masked("sub-002")
-    nib.save(nib.Nifti1Image(image.astype(np.float32), affine), tmp_path / "masked.nii.gz")
+    assert "the manual labels > 0 (the original paper's protocol" in (fold / "report.md").read_text()
+    # segment applies the same volumes and, given the mask, reproduces the run's predictions; without a
+    # mask it refuses (the model never saw an unmasked head)
     raw = dataset / "derivatives/sub-002/unbiased/sub-002_uni_unbiased.nii.gz"
+    labels = dataset / "derivatives/sub-002/labeled/sub-002_labels_v01.nii.gz"
     seg = tmp_path / "seg"
     capsys.readouterr()
-    args = ["segment", str(raw), str(tmp_path / "masked.nii.gz"), "--weights", str(fold / "checkpoints/best")]
-    assert main([*args, "--out", str(seg)]) == 0
-    assert "normalisation voxelwise" in capsys.readouterr().out
-    assert nib.load(seg / "sub-002_uni_unbiased_desc-cerebrum_dseg.nii.gz").shape == SHAPE
-    ours = nib.load(seg / "masked_desc-cerebrum_probseg.nii.gz").get_fdata()
+    args = ["segment", str(raw), "--weights", str(fold / "checkpoints/best"), "--out", str(seg)]
+    assert main(args) == 2 and "brain-masked" in capsys.readouterr().err
+    assert main([*args, "--mask", str(labels)]) == 0
+    assert "voxelwise normalisation" in capsys.readouterr().out
+    ours = nib.load(seg / "sub-002_uni_unbiased_desc-cerebrum_probseg.nii.gz").get_fdata()
     run = nib.load(fold / "predictions/sub-002_desc-cerebrum_probseg.nii.gz").get_fdata()
-    np.testing.assert_allclose(ours, run, atol=1e-4)
+    np.testing.assert_array_equal(ours, run)
+
+
+def test_from_scratch(dataset, tmp_path):
+    """--weights none: random init with the config's n_filters, no warm-up, said in log and report."""
+    out = tmp_path / "run"
+    assert main(_args(dataset, "none", out, "--fold", "1", "--set", "n_filters=3")) == 0
+    fold = out / "fold-1"
+    best = checkpoint.load_checkpoint(fold / "checkpoints/best")
+    assert best.config.n_filters == 3 and best.normalization == "zscore"
+    history = [json.loads(line) for line in (fold / "metrics.jsonl").read_text().splitlines()]
+    assert [h["phase"] for h in history] == ["finetune"]
+    metrics = json.loads((fold / "metrics.json").read_text())
+    assert metrics["initial_weights"] == "none" and metrics["epochs"]["warmup"] == 0
+    assert "training from scratch" in (fold / "log.txt").read_text()
+    assert "trained from scratch: random initialisation, n_filters 3" in (fold / "report.md").read_text()
+
+
+def test_test_subject_is_prepared_without_its_labels(dataset, tmp_path):
+    """The default (no mask files: test_mask none) never reads the test subject's labels to prepare it:
+    replacing them changes the evaluation only, not the network input."""
+    import shutil
+
+    other = tmp_path / "data"
+    shutil.copytree(dataset, other)
+    lab = other / "derivatives/sub-002/labeled/sub-002_labels_v01.nii.gz"
+    img = nib.load(lab)
+    nib.save(nib.Nifti1Image(np.roll(np.asarray(img.dataobj), 5, axis=0), img.affine), lab)
+    cfgs = [
+        config.load_config("demo").override(data=str(d), fold=2, grid=(16, 16, 16)) for d in (dataset, other)
+    ]
+    a, b = (finetune.load_fold(c, log=lambda _: None) for c in cfgs)
+    np.testing.assert_array_equal(a["test"][0]["x"], b["test"][0]["x"])
+    assert not np.array_equal(a["test"][0]["labels"], b["test"][0]["labels"])
+    paper = [c.override(test_mask="labels") for c in cfgs]  # the paper's protocol does read them
+    a, b = (finetune.load_fold(c, log=lambda _: None) for c in paper)
+    assert not np.array_equal(a["test"][0]["x"], b["test"][0]["x"])
 
 
 def test_same_seed_same_result(dataset, weights, tmp_path):
@@ -337,6 +386,16 @@ def test_bids_layout_label_and_mask_names_from_the_command_line(weights, tmp_pat
     assert cfg["config"]["seg_name"] == "aseg" and cfg["config"]["mask_name"] == "brainmask"
     assert cfg["data"] == str(root) and cfg["test_subject"] == "sub-002"
     assert (out / "fold-2" / "predictions" / "sub-002_desc-cerebrum_dseg.nii.gz").is_file()
+    assert cfg["preprocessing"]["mask"] == "file"  # auto: every subject has a mask file
+    raw = root / "sub-002" / "anat" / "sub-002_T1w.nii.gz"
+    ck = out / "fold-2" / "checkpoints" / "best"
+    args = ["segment", str(raw), "--weights", str(ck), "--out", str(tmp_path / "seg")]
+    assert main(args) == 2 and "give --mask" in capsys.readouterr().err
+    assert main([*args, "--mask", str(root / "sub-002" / "seg" / "sub-002_brainmask.nii.gz")]) == 0
+    run = nib.load(out / "fold-2" / "predictions" / "sub-002_desc-cerebrum_dseg.nii.gz").get_fdata()
+    np.testing.assert_array_equal(
+        nib.load(tmp_path / "seg" / "sub-002_T1w_desc-cerebrum_dseg.nii.gz").get_fdata(), run
+    )
 
 
 def test_labels_outside_the_map_exit_2(tmp_path, weights, capsys):

@@ -423,11 +423,11 @@ def test_json_config_round_trip(tmp_path, good):
         config.load_config(path)
 
 
-@pytest.mark.parametrize("name", ["demo", "schneider19"])
+@pytest.mark.parametrize("name", ["demo", "schneider19", "fewlabel"])
 def test_shipped_experiments_load(name):
     cfg = config.load_config(name)
     assert cfg.grid is not None and all(g % 8 == 0 for g in cfg.grid)
     n = finetune.label_map_of(cfg).n_classes
-    assert n == {"demo": 4, "schneider19": 8}[name]
+    assert n == {"demo": 4, "schneider19": 8, "fewlabel": 8}[name]
     reduced = finetune.label_map_of(cfg.override(labels="schneider-reduced")).n_classes
     assert reduced == 7

@@ -8,6 +8,9 @@ Python API (pure functions on arrays)::
     import cerebrum_jax as cj
     params = cj.init_params(cj.ModelConfig(), key)                   # or cj.load_checkpoint(dir).params
     probs = cj.segment(volume, params, config)                        # (D, H, W, n_classes), sums to 1
+    ckpt = cj.load_checkpoint(run + "/checkpoints/best")               # a fine-tuned model: its recorded
+    probs = cj.predict_volume(ckpt.params, ckpt.config,               # preprocessing, as segment applies it
+                              cj.Preprocessing.from_dict(ckpt.meta["preprocessing"]), volume, affine)
     loss, terms = cj.loss_terms(logits, labels, weights, cj.LossConfig())
     images, labels = cj.augment_batch(keys, images, labels, cj.AugmentConfig())
     step = cj.make_train_step(config, cj.LossConfig(), cj.make_optimizer(mask, 1e-4))
@@ -50,6 +53,9 @@ _LAZY = {
     "evaluate": "metrics",
     "load_checkpoint": "checkpoint",
     "save_checkpoint": "checkpoint",
+    "Preprocessing": "inputs",
+    "ensemble": "predictor",
+    "predict_volume": "predictor",
 }
 
 __all__ = [

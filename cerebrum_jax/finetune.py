@@ -33,6 +33,7 @@ from cerebrum_jax.augment import AugmentConfig
 from cerebrum_jax.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from cerebrum_jax.config import REPO, TrainConfig
 from cerebrum_jax.errors import InputError
+from cerebrum_jax.runguard import LOCK_NAME, check_training_fits, guarded, read_json
 
 DEFAULT_WEIGHTS = ("weights/glasgow", "weights/demo")
 
@@ -231,7 +232,7 @@ class RunLog:
 def check_run_dir(run_dir: Path, resume: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError("is a file, not a run directory", run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+    if run_dir.exists() and any(p.name != LOCK_NAME for p in run_dir.iterdir()) and not resume:
         raise InputError("run directory is not empty; use --resume to continue it, or another --out", run_dir)
 
 
@@ -252,9 +253,11 @@ def prepare_fold(cfg: TrainConfig, log=print) -> dict:
         fold_mesh(cfg, cfg.grid)
     weights_path = find_weights(cfg.weights, log)
     ckpt = load_checkpoint(weights_path)
+    check_training_fits(cfg, cfg.grid, label_map_of(cfg).n_classes, ckpt.config.n_filters)
     normalization, why = preprocess.resolve_normalization(cfg.normalization, ckpt.normalization)
     log(f"input normalisation: {normalization} ({why})")
     fold = load_fold(cfg, log, normalization)
+    check_training_fits(cfg, fold["grid"], fold["label_map"].n_classes, ckpt.config.n_filters)
     label_map = fold["label_map"]
     mesh = fold_mesh(cfg, fold["grid"])
     model_config = train.finetune_model_config(ckpt, label_map.n_classes, 0.1 if cfg.dropout else 0.0)
@@ -299,6 +302,7 @@ def checkpoints_left(run_dir: Path, weights_path) -> str:
     return f"no checkpoint was written yet; the initial weights are unchanged at {weights_path}"
 
 
+@guarded  # the run directory's lock for the run; --resume checks
 def run_fold(
     cfg: TrainConfig,
     workdir,
@@ -477,7 +481,7 @@ def run_cv(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True
         D.split_fold(subjects, k, cfg.val_subject)
         fold_dir = out / f"fold-{k}"
         if resume and (fold_dir / "metrics.json").is_file():
-            results[k] = json.loads((fold_dir / "metrics.json").read_text())
+            results[k] = read_json(fold_dir / "metrics.json", "metrics.json")
         else:
             check_run_dir(fold_dir, resume)
             todo.append(k)

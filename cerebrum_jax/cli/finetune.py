@@ -8,7 +8,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from cerebrum_jax.config import apply_sets, load_config
+from cerebrum_jax.config import apply_sets, find_config, load_config
 from cerebrum_jax.errors import InputError
 
 # option dest -> config key, for the options that map one to one
@@ -161,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
     from cerebrum_jax import finetune, train  # heavy imports after argument checks
 
     cfg, fold, out = resolve(args)
+    print(f"config: {find_config(args.config).absolute()}", flush=True)
     progress = not args.no_progress
     try:
         if fold == "all":

@@ -12,6 +12,7 @@ import numpy as np
 from cerebrum_jax import nifti, preprocess, sharding
 from cerebrum_jax.checkpoint import load_checkpoint
 from cerebrum_jax.errors import InputError
+from cerebrum_jax.fsafe import DirLock
 from cerebrum_jax.segment import NORMALIZATIONS, labels_from, segment
 
 DEFAULT_WEIGHTS = ("weights/glasgow", "weights/demo")
@@ -163,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
     )
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)  # fails fast on an unwritable place, before any compute
+    lock = DirLock(out, "segment")  # one run at a time into OUT (InputError naming the other's pid)
     try:
         for path in paths:
             start = time.perf_counter()
@@ -184,7 +186,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"{path}: shape {data.shape}, segmented in {seconds:.1f} s -> {prefix}_*", flush=True)
         nifti.write_text(out / "dseg.tsv", dseg_tsv(ckpt.classes))
     except BaseException:
+        lock.release()
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
+    lock.release()
     return 0

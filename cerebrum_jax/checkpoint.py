@@ -110,12 +110,13 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        with deferred_interrupt(), ocp.StandardCheckpointer() as ckptr:  # Ctrl-C: after the save
-            ckptr.save(tmp / STATE_DIR, tree)
-            ckptr.wait_until_finished()
-        info[DIGEST_KEY] = state_digest(tmp / STATE_DIR)
-        (tmp / META_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
-        replace_dir(tmp, path)
+        with deferred_interrupt():  # Ctrl-C: once the checkpoint is complete under its final name
+            with ocp.StandardCheckpointer() as ckptr:
+                ckptr.save(tmp / STATE_DIR, tree)
+                ckptr.wait_until_finished()
+            info[DIGEST_KEY] = state_digest(tmp / STATE_DIR)
+            (tmp / META_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+            replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

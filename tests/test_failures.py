@@ -443,3 +443,20 @@ def test_ctrl_c_during_training(files, tmp_path):
     assert ckpts == ["best", "last"]  # no temporary directory of an interrupted save
     loop = json.loads((out / "fold-1" / "checkpoints" / "last" / "loop.json").read_text())
     assert len(loop["state_sha256"]) == 64
+
+
+class _CtrlC:
+    """A metadata value whose text form presses Ctrl-C (sends this process SIGINT) while the checkpoint is
+    being written (``save_checkpoint`` turns it into text inside its save)."""
+
+    def __str__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        return "pressed"
+
+
+def test_ctrl_c_during_a_checkpoint_save_finishes_the_save_first(files, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint(tmp_path / "ck", files["params"], CONFIG, meta={"note": _CtrlC()})
+    loaded = checkpoint.load_checkpoint(tmp_path / "ck")  # complete, digest and all
+    assert loaded.meta["note"] == "pressed" and sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored

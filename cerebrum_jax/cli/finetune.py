@@ -97,7 +97,12 @@ def add_parser(sub) -> None:
         help="any config key (repeatable; VALUE as JSON, else text), e.g. seg_name=aseg, "
         "mask_name=brainmask (BIDS label and mask files), class_weights=none, lr_finetune=1e-5",
     )
-    p.add_argument("--resume", action="store_true", help="continue the run in OUT from checkpoints/last")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in OUT from checkpoints/last, with the run's own config (config.json): a "
+        "differing key is refused, but for the performance-only --mesh, --remat and --precision",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     from cerebrum_jax.sharding import add_performance_args
 

@@ -410,12 +410,14 @@ def test_memory_estimate_matches_its_calibration():
 
     # BENCHMARKS.md: XLA:CPU asked 94.0 GB for 256x352x224, 8 classes, n_filters 24; kept on the low side
     est = memory.train_step_bytes((256, 352, 224), 8, 24, 1)
-    assert 0.6 * 94e9 < est <= 94e9
+    assert 0.7 * 94e9 < est <= 94e9
     assert memory.train_step_bytes((64, 64, 64), 8, 24, 2) == 2 * memory.train_step_bytes((64, 64, 64), 8, 24)
-    assert (
-        memory.train_step_bytes((64, 64, 64), 8, 24, n_devices=4)
-        == memory.train_step_bytes((32, 64, 64), 8, 24) / 2
+    # virtual CPU devices share one RAM; GPUs split the step (and get a lower-bound figure)
+    assert memory.train_step_bytes((64, 64, 64), 8, 24, n_devices=4) == memory.train_step_bytes(
+        (64, 64, 64), 8, 24
     )
+    gpu = memory.train_step_bytes((256, 352, 224), 8, 24, n_devices=4, backend="gpu")
+    assert gpu < est / 4 / 8 and memory.mesh_devices("2x4") == 8 and memory.mesh_devices(None) == 1
     assert memory.train_step_bytes((10, 10, 10), 8, 24, bytes_per_voxel=100) == 100_000
 
 

@@ -5,6 +5,10 @@ Layout of a checkpoint directory::
     CKPT/cerebrum.json   model config, class names, input normalisation kind, provenance
     CKPT/state/          Orbax StandardCheckpointer tree {"params": ..., ["normalization": {"mean", "std"}]}
 
+cerebrum.json records ``state_sha256`` (``state_digest``: every file of state/ in a stable order), checked
+on load, so a flipped byte is refused instead of loading as NaN weights; checkpoints written before the
+digest existed load without it. Non-finite parameters are refused on load as well.
+
 Directories are written under a temporary name and renamed at the end, so a failed write
 leaves nothing half-written under the final name.
 """
@@ -12,6 +16,7 @@ leaves nothing half-written under the final name.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -24,6 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from cerebrum_jax.errors import InputError
+from cerebrum_jax.fsafe import deferred_interrupt
 from cerebrum_jax.model import DIVISOR, ModelConfig
 from cerebrum_jax.nifti import replace_dir
 
@@ -31,6 +37,7 @@ FORMAT = "cerebrum-jax-checkpoint"
 META_FILE = "cerebrum.json"
 STATE_DIR = "state"
 NORMALIZATIONS = ("voxelwise", "zscore", "none")
+DIGEST_KEY = "state_sha256"
 
 
 class Checkpoint(NamedTuple):
@@ -103,11 +110,13 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp / STATE_DIR, tree)
-            ckptr.wait_until_finished()
-        (tmp / META_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
-        replace_dir(tmp, path)
+        with deferred_interrupt():  # Ctrl-C: once the checkpoint is complete under its final name
+            with ocp.StandardCheckpointer() as ckptr:
+                ckptr.save(tmp / STATE_DIR, tree)
+                ckptr.wait_until_finished()
+            info[DIGEST_KEY] = state_digest(tmp / STATE_DIR)
+            (tmp / META_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+            replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -137,8 +146,9 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a checkpoint written by ``save_checkpoint``; params come back as numpy float32 arrays."""
     path = Path(path).absolute()
     info = read_meta(path)
+    check_digest(path, info.pop(DIGEST_KEY, None))
     try:
-        with ocp.StandardCheckpointer() as ckptr:
+        with deferred_interrupt(), ocp.StandardCheckpointer() as ckptr:
             tree = ckptr.restore(path / STATE_DIR)
     except Exception as e:
         raise InputError(f"cannot restore Orbax state ({type(e).__name__}: {str(e)[:200]})", path) from None
@@ -153,6 +163,33 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return ckpt
 
 
+def state_digest(state_dir: str | os.PathLike) -> str:
+    """sha256 (hex) over every file under ``state_dir``: relative path, size and bytes, in sorted order."""
+    state_dir = Path(state_dir)
+    h = hashlib.sha256()
+    for f in sorted(p for p in state_dir.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(state_dir).as_posix()}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as src:
+            for block in iter(lambda: src.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def check_digest(path: Path, expected: str | None) -> None:
+    """InputError naming ``path`` when state/ no longer has the digest recorded at save (None: not recorded,
+    a checkpoint from before digests; nothing to check)."""
+    if expected is None:
+        return
+    if not (path / STATE_DIR).is_dir():
+        raise InputError(f"has no {STATE_DIR}/ directory", path)
+    if state_digest(path / STATE_DIR) != expected:
+        raise InputError(
+            f"{STATE_DIR}/ does not match the sha256 recorded in {META_FILE} (a corrupt or modified file): "
+            "not loaded; copy the checkpoint again or use another",
+            path,
+        )
+
+
 def check_checkpoint(ckpt: Checkpoint, path) -> None:
     """InputError naming ``path`` unless params, class names and normalisation volumes fit the config."""
     expected = ckpt.config.param_shapes()
@@ -165,6 +202,11 @@ def check_checkpoint(ckpt: Checkpoint, path) -> None:
             got = tuple(np.shape(params[name].get(part)))
             if got != shape:
                 raise InputError(f"{name}/{part} has shape {got}, the config needs {shape}", path)
+    for name in expected:
+        for part in ("kernel", "bias"):
+            bad = int(np.size(params[name][part]) - np.count_nonzero(np.isfinite(params[name][part])))
+            if bad:
+                raise InputError(f"{name}/{part} holds {bad} NaN or infinite values: not loaded", path)
     if len(ckpt.classes) != ckpt.config.n_classes:
         raise InputError(f"{len(ckpt.classes)} class names for {ckpt.config.n_classes} classes", path)
     if ckpt.normalization not in NORMALIZATIONS:
@@ -180,3 +222,5 @@ def check_checkpoint(ckpt: Checkpoint, path) -> None:
                 f"of positive multiples of {DIVISOR}",
                 path,
             )
+        if not all(np.isfinite(ckpt.norm_volumes[k]).all() for k in ("mean", "std")):
+            raise InputError("mean/std volumes hold NaN or infinite values: not loaded", path)

@@ -272,13 +272,15 @@ def check_value(hint, value, name: str) -> Any:
 
 
 def find_config(name_or_file: str) -> Path:
-    """``experiments/<name>.py`` (cwd, then the repository) or an existing .py / .json file."""
+    """``experiments/<name>.py`` (the package's own experiments first, then the current directory's: a
+    folder that happens to hold an experiments/demo.py never replaces the shipped demo) or an existing
+    .py / .json file. ``finetune`` prints which file it uses."""
     path = Path(name_or_file)
     if path.suffix in (".py", ".json"):
         if not path.is_file():
             raise InputError("config file does not exist", path)
         return path
-    for base in (Path.cwd(), REPO):
+    for base in (REPO, Path.cwd()):
         candidate = base / "experiments" / f"{name_or_file}.py"
         if candidate.is_file():
             return candidate
@@ -291,8 +293,9 @@ def load_config(name_or_file: str | os.PathLike) -> TrainConfig:
     if path.suffix == ".json":
         try:
             values = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise InputError(f"cannot read config ({e})", path) from None
+        except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+            reason = " ".join(str(e).split())[:150]
+            raise InputError(f"cannot read config ({type(e).__name__}: {reason})", path) from None
         if not isinstance(values, dict):
             raise InputError("a JSON config must be an object {key: value}", path)
         return TrainConfig().override(str(path), **values)

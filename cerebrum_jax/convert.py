@@ -55,6 +55,9 @@ CONV_CLASSES = (
     "Dense",
     "SeparableConv2D",
 )
+# parameters a file may declare before anything is read: the published model (n_filters 24) has 4.7 MiB,
+# n_filters 256 about 0.5 GiB; a header declaring more is a broken or foreign file, not a model to load
+MAX_PARAM_BYTES = 2 * 2**30
 
 
 def git_blob_id(path: str | os.PathLike) -> str:
@@ -90,8 +93,9 @@ def _weight_base(weight_name: str) -> str:
     return weight_name.rsplit("/", 1)[-1].split(":", 1)[0]
 
 
-def _read_weights(root: h5py.Group, path: Path) -> dict[str, dict[str, np.ndarray]]:
-    """{layer: {"kernel", "bias"}} for every layer that has weights; InputError on a broken file."""
+def _read_weights(root: h5py.Group, path: Path) -> dict[str, dict[str, h5py.Dataset]]:
+    """{layer: {"kernel", "bias"}} datasets (not read yet) for every layer that has weights; InputError on a
+    broken file."""
     layer_names = _read_attr_list(root, "layer_names")
     if layer_names is None:
         raise InputError("not a Keras model or weights file (no 'layer_names' attribute)", path)
@@ -104,7 +108,7 @@ def _read_weights(root: h5py.Group, path: Path) -> dict[str, dict[str, np.ndarra
         for wname in names:
             if not isinstance(root[name].get(wname), h5py.Dataset):
                 raise InputError(f"layer {name!r}: weight {wname!r} is missing", path)
-            arrays[_weight_base(wname)] = np.array(root[name][wname])
+            arrays[_weight_base(wname)] = root[name][wname]  # read only after every shape is checked
         if arrays:
             weights[name] = arrays
     return weights
@@ -165,7 +169,9 @@ def _config_from_model_config(layers: dict, path: Path) -> ModelConfig:
 
 
 def _check_shapes(weights: dict, config: ModelConfig, path: Path) -> dict:
-    """Params {layer: {"kernel", "bias"}} float32 after checking every layer's presence and shapes."""
+    """Params {layer: {"kernel", "bias"}} float32, read from the datasets of ``weights`` only after every
+    layer's presence and declared shape, and their total size (``MAX_PARAM_BYTES``), are checked; InputError
+    on NaN/inf values."""
     missing = [n for n in LAYER_NAMES if n not in weights]
     if missing:
         raise InputError(f"layer {missing[0]} is missing (not a CEREBRUM-7T weights file?)", path)
@@ -180,7 +186,19 @@ def _check_shapes(weights: dict, config: ModelConfig, path: Path) -> dict:
                 raise InputError(f"layer {name}: no {part}", path)
             if got.shape != shape:
                 raise InputError(f"layer {name}: {part} has shape {got.shape}, expected {shape}", path)
-        params[name] = {part: weights[name][part].astype(np.float32) for part in ("kernel", "bias")}
+    n_bytes = 4 * sum(int(np.prod(s)) for shapes in config.param_shapes().values() for s in shapes.values())
+    if n_bytes > MAX_PARAM_BYTES:
+        raise InputError(
+            f"declares {n_bytes / 2**30:.1f} GiB of parameters (n_filters {config.n_filters}), more than "
+            f"{MAX_PARAM_BYTES / 2**30:.0f} GiB: not a CEREBRUM-7T model; nothing was read",
+            path,
+        )
+    for name in config.param_shapes():
+        params[name] = {part: np.asarray(weights[name][part][()], np.float32) for part in ("kernel", "bias")}
+        for part, values in params[name].items():
+            bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+            if bad:
+                raise InputError(f"layer {name}: {part} holds {bad} NaN or infinite values", path)
     return params
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from cerebrum_jax.errors import InputError
+from cerebrum_jax.fsafe import read_text
 from cerebrum_jax.nifti import write_text
 
 CONTRASTS = ("uni", "inv1", "inv2", "t1", "t2s")
@@ -159,10 +160,7 @@ class LabelMap:
         Without a source column, source value = index. Indices must be 0..K-1 with 0 the background.
         """
         path = Path(path)
-        try:
-            text = path.read_text()
-        except OSError as e:
-            raise InputError(f"cannot read label table ({e.strerror or e})", path) from None
+        text = read_text(path, "label table")
         rows = list(csv.DictReader(io.StringIO(text), delimiter="\t"))
         fields = [f.strip().lower() for f in (rows[0].keys() if rows else [])]
         if not rows or "index" not in fields or "name" not in fields:

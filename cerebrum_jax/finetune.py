@@ -33,6 +33,7 @@ from cerebrum_jax.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from cerebrum_jax.config import REPO, TrainConfig
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.model import ModelConfig
+from cerebrum_jax.runguard import LOCK_NAME, check_training_fits, guarded, read_json
 
 DEFAULT_WEIGHTS = ("weights/glasgow", "weights/demo")
 MASK_WORDS = {
@@ -242,7 +243,7 @@ class RunLog:
 def check_run_dir(run_dir: Path, resume: bool) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError("is a file, not a run directory", run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+    if run_dir.exists() and any(p.name != LOCK_NAME for p in run_dir.iterdir()) and not resume:
         raise InputError("run directory is not empty; use --resume to continue it, or another --out", run_dir)
 
 
@@ -267,17 +268,20 @@ def prepare_fold(cfg: TrainConfig, log=print) -> dict:
     if cfg.weights == "none":  # from scratch: random init of the config's width, nothing frozen
         weights_path, ckpt = None, None
         model_config = ModelConfig(n_filters=cfg.n_filters, n_classes=n_classes, dropout_rate=dropout)
+        check_training_fits(cfg, cfg.grid, n_classes, cfg.n_filters)
         params, frozen = train.init_from_scratch(model_config, jax.random.key(cfg.seed))
         log(f"training from scratch: random initialisation, n_filters {cfg.n_filters}, no warm-up phase")
         normalization, why = preprocess.resolve_normalization(cfg.normalization, "zscore")
     else:
         weights_path = find_weights(cfg.weights, log)
         ckpt = load_checkpoint(weights_path)
+        check_training_fits(cfg, cfg.grid, n_classes, ckpt.config.n_filters)
         model_config = train.finetune_model_config(ckpt, n_classes, dropout)
         params, frozen = train.load_finetune_init(ckpt, n_classes, cfg.last_layer, jax.random.key(cfg.seed))
         normalization, why = preprocess.resolve_normalization(cfg.normalization, ckpt.normalization)
     log(f"input normalisation: {normalization} ({why})")
     fold = load_fold(cfg, log, normalization)
+    check_training_fits(cfg, fold["grid"], n_classes, model_config.n_filters)
     log(f"brain mask: {fold['preprocessing'].mask} ({fold['mask_note']})")
     mesh = fold_mesh(cfg, fold["grid"])
     return {
@@ -325,6 +329,7 @@ def checkpoints_left(run_dir: Path, weights_path) -> str:
     return f"no checkpoint was written yet; the initial weights are unchanged at {weights_path}"
 
 
+@guarded  # the run directory's lock for the run; --resume checks
 def run_fold(
     cfg: TrainConfig,
     workdir,
@@ -511,7 +516,7 @@ def run_cv(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True
         D.split_fold(subjects, k, cfg.val_subject)
         fold_dir = out / f"fold-{k}"
         if resume and (fold_dir / "metrics.json").is_file():
-            results[k] = json.loads((fold_dir / "metrics.json").read_text())
+            results[k] = read_json(fold_dir / "metrics.json", "metrics.json")
         else:
             check_run_dir(fold_dir, resume)
             todo.append(k)

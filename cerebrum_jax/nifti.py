@@ -19,8 +19,9 @@ def load_nifti(path: str | os.PathLike, *, what: str = "image", allow_nonfinite:
     """Read a 3-D NIfTI volume: returns (data as float32 (X, Y, Z), nibabel image with affine and header).
 
     A 4-D image whose 4th axis has length 1 is squeezed to 3-D. Raises InputError naming ``path``
-    for a missing, unreadable or non-NIfTI file, a 2-D or 4-D volume, non-numeric data, NaN/inf
-    voxels, or values beyond the float32 range.
+    for a missing, unreadable or non-NIfTI file, a 2-D or 4-D volume, a singular or non-finite affine
+    or zero voxel sizes (``check_geometry``), non-numeric data, NaN/inf voxels, or values beyond the
+    float32 range.
     """
     path = Path(path)
     if not path.exists():
@@ -33,6 +34,7 @@ def load_nifti(path: str | os.PathLike, *, what: str = "image", allow_nonfinite:
         raise InputError(f"not a readable NIfTI file ({type(e).__name__}: {_first_line(e)})", path) from None
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise InputError(f"not a NIfTI image (nibabel read it as {type(img).__name__})", path)
+    check_geometry(img, path, what)
     shape = img.shape
     if len(shape) == 4 and shape[3] == 1:
         shape = shape[:3]
@@ -61,6 +63,24 @@ def load_nifti(path: str | os.PathLike, *, what: str = "image", allow_nonfinite:
     with np.errstate(over="ignore", invalid="ignore"):  # only reached out of range with allow_nonfinite
         data = data.astype(np.float32)
     return data, img
+
+
+def check_geometry(img, path, what: str = "image") -> None:
+    """InputError naming ``path`` unless the voxel-to-world affine is finite and invertible and the voxel
+    sizes of the header (pixdim, used for distances in mm) are finite and non-zero."""
+    affine = np.asarray(img.affine, np.float64)
+    if not np.isfinite(affine).all():
+        raise InputError(f"{what} affine (voxel-to-world matrix) holds NaN or infinite values", path)
+    det = float(np.linalg.det(affine[:3, :3]))
+    if not abs(det) > 1e-12:
+        raise InputError(
+            f"{what} affine (voxel-to-world matrix) is singular (determinant {det:.3g}): its voxels have "
+            "no size or orientation; fix the header (sform/qform)",
+            path,
+        )
+    zooms = np.asarray(img.header.get_zooms()[:3], np.float64)
+    if not (np.isfinite(zooms).all() and (zooms != 0).all()):
+        raise InputError(f"{what} voxel sizes (pixdim) {tuple(zooms.tolist())} must be finite, not 0", path)
 
 
 def _first_line(e: Exception) -> str:

@@ -14,6 +14,7 @@ import numpy as np
 from nibabel import processing
 from scipy import ndimage
 
+from cerebrum_jax.errors import InputError
 from cerebrum_jax.model import DIVISOR
 
 
@@ -21,12 +22,16 @@ def zscore(volume: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """Per-volume z-score (float32), statistics from the voxels inside ``mask`` (all voxels when None).
 
     Voxels outside the mask are normalised with the same statistics (so a brain-masked input whose
-    background is 0 keeps a constant background). A constant volume maps to 0.
+    background is 0 keeps a constant background). A constant volume maps to 0. Statistics and the
+    division run in float64 (in float32 the variance of values beyond ~1e19 overflows and every voxel
+    became 0); InputError if they are still not finite.
     """
-    volume = np.asarray(volume, np.float32)
+    volume = np.asarray(volume, np.float64)
     values = volume if mask is None else volume[np.asarray(mask, bool)]
     mean = float(values.mean()) if values.size else 0.0
     std = float(values.std()) if values.size else 0.0
+    if not (np.isfinite(mean) and np.isfinite(std)):
+        raise InputError(f"z-score statistics of the image are not finite (mean {mean:.3g}, std {std:.3g})")
     return ((volume - mean) / (std if std > 0 else 1.0)).astype(np.float32)
 
 

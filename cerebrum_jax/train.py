@@ -26,8 +26,9 @@ from tqdm import tqdm
 
 from cerebrum_jax import losses, model, nifti, sharding
 from cerebrum_jax.augment import AugmentConfig, augment_batch, view_key
-from cerebrum_jax.checkpoint import load_checkpoint
+from cerebrum_jax.checkpoint import load_checkpoint, state_digest
 from cerebrum_jax.errors import InputError
+from cerebrum_jax.fsafe import deferred_interrupt
 from cerebrum_jax.losses import LossConfig
 from cerebrum_jax.model import LAYER_NAMES, ModelConfig
 
@@ -238,9 +239,10 @@ def save_last(path: Path, state: dict, loop: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        with ocp.StandardCheckpointer() as ckptr:
+        with deferred_interrupt(), ocp.StandardCheckpointer() as ckptr:  # Ctrl-C: after the save
             ckptr.save(tmp / "state", state)
             ckptr.wait_until_finished()
+        loop = {**loop, "state_sha256": state_digest(tmp / "state")}  # checked on --resume (runguard)
         (tmp / "loop.json").write_text(json.dumps(loop, indent=1) + "\n")
         nifti.replace_dir(tmp, path)
     finally:
@@ -248,7 +250,7 @@ def save_last(path: Path, state: dict, loop: dict) -> None:
 
 
 def load_last(path: Path, like_state: dict) -> dict:
-    with ocp.StandardCheckpointer() as ckptr:
+    with deferred_interrupt(), ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(Path(path).absolute() / "state", target=like_state)
 
 

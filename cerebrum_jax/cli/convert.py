@@ -13,6 +13,7 @@ import numpy as np
 
 from cerebrum_jax import convert
 from cerebrum_jax.errors import InputError
+from cerebrum_jax.fsafe import read_text
 from cerebrum_jax.model import DIVISOR
 
 DESCRIPTION = """\
@@ -130,7 +131,7 @@ def _read_classes(spec: str | None, n_classes: int) -> list[str]:
         return [f"class_{i}" for i in range(n_classes)]
     path = Path(spec)
     if path.is_file():
-        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in read_text(path, "classes file").splitlines() if ln.strip()]
         names = [ln.split("\t", 1)[-1].strip() for ln in lines if not ln.lower().startswith("index\t")]
     else:
         names = [n.strip() for n in spec.split(",")]

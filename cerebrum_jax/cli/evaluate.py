@@ -10,6 +10,7 @@ import numpy as np
 
 from cerebrum_jax import nifti
 from cerebrum_jax.errors import InputError
+from cerebrum_jax.fsafe import read_text
 from cerebrum_jax.metrics import evaluate, format_table
 
 AFFINE_TOL_MM = 1e-3  # largest accepted difference of any entry of the two voxel-to-mm affines
@@ -43,10 +44,7 @@ def add_parser(sub) -> None:
 def read_dseg_tsv(path: str | Path) -> dict[int, str]:
     """{label value: name} from a dseg.tsv with a header line containing 'index' and 'name' columns."""
     path = Path(path)
-    try:
-        lines = [line.rstrip("\r\n") for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read label table ({type(e).__name__})", path) from None
+    lines = [line.rstrip("\r\n") for line in read_text(path, "label table").splitlines() if line.strip()]
     header = lines[0].split("\t") if lines else []
     if "index" not in header or "name" not in header:
         raise InputError("label table needs a tab-separated header with 'index' and 'name'", path)

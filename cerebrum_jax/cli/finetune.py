@@ -8,7 +8,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from cerebrum_jax.config import apply_sets, load_config
+from cerebrum_jax.config import apply_sets, find_config, load_config
 from cerebrum_jax.errors import InputError
 
 # option dest -> config key, for the options that map one to one
@@ -109,7 +109,12 @@ def add_parser(sub) -> None:
         help="any config key (repeatable; VALUE as JSON, else text), e.g. seg_name=aseg, "
         "mask_name=brainmask (BIDS label and mask files), class_weights=none, lr_finetune=1e-5",
     )
-    p.add_argument("--resume", action="store_true", help="continue the run in OUT from checkpoints/last")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in OUT from checkpoints/last, with the run's own config (config.json): a "
+        "differing key is refused, but for the performance-only --mesh, --remat and --precision",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     from cerebrum_jax.sharding import add_performance_args
 
@@ -173,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
     from cerebrum_jax import finetune, report, train  # heavy imports after argument checks
 
     cfg, fold, out = resolve(args)
+    print(f"config: {find_config(args.config).absolute()}", flush=True)
     progress = not args.no_progress
     try:
         if fold == "all":

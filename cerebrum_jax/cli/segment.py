@@ -12,6 +12,7 @@ import numpy as np
 from cerebrum_jax import inputs, nifti, predictor, preprocess, sharding
 from cerebrum_jax.checkpoint import load_checkpoint
 from cerebrum_jax.errors import InputError
+from cerebrum_jax.fsafe import DirLock
 from cerebrum_jax.inputs import NORMALIZATIONS, Preprocessing, of_checkpoint
 
 DEFAULT_WEIGHTS = ("weights/glasgow", "weights/demo")
@@ -266,6 +267,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"compute: {models[0][2].config.compute_dtype}, {where}{extra}", flush=True)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)  # fails fast on an unwritable place, before any compute
+    lock = DirLock(out, "segment")  # one run at a time into OUT (InputError naming the other's pid)
     try:
         for i, path in enumerate(paths):
             start = time.perf_counter()
@@ -286,7 +288,9 @@ def run(args: argparse.Namespace) -> int:
             )
         nifti.write_text(out / "dseg.tsv", dseg_tsv(models[0][1].classes))
     except BaseException:
+        lock.release()
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
+    lock.release()
     return 0

@@ -1,0 +1,178 @@
+"""Output directories that one run at a time may write: an exclusive lock held for the run, and the
+checks of a directory's own files (no symbolic links, no temporary leftovers of a killed write).
+
+The lock is ``fcntl.flock`` on ``DIR/.cerebrum-jax.lock``, a file that names its holder (pid, host,
+command, start time). The kernel drops a flock when its process ends, however it ends, so a killed run
+never blocks the next one; the lock file itself is removed when the lock is released (a stale one left
+by a killed process is taken over).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from cerebrum_jax.errors import InputError
+
+LOCK_NAME = ".cerebrum-jax.lock"
+
+
+class DirLock:
+    """An exclusive lock on directory ``path`` (created, with its missing parents, when it does not exist).
+
+    ``release(remove_created=True)`` also removes the directories the lock created when they hold nothing
+    else, so a run refused by a later check leaves nothing behind. Raises InputError naming ``path`` when
+    another process holds the lock (saying which: its pid, host, command and start time).
+    """
+
+    def __init__(self, path: str | os.PathLike, command: str = "cerebrum-jax"):
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise InputError("is a file, not a directory", self.path)
+        self.created = [p for p in (self.path, *self.path.parents) if not p.exists()]
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.file = self.path / LOCK_NAME
+        self.fd = self._acquire(command)
+
+    def _acquire(self, command: str) -> int:
+        for _ in range(10):  # the holder may remove the file between our open and flock: open it again
+            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                self._cleanup_created()
+                raise InputError(
+                    f"in use by another run ({holder(self.file)}); wait for it to finish, "
+                    "or choose another output directory",
+                    self.path,
+                ) from None
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.file).st_ino == os.fstat(fd).st_ino:
+                    os.ftruncate(fd, 0)
+                    os.write(fd, json.dumps(holder_record(command)).encode() + b"\n")
+                    return fd
+            os.close(fd)
+        raise InputError("cannot take the lock file (it keeps being replaced)", self.file)
+
+    def release(self, remove_created: bool = True) -> None:
+        """Remove the lock file and drop the lock (idempotent); then the directories this lock created, if
+        they are empty (``remove_created``)."""
+        if self.fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.file)  # while still held: a waiting process re-checks the inode
+        os.close(self.fd)
+        self.fd = None
+        if remove_created:
+            self._cleanup_created()
+
+    def _cleanup_created(self) -> None:
+        for p in self.created:  # deepest first
+            with contextlib.suppress(OSError):
+                p.rmdir()  # only when empty
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def holder_record(command: str) -> dict:
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": command,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "argv": " ".join(sys.argv[:8])[:300],
+    }
+
+
+def holder(lock_file: Path) -> str:
+    """'pid 1234 on HOST, finetune, started ...' from a lock file (or 'pid unknown' while it is written)."""
+    try:
+        rec = json.loads(Path(lock_file).read_text())
+        return f"pid {rec['pid']} on {rec['host']}, {rec['command']}, started {rec['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "pid unknown"
+
+
+def check_own_files(directory: str | os.PathLike) -> None:
+    """InputError naming the first symbolic link inside ``directory`` (not followed): a run writes only its
+    own files, never through a link to somewhere else."""
+    directory = Path(directory)
+    for root, dirs, files in os.walk(directory):
+        for name in sorted(dirs + files):
+            p = Path(root) / name
+            if p.is_symlink():
+                raise InputError(
+                    f"is a symbolic link (to {os.readlink(p)}); a run directory must hold only its own "
+                    "files: remove the link or use another --out",
+                    p,
+                )
+
+
+TEMP_PATTERNS = (".last.*", ".best.*", ".*.old-*", ".*.tmp*")
+
+
+def remove_leftovers(directory: str | os.PathLike, patterns=TEMP_PATTERNS, log=None) -> list[Path]:
+    """Remove the temporary files and directories of writes that were killed before their rename (names
+    as ``nifti.atomic_path``, ``nifti.replace_dir`` and the checkpoint savers make them) anywhere under
+    ``directory``; call it only while holding the directory's lock. Returns what was removed."""
+    removed = []
+    for pattern in patterns:
+        for p in sorted(Path(directory).rglob(pattern)):
+            if p.name == LOCK_NAME or not (p.exists() or p.is_symlink()):
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(p)
+    if removed and log is not None:
+        names = ", ".join(p.name for p in removed)
+        log(f"removed {len(removed)} leftover(s) of an interrupted write: {names}")
+    return removed
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt: for Orbax saves and restores,
+    whose background threads, interrupted, left the process waiting 300 s at exit and printing tracebacks
+    ("cannot schedule new futures after shutdown", "Event loop is closed"), and a temporary directory behind.
+    A no-op outside the main thread (where Python delivers signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
+
+
+def read_text(path: str | os.PathLike, what: str = "text file") -> str:
+    """The UTF-8 text of ``path``; InputError naming it when it cannot be read or is not UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(
+            f"{what} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save as UTF-8",
+            path,
+        ) from None
+    except OSError as e:
+        raise InputError(f"cannot read {what} ({e.strerror or type(e).__name__})", path) from None

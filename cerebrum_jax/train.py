@@ -250,8 +250,12 @@ def save_last(path: Path, state: dict, loop: dict) -> None:
 
 
 def load_last(path: Path, like_state: dict) -> dict:
-    with deferred_interrupt(), ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(Path(path).absolute() / "state", target=like_state)
+    try:
+        with deferred_interrupt(), ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(Path(path).absolute() / "state", target=like_state)
+    except (ValueError, OSError, KeyError, RuntimeError) as e:  # corrupt or foreign: no Orbax traceback
+        reason = " ".join(str(e).split())[:150]
+        raise InputError(f"cannot restore ({type(e).__name__}: {reason}); cannot resume", path) from None
 
 
 # ----------------------------------------------------------------------------------------------------------

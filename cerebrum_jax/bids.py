@@ -40,7 +40,8 @@ def split_name(name: str) -> tuple[dict[str, str], str | None, str]:
     """(entities {key: label}, suffix or None, extension) of a file name; entities only when BIDS-like.
 
     ``sub-01_ses-2_T1w.nii.gz`` -> ({"sub": "01", "ses": "2"}, "T1w", ".nii.gz"); a part that is not
-    ``key-label`` ends the entities (it is the suffix when last).
+    ``key-label`` ends the entities (it is the suffix when last): ``sub-002_uni_unbiased.nii.gz`` ->
+    ({"sub": "002"}, None, ".nii.gz"); ``brain.nii.gz`` -> ({}, None, ".nii.gz").
     """
     ext = next((e for e in EXTENSIONS if name.endswith(e)), Path(name).suffix)
     stem = name[: len(name) - len(ext)] if ext else name
@@ -48,8 +49,7 @@ def split_name(name: str) -> tuple[dict[str, str], str | None, str]:
     for i, part in enumerate(parts):
         key, sep, label = part.partition("-")
         if not sep or not re.fullmatch(_LABEL, label) or not re.fullmatch("[a-z]+", key):
-            suffix = part if i == len(parts) - 1 else None
-            return (entities, suffix, ext) if entities and suffix is not None else ({}, None, ext)
+            return entities, (part if entities and i == len(parts) - 1 else None), ext
         entities[key] = label
     return entities, None, ext
 

@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cerebrum_jax import data as D
-from cerebrum_jax import losses, metrics, model, nifti, preprocess, report, sharding, train
+from cerebrum_jax import losses, metrics, model, nifti, preprocess, report, results_page, sharding, train
 from cerebrum_jax.augment import AugmentConfig
 from cerebrum_jax.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from cerebrum_jax.config import REPO, TrainConfig
@@ -150,7 +150,7 @@ def write_predictions(out: Path, subject: dict, probs: np.ndarray, cfg: TrainCon
     path, {"pred", "ref", "spacing"}) for the evaluation on that same grid.
     """
     img = subject["img"]
-    prefix = out / f"{subject['id']}_desc-cerebrum"
+    prefix = out / f"{results_page.prediction_prefix(subject['id'], cfg.voxel_mm)}_desc-cerebrum"
     if cfg.voxel_mm is None:
         full = preprocess.to_source_grid(probs, subject, fill=0.0)
         full[full.sum(-1) == 0, 0] = 1.0
@@ -248,6 +248,7 @@ def prepare_fold(cfg: TrainConfig, log=print) -> dict:
     losses.LossConfig(cfg.loss, cfg.class_weights)  # the cheap checks first
     AugmentConfig.from_dict(dict(cfg.augment), "augment")
     k_prob = prob_class_index(cfg, label_map_of(cfg).names)
+    results_page.surface_classes(cfg.surface_classes, label_map_of(cfg).names)
     if cfg.grid is not None:
         fold_mesh(cfg, cfg.grid)
     weights_path = find_weights(cfg.weights, log)
@@ -407,7 +408,7 @@ def run_fold(
     probs = predict(params, run_config, test, mesh)
     out = run_dir / "predictions"
     label_map.to_tsv(out / "dseg.tsv")
-    _, grids = write_predictions(out, test, probs, cfg)
+    dseg_path, grids = write_predictions(out, test, probs, cfg)
     t_predicted = time.perf_counter()
     result = metrics.evaluate(grids["pred"], grids["ref"], grids["spacing"], dict(enumerate(names)))
     t_evaluated = time.perf_counter()
@@ -451,6 +452,7 @@ def run_fold(
             "timings (s)": result["timings_s"],
         },
     )
+    results_page.fold_page(run_dir, test, probs, grids, dseg_path, prepared, result, info, figures, cfg, log)
     per_class = ", ".join(f"{n} {m['dice']:.3f}" for n, m in result["classes"].items())
     log(
         f"fold {cfg.fold} ({test['id']}): mean Dice {result['mean_dice']:.4f} ({per_class}), "
@@ -492,4 +494,5 @@ def run_cv(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True
     summary = report.cv_summary([results[k] for k in sorted(results)])
     nifti.write_text(out / "cv_summary.json", json.dumps(summary, indent=2) + "\n")
     nifti.write_text(out / "cv_summary.md", report.cv_summary_markdown(summary))
+    results_page.cv_page(out, summary, [results[k] for k in sorted(results)])
     return summary

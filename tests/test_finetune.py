@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cerebrum_jax import checkpoint, config, finetune, train
+from cerebrum_jax import bids, checkpoint, config, finetune, train
 from cerebrum_jax.cli import main
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.model import ModelConfig, init_params
@@ -89,8 +89,8 @@ def test_one_fold_end_to_end(dataset, weights, tmp_path, capsys, monkeypatch):
         "figures/probability.png",
         "checkpoints/best/cerebrum.json",
         "checkpoints/last/loop.json",
-        "predictions/sub-002_desc-cerebrum_dseg.nii.gz",
-        "predictions/sub-002_desc-cerebrum_probseg.nii.gz",
+        "predictions/sub-002_space-orig_desc-cerebrum_dseg.nii.gz",
+        "predictions/sub-002_space-orig_desc-cerebrum_probseg.nii.gz",
     ):
         assert (fold / name).is_file(), name
     metrics = json.loads((fold / "metrics.json").read_text())
@@ -103,14 +103,28 @@ def test_one_fold_end_to_end(dataset, weights, tmp_path, capsys, monkeypatch):
     assert cfg["test_subject"] == "sub-002" and "sub-002" not in cfg["train_subjects"] + cfg["val_subjects"]
     assert cfg["seed"] == 0 and cfg["config"]["grid"] == [16, 16, 16]
     src = nib.load(dataset / "derivatives/sub-002/unbiased/sub-002_uni_unbiased.nii.gz")
-    dseg = nib.load(fold / "predictions/sub-002_desc-cerebrum_dseg.nii.gz")
-    prob = nib.load(fold / "predictions/sub-002_desc-cerebrum_probseg.nii.gz")
+    dseg = nib.load(fold / "predictions/sub-002_space-orig_desc-cerebrum_dseg.nii.gz")
+    prob = nib.load(fold / "predictions/sub-002_space-orig_desc-cerebrum_probseg.nii.gz")
     assert dseg.shape == SHAPE and prob.shape == (*SHAPE, 4) and np.allclose(dseg.affine, src.affine)
     np.testing.assert_allclose(prob.get_fdata().sum(-1), 1.0, atol=1e-4)
     best = checkpoint.load_checkpoint(fold / "checkpoints/best")
     assert best.config.n_classes == 4 and best.classes[3] == "cerebrospinal fluid"
     assert best.normalization == metrics["normalization"] == "zscore"  # auto: the initial checkpoint's
     assert "mean Dice" in capsys.readouterr().out
+    # the results page (issue 10): report.html, surfaces, the class panel, a BIDS derivative run directory
+    sidecar = "predictions/sub-002_space-orig_desc-cerebrum_dseg.json"
+    for name in (
+        "report.html",
+        "figures/class_panel.png",
+        "surfaces/surfaces.json",
+        "dataset_description.json",
+        sidecar,
+    ):
+        assert (fold / name).is_file(), name
+    assert bids.validate_dataset(fold) == []
+    surf = json.loads((fold / "surfaces/surfaces.json").read_text())
+    assert [r["class"] for r in surf] == ["white matter", "grey matter"]
+    assert "## Surfaces" in (fold / "report.md").read_text()
     # a second run into the same directory needs --resume; resuming a finished run only re-evaluates
     assert main(_args(dataset, weights, "run", "--fold", "2")) == 2
     assert main(_args(dataset, weights, "run", "--fold", "2", "--resume")) == 0
@@ -157,9 +171,9 @@ def test_voxelwise_normalisation_from_the_training_subjects_reaches_segment(
     args = ["segment", str(raw), str(tmp_path / "masked.nii.gz"), "--weights", str(fold / "checkpoints/best")]
     assert main([*args, "--out", str(seg)]) == 0
     assert "normalisation voxelwise" in capsys.readouterr().out
-    assert nib.load(seg / "sub-002_uni_unbiased_desc-cerebrum_dseg.nii.gz").shape == SHAPE
-    ours = nib.load(seg / "masked_desc-cerebrum_probseg.nii.gz").get_fdata()
-    run = nib.load(fold / "predictions/sub-002_desc-cerebrum_probseg.nii.gz").get_fdata()
+    assert nib.load(seg / "sub-002_space-orig_desc-cerebrum_dseg.nii.gz").shape == SHAPE
+    ours = nib.load(seg / "masked_space-orig_desc-cerebrum_probseg.nii.gz").get_fdata()
+    run = nib.load(fold / "predictions/sub-002_space-orig_desc-cerebrum_probseg.nii.gz").get_fdata()
     np.testing.assert_allclose(ours, run, atol=1e-4)
 
 
@@ -336,7 +350,7 @@ def test_bids_layout_label_and_mask_names_from_the_command_line(weights, tmp_pat
     cfg = json.loads((out / "fold-2" / "config.json").read_text())
     assert cfg["config"]["seg_name"] == "aseg" and cfg["config"]["mask_name"] == "brainmask"
     assert cfg["data"] == str(root) and cfg["test_subject"] == "sub-002"
-    assert (out / "fold-2" / "predictions" / "sub-002_desc-cerebrum_dseg.nii.gz").is_file()
+    assert (out / "fold-2" / "predictions" / "sub-002_space-orig_desc-cerebrum_dseg.nii.gz").is_file()
 
 
 def test_labels_outside_the_map_exit_2(tmp_path, weights, capsys):

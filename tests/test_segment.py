@@ -107,8 +107,8 @@ def test_segment_cli_outputs(tmp_path, ckpt, params, shape, capsys):
     out = tmp_path / "out"
     assert main(["segment", "--weights", str(ckpt), str(src), "--out", str(out)]) == 0
     assert "segmented in" in capsys.readouterr().out
-    dseg = nib.load(out / "sub-01_T1w_desc-cerebrum_dseg.nii.gz")
-    prob = nib.load(out / "sub-01_T1w_desc-cerebrum_probseg.nii.gz")
+    dseg = nib.load(out / "sub-01_space-orig_desc-cerebrum_dseg.nii.gz")
+    prob = nib.load(out / "sub-01_space-orig_desc-cerebrum_probseg.nii.gz")
     assert dseg.shape == shape and prob.shape == (*shape, CONFIG.n_classes)
     assert dseg.get_data_dtype() == np.uint8 and prob.get_data_dtype() == np.float32
     for img in (dseg, prob):
@@ -127,7 +127,9 @@ def test_segment_cli_many_inputs_no_probseg(tmp_path, ckpt):
     out = tmp_path / "out"
     assert main(["segment", "--weights", str(ckpt), *map(str, srcs), "--out", str(out), "--no-probseg"]) == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "dseg.tsv", "s0_desc-cerebrum_dseg.nii.gz", "s1_desc-cerebrum_dseg.nii.gz"
+        "dataset_description.json", "dseg.tsv",
+        "s0_space-orig_desc-cerebrum_dseg.json", "s0_space-orig_desc-cerebrum_dseg.nii.gz",
+        "s1_space-orig_desc-cerebrum_dseg.json", "s1_space-orig_desc-cerebrum_dseg.nii.gz",
     ]  # fmt: skip
 
 
@@ -269,8 +271,11 @@ def test_outputs_get_umask_permissions(tmp_path, ckpt):
     finally:
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+    stem = "a_space-orig_desc-cerebrum"
     assert modes == {
-        "dseg.tsv": 0o644, "a_desc-cerebrum_dseg.nii.gz": 0o644, "a_desc-cerebrum_probseg.nii.gz": 0o644
+        "dseg.tsv": 0o644, "dataset_description.json": 0o644,
+        f"{stem}_dseg.nii.gz": 0o644, f"{stem}_probseg.nii.gz": 0o644,
+        f"{stem}_dseg.json": 0o644, f"{stem}_probseg.json": 0o644,
     }  # fmt: skip
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
 
@@ -287,7 +292,7 @@ def test_cpu_forward_is_the_lean_one(params):
 def segment_cli(tmp_path, ckpt, src, name, *extra):
     out = tmp_path / name
     assert main(["segment", "--weights", str(ckpt), str(src), "--out", str(out), *extra]) == 0
-    stem = out / "a_desc-cerebrum"
+    stem = out / "a_space-orig_desc-cerebrum"
     dseg = np.asarray(nib.load(f"{stem}_dseg.nii.gz").dataobj)
     return dseg, np.asarray(nib.load(f"{stem}_probseg.nii.gz").dataobj)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cerebrum_jax import nifti, preprocess, sharding
+from cerebrum_jax import bids, nifti, preprocess, sharding
 from cerebrum_jax.checkpoint import load_checkpoint
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.segment import NORMALIZATIONS, labels_from, segment
@@ -24,9 +24,12 @@ def add_parser(sub) -> None:
         help="segment whole NIfTI volumes (labels, probabilities, dseg.tsv)",
         description=(
             "Segment each input volume with one forward pass of the network over the whole volume and "
-            "write OUT/<stem>_desc-cerebrum_dseg.nii.gz (uint8 labels), "
-            "OUT/<stem>_desc-cerebrum_probseg.nii.gz (float32, classes on the 4th axis) and OUT/dseg.tsv, "
-            "with the input's affine and header. All inputs are checked before any work starts."
+            "write OUT/<prefix>_desc-cerebrum_dseg.nii.gz (uint8 labels), "
+            "OUT/<prefix>_desc-cerebrum_probseg.nii.gz (float32, classes on the 4th axis) and OUT/dseg.tsv, "
+            "with the input's affine and header, as a BIDS derivative dataset (dataset_description.json, "
+            "a JSON sidecar per file); <prefix> is the input's BIDS entities (or its name without "
+            "extension) and space-orig, e.g. sub-01_space-orig for sub-01_T1w.nii.gz. All inputs are "
+            "checked before any work starts."
         ),
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT.nii[.gz]", help="3-D NIfTI volumes to segment")
@@ -73,12 +76,8 @@ def resolve_weights(weights: str | None) -> Path:
 
 
 def output_stem(path: Path) -> str:
-    """``sub-01_T1w.nii.gz`` -> ``sub-01_T1w``."""
-    name = path.name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return path.stem
+    """``sub-01_T1w.nii.gz`` -> ``sub-01_space-orig``, ``brain.nii.gz`` -> ``brain_space-orig`` (``bids``)."""
+    return bids.derivative_prefix(path, space="orig")
 
 
 def output_files(out: Path, stem: str, probseg: bool = True) -> list[Path]:
@@ -183,6 +182,8 @@ def run(args: argparse.Namespace) -> int:
             prefix = out / f"{output_stem(path)}_desc-cerebrum"
             print(f"{path}: shape {data.shape}, segmented in {seconds:.1f} s -> {prefix}_*", flush=True)
         nifti.write_text(out / "dseg.tsv", dseg_tsv(ckpt.classes))
+        written = [(f, p) for p in paths for f in output_files(out, output_stem(p), not args.no_probseg)]
+        bids.describe_segment_output(out, written, weights, ckpt, normalization)
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()

@@ -55,14 +55,15 @@ def figure(path, caption: str) -> str:
 
 def table(header: list[str], rows: list[list[str]], numeric_from: int = 1) -> str:
     """An HTML table; cells are already-escaped HTML; columns from ``numeric_from`` are right-aligned."""
-    head = "".join(f"<th>{h}</th>" for h in header)
+    head = "".join(f"<th>{h}</th>" for h in header) if any(header) else ""
     body = "".join(
         "<tr>"
         + "".join(f"<td{' class=num' if j >= numeric_from else ''}>{c}</td>" for j, c in enumerate(r))
         + "</tr>"
         for r in rows
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    head = f"<thead><tr>{head}</tr></thead>" if head else ""
+    return f"<table>{head}<tbody>{body}</tbody></table>"
 
 
 def page(title: str, sections: list[str]) -> str:
@@ -117,9 +118,8 @@ def surfaces_section(records: list[dict], folder) -> str:
                 f"{d['p95_abs']:.2f}",
             ]
         )
-        pics = [
-            figure(folder / r["files"][k], f"{r['class']}: {k}") for k in ("png", "gif") if k in r["files"]
-        ]
+        what = {"png": "manual | prediction from the left, the front and the top", "gif": "turntable"}
+        pics = [figure(folder / r["files"][k], f"{r['class']}: {what[k]}") for k in what if k in r["files"]]
         gii = ", ".join(esc(r["files"][k]) for k in ("ref", "pred") if k in r["files"])
         figs.append(f"<h3>{esc(r['class'])}</h3><div class=row>{''.join(pics)}</div><p>GIfTI: {gii}</p>")
     head = ["class", "faces manual / predicted", "mean signed (mm)", "mean |d| (mm)", "95th pct |d| (mm)"]

@@ -4,7 +4,8 @@ For each chosen class, the boundary of the reference (manual) and of the predict
 marching cubes (scikit-image) from the class mask lightly smoothed (Gaussian, ``SMOOTH_SIGMA_VOX`` voxels,
 iso-level 0.5), then mapped to world millimetres with the NIfTI affine, so the surfaces overlay the volume
 in any viewer. A surface over ``max_faces`` triangles is re-extracted on a coarser marching-cubes step
-(decimation that keeps a closed, regular mesh); the drawings use a coarser one (``RENDER_FACES``).
+(decimation that keeps a closed, regular mesh); the drawings use a coarser one (``RENDER_FACES``),
+Taubin-smoothed.
 Both are written as GIfTI
 (``<prefix>_desc-<Class>_ref.surf.gii`` / ``_pred.surf.gii``: a NIFTI_INTENT_POINTSET in scanner mm and a
 NIFTI_INTENT_TRIANGLE), readable by nibabel, freeview, Connectome Workbench and nilearn.
@@ -140,6 +141,22 @@ def signed_distance(points, ref_verts, ref_normals, ref_field, points_vox) -> np
     return np.where(inside, -mag, mag)
 
 
+def taubin_smooth(verts: np.ndarray, faces: np.ndarray, iterations: int = 6) -> np.ndarray:
+    """Taubin (lambda 0.5, mu -0.53) smoothing of a mesh's vertices (V, 3): removes the staircase of a
+    coarse marching-cubes step without shrinking the surface; faces are unchanged."""
+    n = len(verts)
+    i = np.concatenate([faces[:, 0], faces[:, 1], faces[:, 2], faces[:, 1], faces[:, 2], faces[:, 0]])
+    j = np.concatenate([faces[:, 1], faces[:, 2], faces[:, 0], faces[:, 0], faces[:, 1], faces[:, 2]])
+    degree = np.maximum(np.bincount(i, minlength=n), 1)[:, None]
+    v = np.asarray(verts, np.float64)
+    for _ in range(iterations):
+        for factor in (0.5, -0.53):
+            mean = np.zeros_like(v)
+            np.add.at(mean, i, v[j])
+            v = v + factor * (mean / degree - v)
+    return v
+
+
 def distance_stats(dist: np.ndarray) -> dict:
     """Mean signed, mean absolute and 95th percentile of the absolute distance (mm)."""
     a = np.abs(dist)
@@ -199,7 +216,10 @@ def compare_class(
         return out
     out.update(got, stats=distance_stats(got["distance"]))
     small = max(len(got["ref"][1]), len(got["pred"][1])) <= render_faces
-    out["view"] = got if small else _pair(fields, offset, affine, render_faces, full_ref)
+    view = dict(got) if small else _pair(fields, offset, affine, render_faces, full_ref)
+    for key in ("ref", "pred"):  # drawn smooth; the colours keep the distances of the unsmoothed vertices
+        view[key] = (taubin_smooth(*view[key]).astype(np.float32), view[key][1])
+    out["view"] = view
     return out
 
 

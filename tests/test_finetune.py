@@ -234,6 +234,8 @@ def test_cv_all_folds_summary(weights, tmp_path):
     assert summary["mean_dice"]["mean"] == pytest.approx(np.mean(dice))
     assert summary["mean_dice"]["sd"] == pytest.approx(np.std(dice, ddof=1))
     assert "mean Dice" in (out / "cv_summary.md").read_text()
+    html = (out / "cv_summary.html").read_text()  # per-class boxplots across folds, embedded
+    assert html.count('<img src="data:image/png;base64,') == 1 and "Mean ± sd across folds" in html
 
 
 @pytest.mark.parametrize(
@@ -259,6 +261,7 @@ def test_cv_all_folds_summary(weights, tmp_path):
         (["--set", "loss=focal"], "unknown loss 'focal'"),
         (["--set", 'augment={"p_bias": 2}'], "p_bias must be in [0, 1]"),
         (["--set", "prob_class=nope"], "prob_class 'nope' is not a class"),
+        (["--set", 'surface_classes=["vessels"]'], "surface_classes: unknown class 'vessels'"),
         (["--weights", "no-such-weights"], "checkpoint directory does not exist"),
         (["--layout", "bids"], "found 0 subject(s)"),
         # --fold all checks every fold before the first trains: sub-002 is fold 2's test subject

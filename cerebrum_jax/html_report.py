@@ -20,7 +20,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max
 padding:0 1em;color:#222;line-height:1.4}
 h1{font-size:1.6em;border-bottom:2px solid #446;padding-bottom:.2em}h2{margin-top:1.8em;color:#335}
 table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccd;padding:.25em .6em;text-align:left}
-th{background:#eef}td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#eef}td.num{text-align:right;font-variant-numeric:tabular-nums}td:first-child{white-space:nowrap}
 figure{margin:1em 0}figcaption{font-size:.9em;color:#555}img{max-width:100%;height:auto}
 .row{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}.note{color:#744}
 """

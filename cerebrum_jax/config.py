@@ -71,7 +71,9 @@ class TrainConfig:
     volumes as they are), augment (AugmentConfig overrides), patience (early stopping, epochs),
     plateau_factor / plateau_patience / min_lr (reduce-on-plateau), seed.
     Output: prob_class (class name whose probability map is drawn; None = vessels if present, else the
-    last class).
+    last class); surface_classes (class names whose 3-D surfaces, manual and predicted, the report shows
+    and writes as GIfTI; None = white matter, grey matter and vessels where the label map has them, else
+    every class; an empty list = none).
     Performance (``sharding``): mesh ("DATAxSPACE", e.g. "1x4": volumes and activations split along depth
     over 4 devices; None = one device, no sharding), remat (recompute the full-resolution blocks in the
     backward pass), precision ("float32", or "bf16": bfloat16 convolutions with float32 parameters,
@@ -118,6 +120,7 @@ class TrainConfig:
     min_lr: float = 1e-7
     seed: int = 0
     prob_class: str | None = None
+    surface_classes: tuple[str, ...] | None = None
     mesh: str | None = None
     remat: bool = False
     precision: str = "float32"

@@ -157,7 +157,8 @@ class LabelMap:
     def from_tsv(cls, path: str | os.PathLike) -> LabelMap:
         """Read a dseg-style TSV: columns index, name and optionally source (comma-separated values).
 
-        Without a source column, source value = index. Indices must be 0..K-1 with 0 the background.
+        Without a source column, source value = index. Indices must be 0..K-1 with 0 the background; a
+        table without a row for 0 (as fMRIPrep writes them) gets 0 as the background.
         """
         path = Path(path)
         text = read_text(path, "label table")
@@ -176,6 +177,9 @@ class LabelMap:
             if index in classes:
                 raise InputError(f"line {line}: class index {index} appears twice", path)
             classes[index] = (row["name"], src)
+        if classes and 0 not in classes:  # fMRIPrep's dseg.tsv has no row for 0: it is the background
+            taken = {name for name, _ in classes.values()}
+            classes[0] = ("background" if "background" not in taken else "0", [0])
         if sorted(classes) != list(range(len(classes))):
             raise InputError(f"class indices must be 0..{len(classes) - 1}, got {sorted(classes)}", path)
         try:

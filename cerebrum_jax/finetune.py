@@ -26,8 +26,20 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from cerebrum_jax import (
+    bids,
+    inputs,
+    losses,
+    metrics,
+    nifti,
+    predictor,
+    preprocess,
+    report,
+    results_page,
+    sharding,
+    train,
+)
 from cerebrum_jax import data as D
-from cerebrum_jax import inputs, losses, metrics, nifti, predictor, preprocess, report, sharding, train
 from cerebrum_jax.augment import AugmentConfig
 from cerebrum_jax.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from cerebrum_jax.config import REPO, TrainConfig
@@ -262,6 +274,7 @@ def prepare_fold(cfg: TrainConfig, log=print) -> dict:
     AugmentConfig.from_dict(dict(cfg.augment), "augment")
     n_classes = label_map_of(cfg).n_classes
     k_prob = prob_class_index(cfg, label_map_of(cfg).names)
+    results_page.surface_classes(cfg.surface_classes, label_map_of(cfg).names)
     if cfg.grid is not None:
         fold_mesh(cfg, cfg.grid)
     dropout = 0.1 if cfg.dropout else 0.0
@@ -442,10 +455,19 @@ def run_fold(
     probs, grids = predict_test(net, test, mesh)
     out = run_dir / "predictions"
     label_map.to_tsv(out / "dseg.tsv")
-    predictor.write_segmentation(out, test["id"], probs, grids["img"])
+    prefix = bids.derivative_prefix(test["id"], "orig")  # on the test image's own grid, as segment writes
+    sidecar = {
+        "sources": [bids.source_uri(test["subject"].image)],
+        "checkpoint": str((run_dir / "checkpoints" / "best").absolute()),
+        "classes": list(names),
+        "normalization": pre.normalization,
+        "brain_mask": pre.needs_mask,
+        "description": f"CEREBRUM-7T prediction of the test subject of fold {cfg.fold} (cerebrum-jax)",
+    }
+    dseg_path = predictor.write_segmentation(out, prefix, probs, grids["img"], sidecar=sidecar)
     t_predicted = time.perf_counter()
-    pred = predictor.labels_from(probs)
-    result = metrics.evaluate(pred, grids["ref"], grids["spacing"], dict(enumerate(names)))
+    grids["pred"] = predictor.labels_from(probs)
+    result = metrics.evaluate(grids["pred"], grids["ref"], grids["spacing"], dict(enumerate(names)))
     t_evaluated = time.perf_counter()
     result.update(
         {
@@ -490,6 +512,7 @@ def run_fold(
             "timings (s)": result["timings_s"],
         },
     )
+    results_page.fold_page(run_dir, test, probs, grids, dseg_path, prepared, result, info, figures, cfg, log)
     per_class = ", ".join(f"{n} {report.fmt(m['dice'], 3)}" for n, m in result["classes"].items())
     log(
         f"fold {cfg.fold} ({test['id']}): mean Dice {result['mean_dice']:.4f} ({per_class}), "
@@ -531,4 +554,5 @@ def run_cv(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True
     summary = report.cv_summary([results[k] for k in sorted(results)])
     nifti.write_text(out / "cv_summary.json", json.dumps(summary, indent=2) + "\n")
     nifti.write_text(out / "cv_summary.md", report.cv_summary_markdown(summary))
+    results_page.cv_page(out, summary, [results[k] for k in sorted(results)])
     return summary

@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cerebrum_jax import checkpoint, config, finetune, train
+from cerebrum_jax import bids, checkpoint, config, finetune, train
 from cerebrum_jax.cli import main
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.model import ModelConfig, init_params
@@ -89,8 +89,8 @@ def test_one_fold_end_to_end(dataset, weights, tmp_path, capsys, monkeypatch):
         "figures/probability.png",
         "checkpoints/best/cerebrum.json",
         "checkpoints/last/loop.json",
-        "predictions/sub-002_desc-cerebrum_dseg.nii.gz",
-        "predictions/sub-002_desc-cerebrum_probseg.nii.gz",
+        "predictions/sub-002_space-orig_desc-cerebrum_dseg.nii.gz",
+        "predictions/sub-002_space-orig_desc-cerebrum_probseg.nii.gz",
     ):
         assert (fold / name).is_file(), name
     metrics = json.loads((fold / "metrics.json").read_text())
@@ -103,8 +103,8 @@ def test_one_fold_end_to_end(dataset, weights, tmp_path, capsys, monkeypatch):
     assert cfg["test_subject"] == "sub-002" and "sub-002" not in cfg["train_subjects"] + cfg["val_subjects"]
     assert cfg["seed"] == 0 and cfg["config"]["grid"] == [16, 16, 16]
     src = nib.load(dataset / "derivatives/sub-002/unbiased/sub-002_uni_unbiased.nii.gz")
-    dseg = nib.load(fold / "predictions/sub-002_desc-cerebrum_dseg.nii.gz")
-    prob = nib.load(fold / "predictions/sub-002_desc-cerebrum_probseg.nii.gz")
+    dseg = nib.load(fold / "predictions/sub-002_space-orig_desc-cerebrum_dseg.nii.gz")
+    prob = nib.load(fold / "predictions/sub-002_space-orig_desc-cerebrum_probseg.nii.gz")
     assert dseg.shape == SHAPE and prob.shape == (*SHAPE, 4) and np.allclose(dseg.affine, src.affine)
     np.testing.assert_allclose(prob.get_fdata().sum(-1), 1.0, atol=1e-4)
     best = checkpoint.load_checkpoint(fold / "checkpoints/best")
@@ -115,13 +115,27 @@ def test_one_fold_end_to_end(dataset, weights, tmp_path, capsys, monkeypatch):
     assert cfg["preprocessing"]["mask"] == "none" and cfg["brain_mask"].startswith("none (auto")
     raw = dataset / "derivatives/sub-002/unbiased/sub-002_uni_unbiased.nii.gz"
     assert main(["segment", str(raw), "--weights", str(fold / "checkpoints/best"), "--out", "seg"]) == 0
-    seg = nib.load(tmp_path / "seg" / "sub-002_uni_unbiased_desc-cerebrum_dseg.nii.gz")
+    seg = nib.load(tmp_path / "seg" / "sub-002_space-orig_desc-cerebrum_dseg.nii.gz")
     np.testing.assert_array_equal(np.asarray(seg.dataobj), np.asarray(dseg.dataobj))
     np.testing.assert_allclose(seg.affine, dseg.affine)
     assert (
         "| brain mask (all subjects, the test subject too) | none: unmasked"
         in (fold / "report.md").read_text()
     )
+    # the results page (issue 10): report.html, surfaces, the class panel, a BIDS derivative run directory
+    sidecar = "predictions/sub-002_space-orig_desc-cerebrum_dseg.json"
+    for name in (
+        "report.html",
+        "figures/class_panel.png",
+        "surfaces/surfaces.json",
+        "dataset_description.json",
+        sidecar,
+    ):
+        assert (fold / name).is_file(), name
+    assert bids.validate_dataset(fold) == []
+    surf = json.loads((fold / "surfaces/surfaces.json").read_text())
+    assert [r["class"] for r in surf] == ["white matter", "grey matter"]
+    assert "## Surfaces" in (fold / "report.md").read_text()
     # a second run into the same directory needs --resume; resuming a finished run only re-evaluates
     assert main(_args(dataset, weights, "run", "--fold", "2")) == 2
     assert main(_args(dataset, weights, "run", "--fold", "2", "--resume")) == 0
@@ -171,8 +185,8 @@ def test_voxelwise_normalisation_from_the_training_subjects_reaches_segment(
     assert main(args) == 2 and "brain-masked" in capsys.readouterr().err
     assert main([*args, "--mask", str(labels)]) == 0
     assert "voxelwise normalisation" in capsys.readouterr().out
-    ours = nib.load(seg / "sub-002_uni_unbiased_desc-cerebrum_probseg.nii.gz").get_fdata()
-    run = nib.load(fold / "predictions/sub-002_desc-cerebrum_probseg.nii.gz").get_fdata()
+    ours = nib.load(seg / "sub-002_space-orig_desc-cerebrum_probseg.nii.gz").get_fdata()
+    run = nib.load(fold / "predictions/sub-002_space-orig_desc-cerebrum_probseg.nii.gz").get_fdata()
     np.testing.assert_array_equal(ours, run)
 
 
@@ -269,6 +283,8 @@ def test_cv_all_folds_summary(weights, tmp_path):
     assert summary["mean_dice"]["mean"] == pytest.approx(np.mean(dice))
     assert summary["mean_dice"]["sd"] == pytest.approx(np.std(dice, ddof=1))
     assert "mean Dice" in (out / "cv_summary.md").read_text()
+    html = (out / "cv_summary.html").read_text()  # per-class boxplots across folds, embedded
+    assert html.count('<img src="data:image/png;base64,') == 1 and "Mean ± sd across folds" in html
 
 
 @pytest.mark.parametrize(
@@ -294,6 +310,7 @@ def test_cv_all_folds_summary(weights, tmp_path):
         (["--set", "loss=focal"], "unknown loss 'focal'"),
         (["--set", 'augment={"p_bias": 2}'], "p_bias must be in [0, 1]"),
         (["--set", "prob_class=nope"], "prob_class 'nope' is not a class"),
+        (["--set", 'surface_classes=["vessels"]'], "surface_classes: unknown class 'vessels'"),
         (["--weights", "no-such-weights"], "checkpoint directory does not exist"),
         (["--layout", "bids"], "found 0 subject(s)"),
         # --fold all checks every fold before the first trains: sub-002 is fold 2's test subject
@@ -385,16 +402,18 @@ def test_bids_layout_label_and_mask_names_from_the_command_line(weights, tmp_pat
     cfg = json.loads((out / "fold-2" / "config.json").read_text())
     assert cfg["config"]["seg_name"] == "aseg" and cfg["config"]["mask_name"] == "brainmask"
     assert cfg["data"] == str(root) and cfg["test_subject"] == "sub-002"
-    assert (out / "fold-2" / "predictions" / "sub-002_desc-cerebrum_dseg.nii.gz").is_file()
+    assert (out / "fold-2" / "predictions" / "sub-002_space-orig_desc-cerebrum_dseg.nii.gz").is_file()
     assert cfg["preprocessing"]["mask"] == "file"  # auto: every subject has a mask file
     raw = root / "sub-002" / "anat" / "sub-002_T1w.nii.gz"
     ck = out / "fold-2" / "checkpoints" / "best"
     args = ["segment", str(raw), "--weights", str(ck), "--out", str(tmp_path / "seg")]
     assert main(args) == 2 and "give --mask" in capsys.readouterr().err
     assert main([*args, "--mask", str(root / "sub-002" / "seg" / "sub-002_brainmask.nii.gz")]) == 0
-    run = nib.load(out / "fold-2" / "predictions" / "sub-002_desc-cerebrum_dseg.nii.gz").get_fdata()
+    run = nib.load(
+        out / "fold-2" / "predictions" / "sub-002_space-orig_desc-cerebrum_dseg.nii.gz"
+    ).get_fdata()
     np.testing.assert_array_equal(
-        nib.load(tmp_path / "seg" / "sub-002_T1w_desc-cerebrum_dseg.nii.gz").get_fdata(), run
+        nib.load(tmp_path / "seg" / "sub-002_space-orig_desc-cerebrum_dseg.nii.gz").get_fdata(), run
     )
 
 

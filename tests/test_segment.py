@@ -107,8 +107,8 @@ def test_segment_cli_outputs(tmp_path, ckpt, params, shape, capsys):
     out = tmp_path / "out"
     assert main(["segment", "--weights", str(ckpt), str(src), "--out", str(out)]) == 0
     assert "segmented in" in capsys.readouterr().out
-    dseg = nib.load(out / "sub-01_T1w_desc-cerebrum_dseg.nii.gz")
-    prob = nib.load(out / "sub-01_T1w_desc-cerebrum_probseg.nii.gz")
+    dseg = nib.load(out / "sub-01_space-orig_desc-cerebrum_dseg.nii.gz")
+    prob = nib.load(out / "sub-01_space-orig_desc-cerebrum_probseg.nii.gz")
     assert dseg.shape == shape and prob.shape == (*shape, CONFIG.n_classes)
     assert dseg.get_data_dtype() == np.uint8 and prob.get_data_dtype() == np.float32
     for img in (dseg, prob):
@@ -127,7 +127,9 @@ def test_segment_cli_many_inputs_no_probseg(tmp_path, ckpt):
     out = tmp_path / "out"
     assert main(["segment", "--weights", str(ckpt), *map(str, srcs), "--out", str(out), "--no-probseg"]) == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "dseg.tsv", "s0_desc-cerebrum_dseg.nii.gz", "s1_desc-cerebrum_dseg.nii.gz"
+        "dataset_description.json", "dseg.tsv",
+        "s0_space-orig_desc-cerebrum_dseg.json", "s0_space-orig_desc-cerebrum_dseg.nii.gz",
+        "s1_space-orig_desc-cerebrum_dseg.json", "s1_space-orig_desc-cerebrum_dseg.nii.gz",
     ]  # fmt: skip
 
 
@@ -269,8 +271,11 @@ def test_outputs_get_umask_permissions(tmp_path, ckpt):
     finally:
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+    stem = "a_space-orig_desc-cerebrum"
     assert modes == {
-        "dseg.tsv": 0o644, "a_desc-cerebrum_dseg.nii.gz": 0o644, "a_desc-cerebrum_probseg.nii.gz": 0o644
+        "dseg.tsv": 0o644, "dataset_description.json": 0o644,
+        f"{stem}_dseg.nii.gz": 0o644, f"{stem}_probseg.nii.gz": 0o644,
+        f"{stem}_dseg.json": 0o644, f"{stem}_probseg.json": 0o644,
     }  # fmt: skip
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
 
@@ -287,7 +292,7 @@ def test_cpu_forward_is_the_lean_one(params):
 def segment_cli(tmp_path, ckpt, src, name, *extra):
     out = tmp_path / name
     assert main(["segment", "--weights", str(ckpt), str(src), "--out", str(out), *extra]) == 0
-    stem = out / "a_desc-cerebrum"
+    stem = out / "a_space-orig_desc-cerebrum"
     dseg = np.asarray(nib.load(f"{stem}_dseg.nii.gz").dataobj)
     return dseg, np.asarray(nib.load(f"{stem}_probseg.nii.gz").dataobj)
 
@@ -356,7 +361,7 @@ def test_ensemble_of_one_is_the_model_and_of_two_the_mean(tmp_path, ckpt, params
     one = segment_cli(tmp_path, ckpt, src, "one")[1]
     two = tmp_path / "two"
     assert main(["segment", str(src), "--weights", str(ckpt), str(ck2), "--out", str(two)]) == 0
-    both = np.asarray(nib.load(two / "a_desc-cerebrum_probseg.nii.gz").dataobj)
+    both = np.asarray(nib.load(two / "a_space-orig_desc-cerebrum_probseg.nii.gz").dataobj)
     data = volume((13, 20, 11), 9)
     np.testing.assert_allclose(one, segment(data, params, CONFIG), atol=1e-6)
     np.testing.assert_allclose(
@@ -368,7 +373,7 @@ def test_greedy_weights_leave_the_inputs(tmp_path, ckpt):
     """segment --weights A B in.nii.gz: argparse hands the input to --weights; it is taken back."""
     src = write_nifti(tmp_path / "a.nii.gz", volume((8, 8, 8)))
     assert main(["segment", "--out", str(tmp_path / "o"), "--weights", str(ckpt), str(src)]) == 0
-    assert (tmp_path / "o" / "a_desc-cerebrum_dseg.nii.gz").is_file()
+    assert (tmp_path / "o" / "a_space-orig_desc-cerebrum_dseg.nii.gz").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -392,7 +397,7 @@ def test_masked_model_needs_masks_and_uses_them(tmp_path, masked_ckpt, capsys):
     assert (
         main(["segment", str(src), "--weights", str(masked_ckpt), "--mask", str(m), "--out", str(out)]) == 0
     )
-    probs = np.asarray(nib.load(out / "a_desc-cerebrum_probseg.nii.gz").dataobj)
+    probs = np.asarray(nib.load(out / "a_space-orig_desc-cerebrum_probseg.nii.gz").dataobj)
     # outside the mask's box + margin the model never looked: background with certainty
     box = np.zeros(data.shape, bool)
     box[1:12, 2:18, 1:10] = True
@@ -402,7 +407,9 @@ def test_masked_model_needs_masks_and_uses_them(tmp_path, masked_ckpt, capsys):
     assert (
         main(["segment", str(src2), "--weights", str(masked_ckpt), "--mask", str(m), "--out", str(out)]) == 0
     )
-    np.testing.assert_array_equal(np.asarray(nib.load(out / "b_desc-cerebrum_probseg.nii.gz").dataobj), probs)
+    np.testing.assert_array_equal(
+        np.asarray(nib.load(out / "b_space-orig_desc-cerebrum_probseg.nii.gz").dataobj), probs
+    )
 
 
 @pytest.mark.parametrize(

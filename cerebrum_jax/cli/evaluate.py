@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from cerebrum_jax import nifti
+from cerebrum_jax.bids import with_background
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.fsafe import read_text
 from cerebrum_jax.metrics import evaluate, format_table
@@ -42,7 +43,10 @@ def add_parser(sub) -> None:
 
 
 def read_dseg_tsv(path: str | Path) -> dict[int, str]:
-    """{label value: name} from a dseg.tsv with a header line containing 'index' and 'name' columns."""
+    """{label value: name} from a dseg.tsv with a header line containing 'index' and 'name' columns.
+
+    A table without a row for 0 (as fMRIPrep writes them) gets 0 as the background (``bids.with_background``).
+    """
     path = Path(path)
     lines = [line.rstrip("\r\n") for line in read_text(path, "label table").splitlines() if line.strip()]
     header = lines[0].split("\t") if lines else []
@@ -59,7 +63,7 @@ def read_dseg_tsv(path: str | Path) -> dict[int, str]:
         if value in labels or name in labels.values() or not name:
             raise InputError(f"line {number}: duplicate or empty index/name", path)
         labels[value] = name
-    return labels
+    return with_background(labels)
 
 
 def load_labels(path: str | Path, what: str) -> tuple[np.ndarray, object]:
@@ -70,22 +74,29 @@ def load_labels(path: str | Path, what: str) -> tuple[np.ndarray, object]:
     return data.astype(np.int64), img
 
 
-def run(args: argparse.Namespace) -> int:
-    pred, pred_img = load_labels(args.pred, "prediction")
-    ref, ref_img = load_labels(args.ref, "reference")
+def load_pair(pred_path, ref_path) -> tuple[np.ndarray, np.ndarray, object]:
+    """(pred, ref) int64 (D, H, W) and the reference's image; InputError unless they share one grid."""
+    pred, pred_img = load_labels(pred_path, "prediction")
+    ref, ref_img = load_labels(ref_path, "reference")
     if pred.shape != ref.shape:
-        raise InputError(f"shape {pred.shape} differs from the reference's {ref.shape}", args.pred)
+        raise InputError(f"shape {pred.shape} differs from the reference's {ref.shape}", pred_path)
     spacing = tuple(float(z) for z in ref_img.header.get_zooms()[:3])
     pred_spacing = tuple(float(z) for z in pred_img.header.get_zooms()[:3])
     if not np.allclose(spacing, pred_spacing, rtol=1e-3):
-        raise InputError(f"voxel size {pred_spacing} differs from the reference's {spacing}", args.pred)
+        raise InputError(f"voxel size {pred_spacing} differs from the reference's {spacing}", pred_path)
     affine_diff = np.abs(np.asarray(pred_img.affine, float) - np.asarray(ref_img.affine, float)).max()
     if not affine_diff <= AFFINE_TOL_MM:
         raise InputError(
             f"affine (orientation/origin) differs from the reference's by up to {affine_diff:.4g} mm "
             f"(tolerance {AFFINE_TOL_MM} mm): the voxels do not lie at the same places; resample it first",
-            args.pred,
+            pred_path,
         )
+    return pred, ref, ref_img
+
+
+def run(args: argparse.Namespace) -> int:
+    pred, ref, ref_img = load_pair(args.pred, args.ref)
+    spacing = tuple(float(z) for z in ref_img.header.get_zooms()[:3])
     present = sorted(set(np.unique(pred).tolist()) | set(np.unique(ref).tolist()))
     if args.labels:
         labels = read_dseg_tsv(args.labels)

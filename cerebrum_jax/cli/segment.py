@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cerebrum_jax import inputs, nifti, predictor, preprocess, sharding
+from cerebrum_jax import bids, inputs, nifti, predictor, preprocess, sharding
 from cerebrum_jax.checkpoint import load_checkpoint
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.fsafe import DirLock
@@ -25,12 +25,14 @@ def add_parser(sub) -> None:
         help="segment whole NIfTI volumes (labels, probabilities, dseg.tsv)",
         description=(
             "Segment each input volume with one forward pass of the network over the whole volume and "
-            "write OUT/<stem>_desc-cerebrum_dseg.nii.gz (uint8 labels), "
-            "OUT/<stem>_desc-cerebrum_probseg.nii.gz (float32, classes on the 4th axis) and OUT/dseg.tsv, "
-            "with the input's affine and header. A fine-tuned checkpoint prepares each input exactly as "
-            "its training volumes were (brain mask, crop, grid, voxel size, normalisation: recorded in "
-            "its cerebrum.json), through the same predictor as the fold's own test prediction. All inputs "
-            "are checked before any work starts."
+            "write OUT/<prefix>_desc-cerebrum_dseg.nii.gz (uint8 labels), "
+            "OUT/<prefix>_desc-cerebrum_probseg.nii.gz (float32, classes on the 4th axis) and OUT/dseg.tsv, "
+            "with the input's affine and header, as a BIDS derivative dataset (dataset_description.json, "
+            "a JSON sidecar per file); <prefix> is the input's BIDS entities (or its name without "
+            "extension) and space-orig, e.g. sub-01_space-orig for sub-01_T1w.nii.gz. A fine-tuned "
+            "checkpoint prepares each input exactly as its training volumes were (brain mask, crop, grid, "
+            "voxel size, normalisation: recorded in its cerebrum.json), through the same predictor as the "
+            "fold's own test prediction. All inputs are checked before any work starts."
         ),
         epilog=(
             "Brain masks: a model fine-tuned on brain-masked inputs (test_mask file or labels) needs "
@@ -107,12 +109,8 @@ def resolve_weights(weights: str | None) -> Path:
 
 
 def output_stem(path: Path) -> str:
-    """``sub-01_T1w.nii.gz`` -> ``sub-01_T1w``."""
-    name = path.name
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return path.stem
+    """``sub-01_T1w.nii.gz`` -> ``sub-01_space-orig``, ``brain.nii.gz`` -> ``brain_space-orig`` (``bids``)."""
+    return bids.derivative_prefix(path, space="orig")
 
 
 def output_files(out: Path, stem: str, probseg: bool = True) -> list[Path]:
@@ -222,6 +220,18 @@ def _with_masks(pre: Preprocessing, path: Path, ckpt, masks, n_inputs: int) -> P
     return pre
 
 
+def sidecar_fields(models, source: Path, mask) -> dict:
+    """The JSON sidecar fields (``bids.seg_sidecar``) of one input's outputs: its source, the checkpoint(s),
+    classes, normalisation and whether a brain mask zeroed the image."""
+    return {
+        "sources": [bids.source_uri(source)],
+        "checkpoint": ", ".join(str(Path(p).absolute()) for p, _, _ in models),
+        "classes": list(models[0][1].classes),
+        "normalization": ", ".join(sorted({m.pre.normalization for _, _, m in models})),
+        "brain_mask": mask is not None and any(m.pre.needs_mask for _, _, m in models),
+    }
+
+
 def _grid_check(models, mesh):
     """Each input's network grid must split over the mesh (None: nothing to check)."""
     if mesh is None:
@@ -239,7 +249,7 @@ def split_inputs(args: argparse.Namespace) -> list[Path]:
     """The input volumes: the positional ones, or the NIfTI names that a greedy ``--weights A B in.nii``
     swallowed (checkpoints are directories). InputError when there are none."""
     if not args.inputs and args.weights:
-        nii = [w for w in args.weights if output_stem(Path(w)) != Path(w).name]
+        nii = [w for w in args.weights if w.endswith((".nii", ".nii.gz"))]
         args.weights = [w for w in args.weights if w not in nii] or None
         args.inputs = nii
     if not args.inputs:
@@ -279,7 +289,9 @@ def run(args: argparse.Namespace) -> int:
             )
             seconds = time.perf_counter() - start
             stem = output_stem(path)
-            predictor.write_segmentation(out, stem, probs, img, probseg=not args.no_probseg)
+            predictor.write_segmentation(
+                out, stem, probs, img, probseg=not args.no_probseg, sidecar=sidecar_fields(models, path, mask)
+            )
             note = f" (mirrored along axes {tta}, {2 ** len(tta)} passes per model)" if tta else ""
             print(
                 f"{path}: shape {data.shape}, segmented in {seconds:.1f} s{note} -> "
@@ -287,6 +299,7 @@ def run(args: argparse.Namespace) -> int:
                 flush=True,
             )
         nifti.write_text(out / "dseg.tsv", dseg_tsv(models[0][1].classes))
+        bids.write_segment_description(out, paths)
     except BaseException:
         lock.release()
         if created and out.is_dir() and not any(out.iterdir()):

@@ -1,0 +1,89 @@
+"""``cerebrum-jax surfaces``: 3-D surfaces of chosen classes of a predicted and a reference label volume."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from cerebrum_jax import bids, nifti, surfaces
+from cerebrum_jax.cli.evaluate import load_pair, read_dseg_tsv
+from cerebrum_jax.errors import InputError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "surfaces",
+        help="3-D surfaces (GIfTI), renderings and surface distances of a prediction against a reference",
+        description=(
+            "For each chosen class, the surfaces of REF (manual) and PRED by marching cubes, in world mm "
+            "(the NIfTI affine applied), written as OUT/<prefix>_desc-<Class>_ref.surf.gii and "
+            "_pred.surf.gii; PNG views (manual | prediction, from the left, front and top) and a GIF "
+            "turntable, the prediction coloured by its signed distance to the manual surface (mm); "
+            "OUT/surfaces.json, surfaces.md and report.html. PRED and REF must share one grid."
+        ),
+    )
+    p.add_argument("pred", metavar="PRED.nii.gz", help="predicted labels (integer values)")
+    p.add_argument("ref", metavar="REF.nii.gz", help="reference labels on the same grid")
+    p.add_argument("--out", required=True, metavar="OUT_DIR", help="output directory (created if needed)")
+    p.add_argument(
+        "--labels",
+        metavar="DSEG.tsv",
+        help="dseg.tsv naming the label values (default: the dseg.tsv beside PRED if any, else numbers)",
+    )
+    p.add_argument(
+        "--classes",
+        action="append",
+        metavar="NAMES",
+        help="comma-separated class names or label values (repeatable; default: white matter, grey matter "
+        "and vessels where named, else every label present)",
+    )
+    p.add_argument("--max-faces", type=int, default=surfaces.MAX_FACES, help="triangles per GIfTI surface")
+    p.add_argument("--frames", type=int, default=12, help="frames of the turntable GIF")
+    p.add_argument("--no-render", action="store_true", help="only the GIfTI surfaces and distances")
+    p.set_defaults(func=run)
+
+
+def label_names(args, pred_path: Path, present: list[int]) -> dict[int, str]:
+    tsv = Path(args.labels) if args.labels else pred_path.parent / "dseg.tsv"
+    if args.labels or tsv.is_file():
+        return read_dseg_tsv(tsv)
+    return {v: str(v) for v in present}
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_faces < 100 or args.frames < 1:
+        raise InputError("needs --max-faces >= 100 and --frames >= 1", "--max-faces/--frames")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError("exists and is not a directory", out)
+    pred, ref, ref_img = load_pair(args.pred, args.ref)
+    present = sorted(set(np.unique(pred).tolist()) | set(np.unique(ref).tolist()))
+    names = label_names(args, Path(args.pred), present)
+    requested = [c for item in args.classes or [] for c in item.split(",") if c.strip()]
+    try:
+        classes = surfaces.resolve_classes(requested or None, names, present)
+    except ValueError as e:
+        raise InputError(str(e), "--classes") from None
+    space = bids.split_name(Path(args.pred).name)[0].get("space")
+    prefix = bids.derivative_prefix(args.pred, space=space)
+    records = surfaces.write_class_surfaces(
+        out,
+        prefix,
+        ref,
+        pred,
+        ref_img.affine,
+        classes,
+        max_faces=args.max_faces,
+        render=not args.no_render,
+        frames=args.frames,
+    )
+    text = surfaces.surfaces_markdown(records)
+    from cerebrum_jax import html_report
+
+    html_report.write_surfaces_html(out / "report.html", records, out, f"surfaces of {Path(args.pred).name}")
+    nifti.write_text(out / "surfaces.md", f"# Surfaces: {args.pred} against {args.ref}\n\n{text}")
+    print(text, end="")
+    print(f"wrote {len(records)} class(es) to {out}")
+    return 0

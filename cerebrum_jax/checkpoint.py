@@ -6,7 +6,8 @@ Layout of a checkpoint directory::
     CKPT/state/          Orbax StandardCheckpointer tree {"params": ..., ["normalization": {"mean", "std"}]}
 
 Directories are written under a temporary name and renamed at the end, so a failed write
-leaves nothing half-written under the final name.
+leaves nothing half-written under the final name. In a multi-process run each process reads and writes
+these checkpoints on its own (process 0 writes them; ``distributed.local_checkpointer_options``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cerebrum_jax.distributed import local_checkpointer_options
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.model import DIVISOR, ModelConfig
 from cerebrum_jax.nifti import replace_dir
@@ -103,7 +105,7 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        with ocp.StandardCheckpointer() as ckptr:
+        with ocp.StandardCheckpointer(**local_checkpointer_options()) as ckptr:
             ckptr.save(tmp / STATE_DIR, tree)
             ckptr.wait_until_finished()
         (tmp / META_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
@@ -138,7 +140,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     path = Path(path).absolute()
     info = read_meta(path)
     try:
-        with ocp.StandardCheckpointer() as ckptr:
+        with ocp.StandardCheckpointer(**local_checkpointer_options()) as ckptr:
             tree = ckptr.restore(path / STATE_DIR)
     except Exception as e:
         raise InputError(f"cannot restore Orbax state ({type(e).__name__}: {str(e)[:200]})", path) from None

@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cerebrum_jax import data as D
-from cerebrum_jax import losses, metrics, model, nifti, preprocess, report, sharding, train
+from cerebrum_jax import distributed, losses, metrics, model, nifti, preprocess, report, sharding, train
 from cerebrum_jax.augment import AugmentConfig
 from cerebrum_jax.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from cerebrum_jax.config import REPO, TrainConfig
@@ -65,7 +65,11 @@ def fold_subjects(cfg: TrainConfig, log=print) -> tuple[Path, list[D.Subject]]:
     if cfg.data is None:
         from cerebrum_jax.demo import ensure_demo_cohort
 
+        if not distributed.is_main():  # process 0 builds it (once) while the others wait
+            distributed.barrier("demo cohort")
         root = ensure_demo_cohort(cfg.demo_root)
+        if distributed.is_main():
+            distributed.barrier("demo cohort")
         log(f"data: the offline demo cohort at {root} (template-derived, not 7T data)")
     else:
         root = Path(cfg.data)
@@ -121,8 +125,9 @@ def git_commit() -> str | None:
 
 def fold_mesh(cfg: TrainConfig, grid) -> jax.sharding.Mesh | None:
     """The device mesh of ``cfg.mesh`` (None: one device, no sharding), checked against the batch size and
-    ``grid`` before any training (InputError otherwise)."""
-    if cfg.mesh is None:
+    ``grid`` before any training (InputError otherwise). A distributed run always shards: by default
+    over every device of every process on the "space" axis."""
+    if cfg.mesh is None and not distributed.is_running():
         return None
     try:
         mesh = sharding.make_mesh(cfg.mesh)
@@ -137,7 +142,9 @@ def predict(params, model_config, subject: dict, mesh=None) -> np.ndarray:
     over ``mesh``'s "space" axis when given (its "data" axis must then be 1: one volume)."""
     x = jnp.asarray(subject["x"][None, ..., None])
     if mesh is not None and mesh.shape["data"] == 1:
-        return np.asarray(sharding.sharded_forward(params, model_config, x, mesh)[0], np.float32)
+        return distributed.gather(sharding.sharded_forward(params, model_config, x, mesh))[0].astype(
+            np.float32
+        )
     fwd = jax.jit(lambda p, x: jax.nn.softmax(model.apply(p, model_config, x), axis=-1))
     return np.asarray(fwd(params, x)[0], np.float32)
 
@@ -205,7 +212,8 @@ def write_figures(run_dir: Path, history, subject, probs, names, k_prob) -> dict
 
 class RunLog:
     """Time-stamped log lines to the console (through tqdm while a progress bar may be shown) and to
-    RUN/log.txt once ``attach`` has named the run directory; lines logged before that are kept and
+    RUN/log.txt (``log.process-I.txt`` on process I > 0 of a distributed run, without console) once
+    ``attach`` has named the run directory; lines logged before that are kept and
     written then, so that checks can log before anything exists on disk."""
 
     def __init__(self, progress: bool = True):
@@ -213,7 +221,7 @@ class RunLog:
 
     def __call__(self, msg: str, console: bool = True) -> None:
         line = f"{time.strftime('%H:%M:%S')} {msg}"
-        if console:
+        if console and distributed.is_main():  # the other processes of a distributed run: their log only
             (tqdm.write if self.progress else print)(line)
         if self.path is None:
             self.pending.append(line)
@@ -222,7 +230,7 @@ class RunLog:
                 f.write(line + "\n")
 
     def attach(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / "log.txt"
+        self.path = Path(run_dir) / distributed.log_name()
         with open(self.path, "a") as f:
             f.write("".join(line + "\n" for line in self.pending))
         self.pending = []
@@ -331,6 +339,7 @@ def run_fold(
     run_config = dataclasses.replace(
         model_config, remat=cfg.remat, compute_dtype=sharding.PRECISIONS[cfg.precision]
     )
+    distributed.barrier("run directory checked")  # every process checked it before process 0 writes
     run_dir.mkdir(parents=True, exist_ok=True)
     log.attach(run_dir)
     init_note = ckpt.meta.get("description", "")
@@ -355,8 +364,11 @@ def run_fold(
         "devices": [str(d) for d in jax.devices()],
         "mesh": dict(mesh.shape) if mesh is not None else None,
     }
-    nifti.write_text(run_dir / "config.json", json.dumps(info, indent=2, default=str) + "\n")
-    label_map.to_tsv(run_dir / "dseg.tsv")
+    if distributed.is_main():
+        nifti.write_text(run_dir / "config.json", json.dumps(info, indent=2, default=str) + "\n")
+        label_map.to_tsv(run_dir / "dseg.tsv")
+    else:
+        log(f"distributed run, {distributed.describe()}: process 0 writes the run directory")
     log(
         f"fold {cfg.fold}: test {test['id']}, train {info['train_subjects']}, grid {fold['grid']}, "
         f"{label_map.n_classes} classes, initial weights {weights_path}"
@@ -370,6 +382,8 @@ def run_fold(
     meta = {"description": f"fine-tuned by cerebrum-jax finetune, fold {cfg.fold}", "run": info}
 
     def save_best(p, record):
+        if not distributed.is_main():
+            return
         save_checkpoint(
             run_dir / "checkpoints" / "best",
             p,
@@ -405,6 +419,9 @@ def run_fold(
         save_best(params, None)
     t_trained = time.perf_counter()
     probs = predict(params, run_config, test, mesh)
+    if not distributed.is_main():  # process 0 writes and evaluates; the others wait and read its result
+        distributed.barrier("fold written")
+        return json.loads((run_dir / "metrics.json").read_text())
     out = run_dir / "predictions"
     label_map.to_tsv(out / "dseg.tsv")
     _, grids = write_predictions(out, test, probs, cfg)
@@ -456,6 +473,7 @@ def run_fold(
         f"fold {cfg.fold} ({test['id']}): mean Dice {result['mean_dice']:.4f} ({per_class}), "
         f"{result['timings_s']['total']:.0f} s"
     )
+    distributed.barrier("fold written")
     return result
 
 
@@ -490,6 +508,7 @@ def run_cv(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True
         fold_cfg = dataclasses.replace(cfg, fold=k)
         results[k] = run_fold(fold_cfg, out / f"fold-{k}", resume=resume, progress=progress, **kw)
     summary = report.cv_summary([results[k] for k in sorted(results)])
-    nifti.write_text(out / "cv_summary.json", json.dumps(summary, indent=2) + "\n")
-    nifti.write_text(out / "cv_summary.md", report.cv_summary_markdown(summary))
+    if distributed.is_main():
+        nifti.write_text(out / "cv_summary.json", json.dumps(summary, indent=2) + "\n")
+        nifti.write_text(out / "cv_summary.md", report.cv_summary_markdown(summary))
     return summary

@@ -8,6 +8,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from cerebrum_jax import distributed
 from cerebrum_jax.config import apply_sets, load_config
 from cerebrum_jax.errors import InputError
 
@@ -102,6 +103,7 @@ def add_parser(sub) -> None:
     from cerebrum_jax.sharding import add_performance_args
 
     add_performance_args(p)  # --mesh, --remat, --precision
+    distributed.add_distributed_args(p)  # --distributed, --coordinator, ...
     for action in p._actions:  # finetune's default differs from segment's: no mesh unless asked
         if action.dest == "mesh":
             action.help = (
@@ -142,6 +144,8 @@ def resolve(args: argparse.Namespace):
         values["remat"] = True
     if args.precision is not None:
         values["precision"] = args.precision
+    if getattr(args, "distributed", None):
+        values["distributed"] = True
     cfg = apply_sets(cfg.override("command line", **values), args.set)
     fold = args.fold
     if fold is None:
@@ -157,19 +161,25 @@ def resolve(args: argparse.Namespace):
     return cfg, fold, out
 
 
+@distributed.guarded("finetune")
 def run(args: argparse.Namespace) -> int:
     from cerebrum_jax import finetune, train  # heavy imports after argument checks
 
     cfg, fold, out = resolve(args)
-    progress = not args.no_progress
+    if distributed.wanted(args, cfg.distributed):
+        distributed.initialize(args)  # before anything creates a JAX backend
+    progress = not args.no_progress and distributed.is_main()
     try:
         if fold == "all":
             summary = finetune.run_cv(cfg, out, resume=args.resume, progress=progress)
             mean = summary["mean_dice"]["mean"]
-            print(f"cross-validation: mean Dice {mean:.4f} -> {out / 'cv_summary.md'}")
+            if distributed.is_main():
+                print(f"cross-validation: mean Dice {mean:.4f} -> {out / 'cv_summary.md'}")
         else:
             result = finetune.run_fold(cfg, out / f"fold-{fold}", resume=args.resume, progress=progress)
-            print(f"fold {fold}: mean Dice {result['mean_dice']:.4f} -> {out / f'fold-{fold}' / 'report.md'}")
+            if distributed.is_main():
+                report_md = out / f"fold-{fold}" / "report.md"
+                print(f"fold {fold}: mean Dice {result['mean_dice']:.4f} -> {report_md}")
     except train.NonFiniteLoss as e:
         print(f"cerebrum-jax finetune: {e}", file=sys.stderr)
         return 1

@@ -225,6 +225,16 @@ def share(items: Sequence, index: int | None = None, count: int | None = None) -
     return list(items[index::count])
 
 
+def unique_names(items: Sequence, name_of: Callable) -> None:
+    """InputError naming the second of two ``items`` with one output name ``name_of(item)``."""
+    seen = {}
+    for item in items:
+        name = name_of(item)
+        if name in seen:
+            raise InputError(f"has the same output name {name!r} as {seen[name]}", item)
+        seen[name] = item
+
+
 def local_bounds(global_shape: tuple[int, ...], sharding) -> tuple[slice, ...]:
     """The box (one slice per axis) of a ``global_shape`` array that this process's devices hold under
     ``sharding``: what the process has to read to build its part (``from_local``)."""

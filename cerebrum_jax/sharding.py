@@ -175,8 +175,11 @@ def add_performance_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def apply_performance_args(args: argparse.Namespace, config: M.ModelConfig) -> tuple[M.ModelConfig, Mesh]:
-    """The model config with ``remat`` / ``compute_dtype`` from ``args``, and the mesh of ``args.mesh``.
+def apply_performance_args(
+    args: argparse.Namespace, config: M.ModelConfig, devices=None
+) -> tuple[M.ModelConfig, Mesh]:
+    """The model config with ``remat`` / ``compute_dtype`` from ``args``, and the mesh of ``args.mesh``
+    over ``devices`` (default: all of jax.devices()).
 
     Raises ValueError on a bad mesh spec (the CLI turns it into an InputError).
     """
@@ -185,4 +188,4 @@ def apply_performance_args(args: argparse.Namespace, config: M.ModelConfig) -> t
         remat=bool(getattr(args, "remat", False)) or config.remat,
         compute_dtype=PRECISIONS.get(getattr(args, "precision", None), config.compute_dtype),
     )
-    return config, make_mesh(getattr(args, "mesh", None))
+    return config, make_mesh(getattr(args, "mesh", None), devices)

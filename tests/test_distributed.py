@@ -7,6 +7,7 @@ process, which has 4 virtual CPU devices (conftest.py).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import subprocess
@@ -119,3 +120,171 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path):
     leaves = jax.tree_util.tree_leaves(new_state["params"])
     for i, leaf in enumerate(leaves):
         np.testing.assert_allclose(got[f"p{i}"], np.asarray(leaf), atol=1e-5)
+
+
+def _fold_dataset(tmp_path):
+    """2 subjects of 32x16x16 (depth 32: 4 slabs for a 1x4 mesh) and a tiny checkpoint."""
+    from test_finetune import _subject
+
+    from cerebrum_jax import checkpoint
+    from cerebrum_jax.model import ModelConfig, init_params
+
+    root = tmp_path / "data"
+    for i in range(2):
+        _subject(root, f"sub-{i + 1:03d}", i, shape=(32, 16, 16))
+    cfg = ModelConfig(n_filters=2, n_classes=3)
+    checkpoint.save_checkpoint(tmp_path / "w", init_params(cfg, jax.random.key(3)), cfg)
+    return root, tmp_path / "w"
+
+
+def _finetune_argv(root, weights, out, *extra) -> list[str]:
+    return [
+        "finetune",
+        *("--config", "demo", "--data", str(root), "--weights", str(weights), "--out", str(out)),
+        *("--grid", "32,16,16", "--fold", "2", "--augment-views", "1", "--no-progress"),
+        *("--set", "dropout=false", "--mesh", "1x4"),
+        *extra,
+    ]
+
+
+def _launch_finetune(tmp_path, argv, name):
+    port = free_port()
+    argvs = [
+        [sys.executable, "-m", "cerebrum_jax", *argv, "--distributed", "--coordinator", f"127.0.0.1:{port}"]
+        + ["--num-processes", "2", "--process-id", str(i), "--heartbeat-timeout", "20"]
+        for i in range(2)
+    ]
+    return start(argvs, tmp_path, tmp_path / name)
+
+
+def _files(run: Path) -> set[str]:
+    """Paths under ``run`` except Orbax's own files of checkpoints/last/state (written by every process)."""
+    state = run / "checkpoints" / "last" / "state"
+    return {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and state not in p.parents}
+
+
+@pytest.mark.slow
+def test_finetune_distributed_two_processes(tmp_path):
+    """finetune --distributed, 2 processes x 2 devices, 1 epoch per phase: process 0 wrote the run
+    directory, process 1 nothing but its log (and its part of the Orbax checkpoints/last); the metrics
+    equal this process's single-process run on 4 devices."""
+    from cerebrum_jax.cli import main
+
+    root, weights = _fold_dataset(tmp_path)
+    procs = _launch_finetune(
+        tmp_path, _finetune_argv(root, weights, tmp_path / "multi", "--epochs", "1"), "logs"
+    )
+    assert main(_finetune_argv(root, weights, tmp_path / "one", "--epochs", "1")) == 0
+    codes = finish(procs)
+    out = [(tmp_path / "logs" / f"p-{i}.txt").read_text() for i in range(2)]
+    assert codes == [0, 0], out
+    assert "fold 2: mean Dice" in out[0] and "mean Dice" not in out[1]
+    multi, one = tmp_path / "multi" / "fold-2", tmp_path / "one" / "fold-2"
+    assert _files(multi) == _files(one) | {"log.process-1.txt"}
+    assert "process 1 of 2, 2 local / 4 global devices" in (multi / "log.process-1.txt").read_text()
+    hist = [[json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (multi, one)]
+    assert [h["phase"] for h in hist[0]] == ["warmup", "finetune"]
+    for a, b in zip(*hist, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+    m = [json.loads((r / "metrics.json").read_text()) for r in (multi, one)]
+    assert m[0]["mean_dice"] == pytest.approx(m[1]["mean_dice"], abs=1e-6)
+    config = json.loads((multi / "config.json").read_text())
+    assert config["mesh"] == {"data": 1, "space": 4} and len(config["devices"]) == 4
+
+
+@pytest.mark.slow
+def test_a_dead_process_stops_the_other(tmp_path):
+    """SIGKILL process 1 once it trains: process 0 exits with an error within the heartbeat timeout."""
+    import time
+
+    root, weights = _fold_dataset(tmp_path)
+    run = tmp_path / "run"
+    procs = _launch_finetune(tmp_path, _finetune_argv(root, weights, run, "--epochs", "1000"), "logs")
+    log1 = run / "fold-2" / "log.process-1.txt"
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline and "warmup epoch 1:" not in (
+        log1.read_text() if log1.exists() else ""
+    ):
+        assert procs[0].poll() is None and procs[1].poll() is None, "a process ended before the kill"
+        time.sleep(0.5)
+    procs[1].kill()
+    killed = time.monotonic()
+    codes = finish(procs[:1], timeout=120)  # heartbeat timeout 20 s, with room for a loaded machine
+    took = time.monotonic() - killed
+    procs[1].wait(timeout=10)
+    text = (tmp_path / "logs" / "p-0.txt").read_text()
+    assert codes[0] != 0 and took < 120, (codes, took)
+    assert "process 0 of 2" in text or "another task died" in text, text[-2000:]
+
+
+@pytest.mark.slow
+def test_segment_distributed_splits_the_inputs(tmp_path):
+    """segment --distributed, 2 processes, 3 inputs: process 0 segments inputs 1 and 3, process 1 input 2,
+    each on its own 2 devices (--mesh 1x2); the files equal a single-process segmentation."""
+    import nibabel as nib
+
+    from cerebrum_jax import checkpoint, segment
+    from cerebrum_jax.model import ModelConfig, init_params
+
+    cfg = ModelConfig(n_filters=2, n_classes=3)
+    params = init_params(cfg, jax.random.key(5))
+    checkpoint.save_checkpoint(tmp_path / "w", params, cfg)
+    rng = np.random.default_rng(0)
+    inputs = []
+    for i in range(3):
+        inputs.append(tmp_path / f"sub-{i}_T1w.nii.gz")
+        nib.save(nib.Nifti1Image(rng.normal(size=(16, 16, 16)).astype(np.float32), np.eye(4)), inputs[-1])
+    port, out = free_port(), tmp_path / "out"
+    argvs = [
+        [sys.executable, "-m", "cerebrum_jax", "segment", *map(str, inputs), "--weights", str(tmp_path / "w")]
+        + ["--out", str(out), "--mesh", "1x2", "--distributed", "--coordinator", f"127.0.0.1:{port}"]
+        + ["--num-processes", "2", "--process-id", str(i), "--heartbeat-timeout", "20"]
+        for i in range(2)
+    ]
+    codes = finish(start(argvs, tmp_path, tmp_path / "logs"))
+    text = [(tmp_path / "logs" / f"p-{i}.txt").read_text() for i in range(2)]
+    assert codes == [0, 0], text
+    assert "sub-0_T1w" in text[0] and "sub-2_T1w" in text[0] and "sub-1_T1w.nii.gz:" not in text[0]
+    assert "sub-1_T1w.nii.gz:" in text[1] and "sub-0_T1w.nii.gz:" not in text[1]
+    assert "1 of 3 inputs" in text[1] and "mesh 1x2" in text[1]
+    assert (out / "dseg.tsv").read_text().startswith("index\tname\n")
+    for path in inputs:
+        stem = path.name.removesuffix(".nii.gz")
+        want = segment(np.asarray(nib.load(path).dataobj, np.float32), params, cfg)
+        got = np.asarray(nib.load(out / f"{stem}_desc-cerebrum_probseg.nii.gz").dataobj)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_cv_summary_command_from_fold_directories(tmp_path, capsys):
+    """cv-summary RUN_DIR: the summary of the finished folds (an unfinished one is named and left out);
+    bad or missing metrics exit 2 with one line and write nothing."""
+    from cerebrum_jax.cli import main
+
+    def fold(k, dice):
+        d = tmp_path / "run" / f"fold-{k}"
+        d.mkdir(parents=True)
+        classes = {"wm": {"dice": dice, "hd95_mm": 1.0 + k, "vs": 0.9}}
+        (d / "metrics.json").write_text(json.dumps({"fold": k, "classes": classes, "mean_dice": dice}))
+
+    run = tmp_path / "run"
+    assert main(["cv-summary", str(run)]) == 2  # no directory yet
+    assert "is not a directory" in capsys.readouterr().err
+    fold(1, 0.8)
+    fold(10, 0.6)
+    (run / "fold-2").mkdir()  # still running
+    (run / "notes").mkdir()
+    assert main(["cv-summary", str(run), "--expect", "3"]) == 2
+    assert "2 finished fold(s), --expect 3" in capsys.readouterr().err
+    assert not (run / "cv_summary.json").exists()
+    assert main(["cv-summary", str(run)]) == 0
+    captured = capsys.readouterr()
+    assert "fold-2" in captured.err and "[1, 10]" in captured.out
+    summary = json.loads((run / "cv_summary.json").read_text())
+    assert summary["folds"] == [1, 10] and summary["mean_dice"]["mean"] == pytest.approx(0.7)
+    assert summary["mean_dice"]["sd"] == pytest.approx(np.std([0.8, 0.6], ddof=1))
+    assert "mean Dice" in (run / "cv_summary.md").read_text()
+    (run / "fold-2" / "metrics.json").write_text("{")
+    assert main(["cv-summary", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "fold-2/metrics.json" in err and len(err.strip().splitlines()) == 1

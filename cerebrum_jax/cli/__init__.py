@@ -15,7 +15,7 @@ import sys
 
 from cerebrum_jax.errors import InputError
 
-SUBCOMMANDS = ("convert", "segment", "evaluate", "finetune")
+SUBCOMMANDS = ("convert", "segment", "evaluate", "finetune", "cv_summary")
 
 
 class ArgumentParser(argparse.ArgumentParser):

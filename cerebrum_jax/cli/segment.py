@@ -7,9 +7,10 @@ import dataclasses
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
-from cerebrum_jax import nifti, preprocess, sharding
+from cerebrum_jax import distributed, nifti, preprocess, sharding
 from cerebrum_jax.checkpoint import load_checkpoint
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.segment import NORMALIZATIONS, labels_from, segment
@@ -44,6 +45,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--no-probseg", action="store_true", help="do not write the probability maps")
     sharding.add_performance_args(p)  # --mesh, --remat, --precision
+    distributed.add_distributed_args(p)  # --distributed: the inputs split across processes
     for action in p._actions:  # segment's meanings of the shared options
         if action.dest == "mesh":
             action.help = (
@@ -119,7 +121,8 @@ def performance_options(args: argparse.Namespace, config):
     A bad --mesh (malformed, or not the number of devices there are) is an InputError.
     """
     try:
-        config, mesh = sharding.apply_performance_args(args, config)
+        local = jax.local_devices() if distributed.is_running() else None  # each process: its own devices
+        config, mesh = sharding.apply_performance_args(args, config, local)
     except ValueError as e:
         raise InputError(str(e), "--mesh") from None
     if args.mesh is not None and mesh.shape["data"] != 1:
@@ -132,10 +135,17 @@ def dseg_tsv(classes: list[str]) -> str:
     return "index\tname\n" + "".join(f"{i}\t{name}\n" for i, name in enumerate(classes))
 
 
+@distributed.guarded("segment")
 def run(args: argparse.Namespace) -> int:
-    """Check the checkpoint, options and every input first; then segment; dseg.tsv is written last."""
+    """Check the checkpoint, options and every input first; then segment; dseg.tsv is written last.
+
+    Distributed: each process checks and segments its share of the inputs (``distributed.share``) on its
+    own devices; process 0 writes dseg.tsv once every process is done."""
+    if distributed.wanted(args):
+        distributed.initialize(args)  # before anything creates a JAX backend
     weights = resolve_weights(args.weights)
     paths = [Path(p) for p in args.inputs]
+    mine = distributed.share(paths)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError("exists and is not a directory", out)
@@ -154,8 +164,15 @@ def run(args: argparse.Namespace) -> int:
             grid = np.shape(vols["mean"]) if vols is not None else preprocess.grid_for(shape)
             sharding.check_divisible((1, *grid), mesh)
 
-    check_inputs(paths, out, probseg=not args.no_probseg, grid_check=grid_check)
+    def check():
+        distributed.unique_names(paths, output_stem)  # names of every input; the files of this share
+        check_inputs(mine, out, probseg=not args.no_probseg, grid_check=grid_check)
+
+    distributed.agree(check)
     where = "one device" if mesh is None else f"mesh {args.mesh}"
+    where += (
+        f", {distributed.describe()}: {len(mine)} of {len(paths)} inputs" if distributed.is_running() else ""
+    )
     print(
         f"weights: {weights} ({config.n_classes} classes, normalisation {normalization}, "
         f"{config.compute_dtype}, {where})",
@@ -164,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)  # fails fast on an unwritable place, before any compute
     try:
-        for path in paths:
+        for path in mine:
             start = time.perf_counter()
             data, img = nifti.load_nifti(path)
             probs = segment(
@@ -182,7 +199,9 @@ def run(args: argparse.Namespace) -> int:
             nifti.save_nifti(dseg, labels_from(probs), like=img, dtype=np.uint8)
             prefix = out / f"{output_stem(path)}_desc-cerebrum"
             print(f"{path}: shape {data.shape}, segmented in {seconds:.1f} s -> {prefix}_*", flush=True)
-        nifti.write_text(out / "dseg.tsv", dseg_tsv(ckpt.classes))
+        distributed.barrier("segmented")
+        if distributed.is_main():
+            nifti.write_text(out / "dseg.tsv", dseg_tsv(ckpt.classes))
     except BaseException:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()

@@ -86,10 +86,11 @@ def initialize(args: argparse.Namespace) -> None:
     if any(v is not None for v in given.values()) and any(v is None for v in given.values()):
         missing = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is None]
         raise InputError(f"an explicit launch needs {', '.join(missing)} too", "--coordinator")
-    if given["num_processes"] is not None and not 0 <= given["process_id"] < given["num_processes"] > 0:
-        raise InputError(
-            f"must be in 0..{given['num_processes'] - 1}, got {given['process_id']}", "--process-id"
-        )
+    n, i = given["num_processes"], given["process_id"]
+    if n is not None and n < 1:
+        raise InputError(f"must be at least 1, got {n}", "--num-processes")
+    if n is not None and not 0 <= i < n:
+        raise InputError(f"must be in 0..{n - 1}, got {i}", "--process-id")
     for name in ("init_timeout", "heartbeat_timeout"):
         if getattr(args, name, 1) <= 0:
             raise InputError("must be a positive number of seconds", f"--{name.replace('_', '-')}")
@@ -190,6 +191,25 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def main_first(fn: Callable, *args):
+    """``fn(*args)`` on process 0 first, then (e.g. to find what it built) on the others."""
+    if not is_main():
+        barrier("main first")
+    result = fn(*args)
+    if is_main():
+        barrier("main first")
+    return result
+
+
+def main_result(path: Path) -> dict:
+    """On processes > 0: wait until process 0 has written the JSON file ``path`` (it then calls
+    ``barrier("main result")``) and return its content."""
+    import json
+
+    barrier("main result")
+    return json.loads(Path(path).read_text())
 
 
 def agree(check: Callable[[], None]) -> None:
@@ -308,15 +328,21 @@ def save_state(path: Path, state, extra_files: dict[str, str]) -> None:
 
 
 def restore_state(path: Path, like_state):
-    """Orbax restore of PATH/state by every process into arrays laid out like ``like_state`` (global
-    arrays or ShapeDtypeStructs with shardings)."""
+    """Orbax restore of PATH/state by every process, shaped like ``like_state``: global arrays come back
+    with their shardings, anything else as host numpy arrays (a replicated state: every process reads it
+    whole, so the number of processes may differ from the saving run's; ``jax.device_put`` then places
+    it on a mesh, which arrays committed to one device could not cross hosts to)."""
     import orbax.checkpoint as ocp
 
-    abstract = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), like_state
-    )
+    def target(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        return np.zeros(np.shape(x), np.asarray(x).dtype)
+
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(Path(path).absolute() / "state", target=abstract)
+        return ckptr.restore(
+            Path(path).absolute() / "state", target=jax.tree_util.tree_map(target, like_state)
+        )
 
 
 def local_checkpointer_options():

@@ -65,11 +65,7 @@ def fold_subjects(cfg: TrainConfig, log=print) -> tuple[Path, list[D.Subject]]:
     if cfg.data is None:
         from cerebrum_jax.demo import ensure_demo_cohort
 
-        if not distributed.is_main():  # process 0 builds it (once) while the others wait
-            distributed.barrier("demo cohort")
-        root = ensure_demo_cohort(cfg.demo_root)
-        if distributed.is_main():
-            distributed.barrier("demo cohort")
+        root = distributed.main_first(ensure_demo_cohort, cfg.demo_root)  # built once, by process 0
         log(f"data: the offline demo cohort at {root} (template-derived, not 7T data)")
     else:
         root = Path(cfg.data)
@@ -124,9 +120,8 @@ def git_commit() -> str | None:
 
 
 def fold_mesh(cfg: TrainConfig, grid) -> jax.sharding.Mesh | None:
-    """The device mesh of ``cfg.mesh`` (None: one device, no sharding), checked against the batch size and
-    ``grid`` before any training (InputError otherwise). A distributed run always shards: by default
-    over every device of every process on the "space" axis."""
+    """The device mesh of ``cfg.mesh`` (None: one device, no sharding; distributed: all devices on "space"),
+    checked against the batch size and ``grid`` before any training (InputError otherwise)."""
     if cfg.mesh is None and not distributed.is_running():
         return None
     try:
@@ -142,9 +137,8 @@ def predict(params, model_config, subject: dict, mesh=None) -> np.ndarray:
     over ``mesh``'s "space" axis when given (its "data" axis must then be 1: one volume)."""
     x = jnp.asarray(subject["x"][None, ..., None])
     if mesh is not None and mesh.shape["data"] == 1:
-        return distributed.gather(sharding.sharded_forward(params, model_config, x, mesh))[0].astype(
-            np.float32
-        )
+        probs = sharding.sharded_forward(params, model_config, x, mesh)
+        return distributed.gather(probs)[0].astype(np.float32)  # across processes: gathered to write
     fwd = jax.jit(lambda p, x: jax.nn.softmax(model.apply(p, model_config, x), axis=-1))
     return np.asarray(fwd(params, x)[0], np.float32)
 
@@ -212,9 +206,9 @@ def write_figures(run_dir: Path, history, subject, probs, names, k_prob) -> dict
 
 class RunLog:
     """Time-stamped log lines to the console (through tqdm while a progress bar may be shown) and to
-    RUN/log.txt (``log.process-I.txt`` on process I > 0 of a distributed run, without console) once
-    ``attach`` has named the run directory; lines logged before that are kept and
-    written then, so that checks can log before anything exists on disk."""
+    RUN/log.txt (process I > 0 of a distributed run: log.process-I.txt only) once ``attach`` has named
+    the run directory; lines logged before that are kept and written then, so that checks can log before
+    anything exists on disk."""
 
     def __init__(self, progress: bool = True):
         self.progress, self.path, self.pending = progress, None, []
@@ -367,8 +361,8 @@ def run_fold(
     if distributed.is_main():
         nifti.write_text(run_dir / "config.json", json.dumps(info, indent=2, default=str) + "\n")
         label_map.to_tsv(run_dir / "dseg.tsv")
-    else:
-        log(f"distributed run, {distributed.describe()}: process 0 writes the run directory")
+    if distributed.is_running():
+        log(f"distributed run, {distributed.describe()}; process 0 writes the run directory")
     log(
         f"fold {cfg.fold}: test {test['id']}, train {info['train_subjects']}, grid {fold['grid']}, "
         f"{label_map.n_classes} classes, initial weights {weights_path}"
@@ -382,8 +376,6 @@ def run_fold(
     meta = {"description": f"fine-tuned by cerebrum-jax finetune, fold {cfg.fold}", "run": info}
 
     def save_best(p, record):
-        if not distributed.is_main():
-            return
         save_checkpoint(
             run_dir / "checkpoints" / "best",
             p,
@@ -405,7 +397,7 @@ def run_fold(
             run_dir,
             log=log,
             resume=resume,
-            save_best=save_best,
+            save_best=save_best if distributed.is_main() else None,
             progress=progress,
             mesh=mesh,
         )
@@ -413,15 +405,14 @@ def run_fold(
         message = f"{e}; {checkpoints_left(run_dir, Path(weights_path).absolute())}"
         log(message, console=False)
         raise train.NonFiniteLoss(message) from None
-    if not (run_dir / "checkpoints" / "best" / "cerebrum.json").is_file():
+    if distributed.is_main() and not (run_dir / "checkpoints" / "best" / "cerebrum.json").is_file():
         # no epoch ran (or none gave a finite val loss): the best is what the test subject is predicted with
         log("no epoch improved on the initial parameters: checkpoints/best holds them")
         save_best(params, None)
     t_trained = time.perf_counter()
     probs = predict(params, run_config, test, mesh)
-    if not distributed.is_main():  # process 0 writes and evaluates; the others wait and read its result
-        distributed.barrier("fold written")
-        return json.loads((run_dir / "metrics.json").read_text())
+    if not distributed.is_main():  # process 0 writes and evaluates; the others wait for its metrics.json
+        return distributed.main_result(run_dir / "metrics.json")
     out = run_dir / "predictions"
     label_map.to_tsv(out / "dseg.tsv")
     _, grids = write_predictions(out, test, probs, cfg)
@@ -473,7 +464,7 @@ def run_fold(
         f"fold {cfg.fold} ({test['id']}): mean Dice {result['mean_dice']:.4f} ({per_class}), "
         f"{result['timings_s']['total']:.0f} s"
     )
-    distributed.barrier("fold written")
+    distributed.barrier("main result")
     return result
 
 

@@ -83,6 +83,8 @@ def sharded_forward(params: dict, config: M.ModelConfig, x, mesh: Mesh) -> jax.A
     The result stays sharded (D over "space"); ``np.asarray`` gathers it.
     """
     check_divisible(x.shape, mesh)
+    # placed before the call: a multi-process run does not let jit split host (numpy) inputs itself
+    x, params = jax.device_put(x, volume_sharding(mesh)), jax.device_put(params, replicated(mesh))
     return forward_fn(config, mesh)(params, x)
 
 

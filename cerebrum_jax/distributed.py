@@ -12,10 +12,11 @@ Roles: process 0 writes the run's files (logs, progress, metrics, figures, predi
 Orbax multi-process checkpoint that every process saves and restores (``save_state``). The run
 directory must be on a file system every process sees, as Orbax's multi-process checkpoints need.
 
-Failures: a process that dies is found by the coordination service's heartbeat
-(``--heartbeat-timeout``), and a collective with a dead peer fails at once; ``guarded`` turns such an
-error, and any other, into one line and exits the process without waiting for the others, so no process
-hangs. ``--init-timeout`` bounds the wait for all processes to join.
+Failures: a collective with a dead peer fails at once, and ``guarded`` turns that error, and any other,
+into one line and exits the process without waiting for the others. A process outside a collective is
+ended by JAX itself (SIGABRT, status 134) once the coordination service misses the dead one's heartbeat
+(``--heartbeat-timeout``), and so is a start where not every process joins within ``--init-timeout``.
+No process hangs.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def initialize(args: argparse.Namespace) -> None:
 
     Explicit launch: --coordinator, --num-processes and --process-id together; otherwise JAX detects
     the cluster. Raises InputError (one line, exit 2) on incomplete options or when no cluster is found;
-    a process that cannot reach the others within --init-timeout fails the same way.
+    when not every process joins within --init-timeout, JAX aborts the process (DEADLINE_EXCEEDED).
     """
     given = {k: getattr(args, k, None) for k in LAUNCH_KEYS}
     if any(v is not None for v in given.values()) and any(v is None for v in given.values()):
@@ -105,7 +106,12 @@ def initialize(args: argparse.Namespace) -> None:
             shutdown_timeout_seconds=int(args.heartbeat_timeout),
         )
     except (RuntimeError, ValueError) as e:  # no cluster detected, coordinator unreachable, ...
-        raise InputError(f"cannot start the distributed run: {one_line(e)}", "--distributed") from None
+        hint = (
+            ""
+            if given["coordinator"]
+            else " (no cluster detected: give --coordinator, --num-processes, --process-id)"
+        )
+        raise InputError(f"cannot start the distributed run: {one_line(e)}{hint}", "--distributed") from None
 
 
 def is_running() -> bool:

@@ -194,16 +194,19 @@ def test_finetune_distributed_two_processes(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_dead_process_stops_the_other(tmp_path):
-    """SIGKILL process 1 once it trains: process 0 exits with an error within the heartbeat timeout."""
+def test_a_dead_process_stops_the_other_and_the_run_resumes(tmp_path):
+    """SIGKILL process 1 in warm-up epoch 2: process 0 exits with an error within the heartbeat timeout.
+    The 2-process checkpoints/last of epoch 1 then resumes in one process with 4 devices."""
     import time
+
+    from cerebrum_jax.cli import main
 
     root, weights = _fold_dataset(tmp_path)
     run = tmp_path / "run"
     procs = _launch_finetune(tmp_path, _finetune_argv(root, weights, run, "--epochs", "1000"), "logs")
     log1 = run / "fold-2" / "log.process-1.txt"
     deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline and "warmup epoch 1:" not in (
+    while time.monotonic() < deadline and "warmup epoch 2:" not in (
         log1.read_text() if log1.exists() else ""
     ):
         assert procs[0].poll() is None and procs[1].poll() is None, "a process ended before the kill"
@@ -216,6 +219,12 @@ def test_a_dead_process_stops_the_other(tmp_path):
     text = (tmp_path / "logs" / "p-0.txt").read_text()
     assert codes[0] != 0 and took < 120, (codes, took)
     assert "process 0 of 2" in text or "another task died" in text, text[-2000:]
+    assert not (run / "fold-2" / "metrics.json").exists()
+
+    assert main(_finetune_argv(root, weights, run, "--epochs", "1", "--resume")) == 0
+    log = (run / "fold-2" / "log.txt").read_text()
+    assert "resuming at phase warmup, epoch 3" in log or "resuming at phase warmup, epoch 2" in log
+    assert json.loads((run / "fold-2" / "metrics.json").read_text())["epochs"]["finetune"] == 1
 
 
 @pytest.mark.slow

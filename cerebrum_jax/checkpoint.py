@@ -10,7 +10,8 @@ on load, so a flipped byte is refused instead of loading as NaN weights; checkpo
 digest existed load without it. Non-finite parameters are refused on load as well.
 
 Directories are written under a temporary name and renamed at the end, so a failed write
-leaves nothing half-written under the final name.
+leaves nothing half-written under the final name. In a multi-process run each process reads and writes
+these checkpoints on its own (process 0 writes them; ``distributed.local_checkpointer_options``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cerebrum_jax.distributed import local_checkpointer_options
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.fsafe import deferred_interrupt
 from cerebrum_jax.model import DIVISOR, ModelConfig
@@ -111,7 +113,7 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         with deferred_interrupt():  # Ctrl-C: once the checkpoint is complete under its final name
-            with ocp.StandardCheckpointer() as ckptr:
+            with ocp.StandardCheckpointer(**local_checkpointer_options()) as ckptr:
                 ckptr.save(tmp / STATE_DIR, tree)
                 ckptr.wait_until_finished()
             info[DIGEST_KEY] = state_digest(tmp / STATE_DIR)
@@ -148,7 +150,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     info = read_meta(path)
     check_digest(path, info.pop(DIGEST_KEY, None))
     try:
-        with deferred_interrupt(), ocp.StandardCheckpointer() as ckptr:
+        with deferred_interrupt(), ocp.StandardCheckpointer(**local_checkpointer_options()) as ckptr:
             tree = ckptr.restore(path / STATE_DIR)
     except Exception as e:
         raise InputError(f"cannot restore Orbax state ({type(e).__name__}: {str(e)[:200]})", path) from None

@@ -77,7 +77,8 @@ class TrainConfig:
     Performance (``sharding``): mesh ("DATAxSPACE", e.g. "1x4": volumes and activations split along depth
     over 4 devices; None = one device, no sharding), remat (recompute the full-resolution blocks in the
     backward pass), precision ("float32", or "bf16": bfloat16 convolutions with float32 parameters,
-    optimizer state, softmax and loss).
+    optimizer state, softmax and loss). distributed: join the other processes of a multi-process run
+    (``distributed``; the same as ``--distributed``).
 
     Values are checked on construction against the annotations below (int fields take integers but not
     true/false, float fields integers or finite floats, stored as float; tuple fields lists or tuples;
@@ -124,6 +125,7 @@ class TrainConfig:
     mesh: str | None = None
     remat: bool = False
     precision: str = "float32"
+    distributed: bool = False
 
     def __post_init__(self):
         hints = _field_hints(type(self))

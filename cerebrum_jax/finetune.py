@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from cerebrum_jax import (
     bids,
+    distributed,
     inputs,
     losses,
     metrics,
@@ -84,7 +85,7 @@ def fold_subjects(cfg: TrainConfig, log=print) -> tuple[Path, list[D.Subject]]:
     if cfg.data is None:
         from cerebrum_jax.demo import ensure_demo_cohort
 
-        root = ensure_demo_cohort(cfg.demo_root)
+        root = distributed.main_first(ensure_demo_cohort, cfg.demo_root)  # built once, by process 0
         log(f"data: the offline demo cohort at {root} (template-derived, not 7T data)")
     else:
         root = Path(cfg.data)
@@ -167,9 +168,9 @@ def git_commit() -> str | None:
 
 
 def fold_mesh(cfg: TrainConfig, grid) -> jax.sharding.Mesh | None:
-    """The device mesh of ``cfg.mesh`` (None: one device, no sharding), checked against the batch size and
-    ``grid`` before any training (InputError otherwise)."""
-    if cfg.mesh is None:
+    """The device mesh of ``cfg.mesh`` (None: one device, no sharding; distributed: all devices on "space"),
+    checked against the batch size and ``grid`` before any training (InputError otherwise)."""
+    if cfg.mesh is None and not distributed.is_running():
         return None
     try:
         mesh = sharding.make_mesh(cfg.mesh)
@@ -229,15 +230,16 @@ def write_figures(run_dir: Path, history, grids: dict, probs, names, k_prob) -> 
 
 class RunLog:
     """Time-stamped log lines to the console (through tqdm while a progress bar may be shown) and to
-    RUN/log.txt once ``attach`` has named the run directory; lines logged before that are kept and
-    written then, so that checks can log before anything exists on disk."""
+    RUN/log.txt (process I > 0 of a distributed run: log.process-I.txt only) once ``attach`` has named
+    the run directory; lines logged before that are kept and written then, so that checks can log before
+    anything exists on disk."""
 
     def __init__(self, progress: bool = True):
         self.progress, self.path, self.pending = progress, None, []
 
     def __call__(self, msg: str, console: bool = True) -> None:
         line = f"{time.strftime('%H:%M:%S')} {msg}"
-        if console:
+        if console and distributed.is_main():  # the other processes of a distributed run: their log only
             (tqdm.write if self.progress else print)(line)
         if self.path is None:
             self.pending.append(line)
@@ -246,7 +248,7 @@ class RunLog:
                 f.write(line + "\n")
 
     def attach(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / "log.txt"
+        self.path = Path(run_dir) / distributed.log_name()
         with open(self.path, "a") as f:
             f.write("".join(line + "\n" for line in self.pending))
         self.pending = []
@@ -375,6 +377,7 @@ def run_fold(
     run_config = dataclasses.replace(
         model_config, remat=cfg.remat, compute_dtype=sharding.PRECISIONS[cfg.precision]
     )
+    distributed.barrier("run directory checked")  # every process checked it before process 0 writes
     run_dir.mkdir(parents=True, exist_ok=True)
     log.attach(run_dir)
     init_weights, init_note = initial_weights_text(prepared, cfg)
@@ -402,8 +405,11 @@ def run_fold(
         "devices": [str(d) for d in jax.devices()],
         "mesh": dict(mesh.shape) if mesh is not None else None,
     }
-    nifti.write_text(run_dir / "config.json", json.dumps(info, indent=2, default=str) + "\n")
-    label_map.to_tsv(run_dir / "dseg.tsv")
+    if distributed.is_main():
+        nifti.write_text(run_dir / "config.json", json.dumps(info, indent=2, default=str) + "\n")
+        label_map.to_tsv(run_dir / "dseg.tsv")
+    if distributed.is_running():
+        log(f"distributed run, {distributed.describe()}; process 0 writes the run directory")
     log(
         f"fold {cfg.fold}: test {test['id']}, train {info['train_subjects']}, grid {fold['grid']}, "
         f"{label_map.n_classes} classes, initial weights {init_weights}"
@@ -438,7 +444,7 @@ def run_fold(
             run_dir,
             log=log,
             resume=resume,
-            save_best=save_best,
+            save_best=save_best if distributed.is_main() else None,
             progress=progress,
             mesh=mesh,
         )
@@ -446,13 +452,15 @@ def run_fold(
         message = f"{e}; {checkpoints_left(run_dir, Path(weights_path).absolute())}"
         log(message, console=False)
         raise train.NonFiniteLoss(message) from None
-    if not (run_dir / "checkpoints" / "best" / "cerebrum.json").is_file():
+    if distributed.is_main() and not (run_dir / "checkpoints" / "best" / "cerebrum.json").is_file():
         # no epoch ran (or none gave a finite val loss): the best is what the test subject is predicted with
         log("no epoch improved on the initial parameters: checkpoints/best holds them")
         save_best(params, None)
     t_trained = time.perf_counter()
     net = predictor.Model(params, run_config, pre, fold["norm_volumes"])
     probs, grids = predict_test(net, test, mesh)
+    if not distributed.is_main():  # process 0 writes and evaluates; the others wait for its metrics.json
+        return distributed.main_result(run_dir / "metrics.json")
     out = run_dir / "predictions"
     label_map.to_tsv(out / "dseg.tsv")
     prefix = bids.derivative_prefix(test["id"], "orig")  # on the test image's own grid, as segment writes
@@ -518,6 +526,7 @@ def run_fold(
         f"fold {cfg.fold} ({test['id']}): mean Dice {result['mean_dice']:.4f} ({per_class}), "
         f"{result['timings_s']['total']:.0f} s"
     )
+    distributed.barrier("main result")
     return result
 
 
@@ -552,7 +561,8 @@ def run_cv(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True
         fold_cfg = dataclasses.replace(cfg, fold=k)
         results[k] = run_fold(fold_cfg, out / f"fold-{k}", resume=resume, progress=progress, **kw)
     summary = report.cv_summary([results[k] for k in sorted(results)])
-    nifti.write_text(out / "cv_summary.json", json.dumps(summary, indent=2) + "\n")
-    nifti.write_text(out / "cv_summary.md", report.cv_summary_markdown(summary))
-    results_page.cv_page(out, summary, [results[k] for k in sorted(results)])
+    if distributed.is_main():
+        nifti.write_text(out / "cv_summary.json", json.dumps(summary, indent=2) + "\n")
+        nifti.write_text(out / "cv_summary.md", report.cv_summary_markdown(summary))
+        results_page.cv_page(out, summary, [results[k] for k in sorted(results)])
     return summary

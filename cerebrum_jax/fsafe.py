@@ -26,6 +26,21 @@ from cerebrum_jax.errors import InputError
 LOCK_NAME = ".cerebrum-jax.lock"
 
 
+class NoLock:
+    """What a process other than process 0 of a distributed run holds: nothing (process 0 holds the
+    ``DirLock`` for all of them, since they write into one directory together)."""
+
+    def release(self, remove_created: bool = True) -> None:
+        return None
+
+
+def dir_lock(path: str | os.PathLike, command: str = "cerebrum-jax"):
+    """``DirLock`` in process 0 (of a distributed run; in any plain run), ``NoLock`` in the others."""
+    import jax
+
+    return DirLock(path, command) if jax.process_index() == 0 else NoLock()
+
+
 class DirLock:
     """An exclusive lock on directory ``path`` (created, with its missing parents, when it does not exist).
 

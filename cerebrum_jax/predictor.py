@@ -70,9 +70,10 @@ def network_probs(params, config: ModelConfig, x: np.ndarray, *, tta_axes=(), me
         if mesh is None:
             p = forward_fn(config)(params, xin)
         else:
-            from cerebrum_jax import sharding
+            from cerebrum_jax import distributed, sharding
 
-            p = sharding.sharded_forward(params, config, xin, mesh)
+            # across processes (--distributed) the sharded result is gathered: every caller writes it
+            p = distributed.gather(sharding.sharded_forward(params, config, xin, mesh))
         p = flip(np.asarray(p[0], np.float32), axes)
         total = p if total is None else total + p
     return total / len(flips)

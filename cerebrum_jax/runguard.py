@@ -39,7 +39,7 @@ def guarded(run_fold):
 
     @functools.wraps(run_fold)
     def wrapper(cfg, workdir, *args, resume: bool = False, **kw):
-        lock = fsafe.DirLock(workdir, f"finetune fold {cfg.fold}")
+        lock = fsafe.dir_lock(workdir, f"finetune fold {cfg.fold}")
         try:
             if resume:
                 check_resume(Path(workdir), cfg, log=kw.get("log") or print)

@@ -83,6 +83,8 @@ def sharded_forward(params: dict, config: M.ModelConfig, x, mesh: Mesh) -> jax.A
     The result stays sharded (D over "space"); ``np.asarray`` gathers it.
     """
     check_divisible(x.shape, mesh)
+    # placed before the call: a multi-process run does not let jit split host (numpy) inputs itself
+    x, params = jax.device_put(x, volume_sharding(mesh)), jax.device_put(params, replicated(mesh))
     return forward_fn(config, mesh)(params, x)
 
 
@@ -175,8 +177,11 @@ def add_performance_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def apply_performance_args(args: argparse.Namespace, config: M.ModelConfig) -> tuple[M.ModelConfig, Mesh]:
-    """The model config with ``remat`` / ``compute_dtype`` from ``args``, and the mesh of ``args.mesh``.
+def apply_performance_args(
+    args: argparse.Namespace, config: M.ModelConfig, devices=None
+) -> tuple[M.ModelConfig, Mesh]:
+    """The model config with ``remat`` / ``compute_dtype`` from ``args``, and the mesh of ``args.mesh``
+    over ``devices`` (default: all of jax.devices()).
 
     Raises ValueError on a bad mesh spec (the CLI turns it into an InputError).
     """
@@ -185,4 +190,4 @@ def apply_performance_args(args: argparse.Namespace, config: M.ModelConfig) -> t
         remat=bool(getattr(args, "remat", False)) or config.remat,
         compute_dtype=PRECISIONS.get(getattr(args, "precision", None), config.compute_dtype),
     )
-    return config, make_mesh(getattr(args, "mesh", None))
+    return config, make_mesh(getattr(args, "mesh", None), devices)

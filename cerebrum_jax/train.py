@@ -24,7 +24,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from cerebrum_jax import losses, model, nifti, sharding
+from cerebrum_jax import distributed, losses, model, nifti, sharding
 from cerebrum_jax.augment import AugmentConfig, augment_batch, view_key
 from cerebrum_jax.checkpoint import load_checkpoint, state_digest
 from cerebrum_jax.errors import InputError
@@ -234,7 +234,11 @@ def controller_update(
 
 
 def save_last(path: Path, state: dict, loop: dict) -> None:
-    """Orbax state {"params", "opt_state", "step"} + loop.json, written beside and renamed into place."""
+    """Orbax state {"params", "opt_state", "step"} + loop.json, written beside and renamed into place.
+
+    In a multi-process run every process saves (Orbax multi-process) and process 0 writes loop.json."""
+    if distributed.process_count() > 1:
+        return distributed.save_state(path, state, {"loop.json": json.dumps(loop, indent=1) + "\n"})
     path = Path(path).absolute()  # Orbax refuses relative checkpoint paths
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -250,6 +254,8 @@ def save_last(path: Path, state: dict, loop: dict) -> None:
 
 
 def load_last(path: Path, like_state: dict) -> dict:
+    if distributed.process_count() > 1:
+        return distributed.restore_state(path, like_state)
     try:
         with deferred_interrupt(), ocp.StandardCheckpointer() as ckptr:
             return ckptr.restore(Path(path).absolute() / "state", target=like_state)
@@ -434,7 +440,8 @@ def fit(
                 f"val dice {record['val_dice'] or float('nan'):.4f} lr {record['lr']:.2e}"
                 + (" *" if events["improved"] else "")
             )
-            nifti.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+            if distributed.is_main():
+                nifti.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
             if events["lr_reduced"]:
                 state["opt_state"] = set_learning_rate(state["opt_state"], controller.lr)
             done = events["stop"] or epoch + 1 == phase.epochs

@@ -15,7 +15,7 @@ import sys
 
 from cerebrum_jax.errors import InputError
 
-SUBCOMMANDS = ("convert", "segment", "evaluate", "finetune", "surfaces")
+SUBCOMMANDS = ("convert", "segment", "evaluate", "finetune", "surfaces", "cv_summary")
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -8,6 +8,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from cerebrum_jax import distributed
 from cerebrum_jax.config import apply_sets, find_config, load_config
 from cerebrum_jax.errors import InputError
 
@@ -119,6 +120,7 @@ def add_parser(sub) -> None:
     from cerebrum_jax.sharding import add_performance_args
 
     add_performance_args(p)  # --mesh, --remat, --precision
+    distributed.add_distributed_args(p)  # --distributed, --coordinator, ...
     for action in p._actions:  # finetune's default differs from segment's: no mesh unless asked
         if action.dest == "mesh":
             action.help = (
@@ -159,6 +161,8 @@ def resolve(args: argparse.Namespace):
         values["remat"] = True
     if args.precision is not None:
         values["precision"] = args.precision
+    if getattr(args, "distributed", None):
+        values["distributed"] = True
     cfg = apply_sets(cfg.override("command line", **values), args.set)
     fold = args.fold
     if fold is None:
@@ -174,21 +178,27 @@ def resolve(args: argparse.Namespace):
     return cfg, fold, out
 
 
+@distributed.guarded("finetune")
 def run(args: argparse.Namespace) -> int:
     from cerebrum_jax import finetune, report, train  # heavy imports after argument checks
 
     cfg, fold, out = resolve(args)
-    print(f"config: {find_config(args.config).absolute()}", flush=True)
-    progress = not args.no_progress
+    if distributed.wanted(args, cfg.distributed):
+        distributed.initialize(args)  # before anything creates a JAX backend
+    if distributed.is_main():
+        print(f"config: {find_config(args.config).absolute()}", flush=True)
+    progress = not args.no_progress and distributed.is_main()
     try:
         if fold == "all":
             summary = finetune.run_cv(cfg, out, resume=args.resume, progress=progress)
             mean = summary["mean_dice"]["mean"]
-            print(f"cross-validation: mean Dice {report.fmt(mean)} -> {out / 'cv_summary.md'}")
+            if distributed.is_main():
+                print(f"cross-validation: mean Dice {report.fmt(mean)} -> {out / 'cv_summary.md'}")
         else:
             result = finetune.run_fold(cfg, out / f"fold-{fold}", resume=args.resume, progress=progress)
-            mean = report.fmt(result["mean_dice"])
-            print(f"fold {fold}: mean Dice {mean} -> {out / f'fold-{fold}' / 'report.md'}")
+            if distributed.is_main():
+                mean = report.fmt(result["mean_dice"])
+                print(f"fold {fold}: mean Dice {mean} -> {out / f'fold-{fold}' / 'report.md'}")
     except train.NonFiniteLoss as e:
         print(f"cerebrum-jax finetune: {e}", file=sys.stderr)
         return 1

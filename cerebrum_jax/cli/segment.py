@@ -7,12 +7,13 @@ import dataclasses
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 
-from cerebrum_jax import bids, inputs, nifti, predictor, preprocess, sharding
+from cerebrum_jax import bids, distributed, inputs, nifti, predictor, preprocess, sharding
 from cerebrum_jax.checkpoint import load_checkpoint
 from cerebrum_jax.errors import InputError
-from cerebrum_jax.fsafe import DirLock
+from cerebrum_jax.fsafe import dir_lock
 from cerebrum_jax.inputs import NORMALIZATIONS, Preprocessing, of_checkpoint
 
 DEFAULT_WEIGHTS = ("weights/glasgow", "weights/demo")
@@ -80,6 +81,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--no-probseg", action="store_true", help="do not write the probability maps")
     sharding.add_performance_args(p)  # --mesh, --remat, --precision
+    distributed.add_distributed_args(p)  # --distributed: the inputs split across processes
     for action in p._actions:  # segment's meanings of the shared options
         if action.dest == "mesh":
             action.help = (
@@ -159,7 +161,8 @@ def performance_options(args: argparse.Namespace, config):
     A bad --mesh (malformed, or not the number of devices there are) is an InputError.
     """
     try:
-        config, mesh = sharding.apply_performance_args(args, config)
+        local = jax.local_devices() if distributed.is_running() else None  # each process: its own devices
+        config, mesh = sharding.apply_performance_args(args, config, local)
     except ValueError as e:
         raise InputError(str(e), "--mesh") from None
     if args.mesh is not None and mesh.shape["data"] != 1:
@@ -261,25 +264,46 @@ def split_inputs(args: argparse.Namespace) -> list[Path]:
     return [Path(p) for p in args.inputs]
 
 
+@distributed.guarded("segment")
 def run(args: argparse.Namespace) -> int:
-    """Check the checkpoints, options and every input first; then segment; dseg.tsv is written last."""
+    """Check the checkpoints, options and every input first; then segment; dseg.tsv is written last.
+
+    Distributed: each process checks and segments its share of the inputs (``distributed.share``) on its
+    own devices; process 0 writes dseg.tsv and dataset_description.json once every process is done."""
+    if distributed.wanted(args):
+        distributed.initialize(args)  # before anything creates a JAX backend
     paths = split_inputs(args)
+    mine = distributed.share(list(range(len(paths))))  # indices: masks go with their inputs
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise InputError("exists and is not a directory", out)
     models, mesh = load_models(args, len(paths))
     masks = [Path(m) for m in args.mask] if args.mask else None
-    check_inputs(paths, out, probseg=not args.no_probseg, grid_check=_grid_check(models, mesh), masks=masks)
+
+    def check():
+        distributed.unique_names(paths, output_stem)  # names of every input; the files of this share
+        check_inputs(
+            [paths[i] for i in mine],
+            out,
+            probseg=not args.no_probseg,
+            grid_check=_grid_check(models, mesh),
+            masks=None if masks is None else [masks[i] for i in mine],
+        )
+
+    distributed.agree(check)
     where = "one device" if mesh is None else f"mesh {args.mesh}"
+    if distributed.is_running():
+        where += f", {distributed.describe()}: {len(mine)} of {len(paths)} inputs"
     for path, _, m in models:
         print(f"weights: {path} ({m.config.n_classes} classes, {m.pre.describe()})", flush=True)
     extra = f", ensemble of {len(models)} (probabilities averaged)" if len(models) > 1 else ""
     print(f"compute: {models[0][2].config.compute_dtype}, {where}{extra}", flush=True)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)  # fails fast on an unwritable place, before any compute
-    lock = DirLock(out, "segment")  # one run at a time into OUT (InputError naming the other's pid)
+    lock = dir_lock(out, "segment")  # one run at a time into OUT (InputError naming the other's pid)
     try:
-        for i, path in enumerate(paths):
+        for i in mine:
+            path = paths[i]
             start = time.perf_counter()
             data, img = nifti.load_nifti(path)
             mask = None if masks is None else nifti.load_nifti(masks[i], what="mask")[0] > 0.5
@@ -298,8 +322,10 @@ def run(args: argparse.Namespace) -> int:
                 f"{out / stem}_desc-cerebrum_*",
                 flush=True,
             )
-        nifti.write_text(out / "dseg.tsv", dseg_tsv(models[0][1].classes))
-        bids.write_segment_description(out, paths)
+        distributed.barrier("segmented")
+        if distributed.is_main():
+            nifti.write_text(out / "dseg.tsv", dseg_tsv(models[0][1].classes))
+            bids.write_segment_description(out, paths)
     except BaseException:
         lock.release()
         if created and out.is_dir() and not any(out.iterdir()):

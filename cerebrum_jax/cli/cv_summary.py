@@ -1,0 +1,90 @@
+"""``cerebrum-jax cv-summary RUN_DIR``: the cross-validation summary of the folds finished in RUN_DIR.
+
+For folds run as separate jobs (e.g. one SLURM array task per fold, ``finetune --fold K --out RUN_DIR``):
+reads every RUN_DIR/fold-K/metrics.json and writes RUN_DIR/cv_summary.json and cv_summary.md, as
+``finetune --fold all`` does (``report.cv_summary``: mean ± sd across folds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cerebrum_jax.errors import InputError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "cv-summary",
+        help="build the cross-validation summary from finished fold directories (RUN_DIR/fold-K)",
+        description=(
+            "Read RUN_DIR/fold-K/metrics.json of every finished fold and write RUN_DIR/cv_summary.json and "
+            "RUN_DIR/cv_summary.md (mean ± sd across folds of Dice, HD95 and VS per class). Fold directories "
+            "without metrics.json (still running or failed) are left out and named on stderr."
+        ),
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the --out directory of the folds")
+    p.add_argument(
+        "--expect",
+        type=int,
+        metavar="N",
+        help="exit with status 2, writing nothing, unless N folds are finished",
+    )
+    p.set_defaults(func=run)
+
+
+def fold_number(path: Path) -> int | None:
+    """K of a directory named fold-K (None for any other name)."""
+    suffix = path.name.removeprefix("fold-")
+    return int(suffix) if path.name.startswith("fold-") and suffix.isdigit() else None
+
+
+def collect(run_dir: Path) -> tuple[list[dict], list[Path]]:
+    """(metrics.json of every finished fold, in fold order; the fold directories without one)."""
+    if not run_dir.is_dir():
+        raise InputError("is not a directory", run_dir)
+    folds = sorted((k, d) for d in run_dir.iterdir() if d.is_dir() and (k := fold_number(d)) is not None)
+    results, unfinished = [], []
+    for _, d in folds:
+        path = d / "metrics.json"
+        if not path.is_file():
+            unfinished.append(d)
+            continue
+        try:
+            result = json.loads(path.read_text())
+        except ValueError as e:
+            raise InputError(f"not readable as JSON ({e})", path) from None
+        missing = [
+            k for k in ("fold", "classes", "mean_dice") if not isinstance(result, dict) or k not in result
+        ]
+        if missing:
+            raise InputError(f"not a fold's metrics.json (no {', '.join(missing)})", path)
+        names = list(result["classes"])
+        if results and names != list(results[0]["classes"]):
+            raise InputError(f"classes {names} differ from fold {results[0]['fold']}'s", path)
+        results.append(result)
+    return results, unfinished
+
+
+def run(args: argparse.Namespace) -> int:
+    from cerebrum_jax import nifti, report
+
+    run_dir = Path(args.run_dir)
+    results, unfinished = collect(run_dir)
+    if not results:
+        raise InputError("no finished fold (no fold-K/metrics.json)", run_dir)
+    if args.expect is not None and len(results) != args.expect:
+        raise InputError(f"{len(results)} finished fold(s), --expect {args.expect}", run_dir)
+    if unfinished:
+        names = ", ".join(d.name for d in unfinished)
+        print(f"cerebrum-jax cv-summary: left out (no metrics.json, not finished): {names}", file=sys.stderr)
+    summary = report.cv_summary(results)
+    nifti.write_text(run_dir / "cv_summary.json", json.dumps(summary, indent=2) + "\n")
+    nifti.write_text(run_dir / "cv_summary.md", report.cv_summary_markdown(summary))
+    mean = summary["mean_dice"]["mean"]
+    print(
+        f"cross-validation over folds {summary['folds']}: mean Dice {mean:.4f} -> {run_dir / 'cv_summary.md'}"
+    )
+    return 0

@@ -1,0 +1,364 @@
+"""Multi-process (multi-host) runs on JAX's own multi-controller runtime (``jax.distributed``).
+
+Every process runs the same command with ``--distributed``; ``initialize`` connects them before any JAX
+backend exists, the cluster found by JAX itself (SLURM, Open MPI, Kubernetes and the other methods of
+``jax.distributed.initialize``) or given explicitly (``--coordinator HOST:PORT --num-processes N
+--process-id I``). ``jax.devices()`` then lists the devices of every process, so ``sharding.make_mesh``
+builds one ("data", "space") mesh over all of them, with the same meaning as on one machine. On CPU
+the processes exchange data through gloo collectives.
+
+Roles: process 0 writes the run's files (logs, progress, metrics, figures, predictions, reports,
+``checkpoints/best``); the others log to ``RUN/log.process-I.txt`` only. ``checkpoints/last`` is one
+Orbax multi-process checkpoint that every process saves and restores (``save_state``). The run
+directory must be on a file system every process sees, as Orbax's multi-process checkpoints need.
+
+Failures: a collective with a dead peer fails at once, and ``guarded`` turns that error, and any other,
+into one line and exits the process without waiting for the others. A process outside a collective is
+ended by JAX itself (SIGABRT, status 134) once the coordination service misses the dead one's heartbeat
+(``--heartbeat-timeout``), and so is a start where not every process joins within ``--init-timeout``.
+No process hangs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from cerebrum_jax.errors import InputError
+
+LAUNCH_KEYS = ("coordinator", "num_processes", "process_id")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Start-up
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    """Add --distributed, --coordinator, --num-processes, --process-id, --init-timeout and
+    --heartbeat-timeout to a subcommand's parser (see ``initialize``)."""
+    g = parser.add_argument_group("multi-process (several hosts or processes, jax.distributed)")
+    g.add_argument(
+        "--distributed",
+        action="store_true",
+        default=None,
+        help="join the other processes of this run (every process runs the same command); the cluster "
+        "(SLURM, Open MPI, Kubernetes) is detected by JAX unless --coordinator etc. are given",
+    )
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 (implies --distributed)")
+    g.add_argument("--num-processes", type=int, metavar="N", help="number of processes (with --coordinator)")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1 (with --coordinator)")
+    g.add_argument(
+        "--init-timeout",
+        type=int,
+        default=300,
+        metavar="S",
+        help="seconds to wait for every process to join (default 300)",
+    )
+    g.add_argument(
+        "--heartbeat-timeout",
+        type=int,
+        default=100,
+        metavar="S",
+        help="seconds without a heartbeat after which a process counts as dead and every process stops "
+        "(default 100)",
+    )
+
+
+def wanted(args: argparse.Namespace, config_value: bool = False) -> bool:
+    """Whether this run is distributed: --distributed, an explicit --coordinator, or the config's key."""
+    return bool(getattr(args, "distributed", None) or getattr(args, "coordinator", None) or config_value)
+
+
+def initialize(args: argparse.Namespace) -> None:
+    """``jax.distributed.initialize`` with the launch options of ``args``; must run before any backend.
+
+    Explicit launch: --coordinator, --num-processes and --process-id together; otherwise JAX detects
+    the cluster. Raises InputError (one line, exit 2) on incomplete options or when no cluster is found;
+    when not every process joins within --init-timeout, JAX aborts the process (DEADLINE_EXCEEDED).
+    """
+    given = {k: getattr(args, k, None) for k in LAUNCH_KEYS}
+    if any(v is not None for v in given.values()) and any(v is None for v in given.values()):
+        missing = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is None]
+        raise InputError(f"an explicit launch needs {', '.join(missing)} too", "--coordinator")
+    n, i = given["num_processes"], given["process_id"]
+    if n is not None and n < 1:
+        raise InputError(f"must be at least 1, got {n}", "--num-processes")
+    if n is not None and not 0 <= i < n:
+        raise InputError(f"must be in 0..{n - 1}, got {i}", "--process-id")
+    for name in ("init_timeout", "heartbeat_timeout"):
+        if getattr(args, name, 1) <= 0:
+            raise InputError("must be a positive number of seconds", f"--{name.replace('_', '-')}")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backend: collectives over TCP
+    try:
+        jax.distributed.initialize(
+            given["coordinator"],
+            given["num_processes"],
+            given["process_id"],
+            initialization_timeout=int(args.init_timeout),
+            heartbeat_timeout_seconds=int(args.heartbeat_timeout),
+            shutdown_timeout_seconds=int(args.heartbeat_timeout),
+        )
+    except (RuntimeError, ValueError) as e:  # no cluster detected, coordinator unreachable, ...
+        hint = (
+            ""
+            if given["coordinator"]
+            else " (no cluster detected: give --coordinator, --num-processes, --process-id)"
+        )
+        raise InputError(f"cannot start the distributed run: {one_line(e)}{hint}", "--distributed") from None
+
+
+def is_running() -> bool:
+    """Whether ``jax.distributed`` has been initialized in this process."""
+    return jax.distributed.is_initialized()
+
+
+def process_index() -> int:
+    return jax.process_index() if is_running() else 0
+
+
+def process_count() -> int:
+    return jax.process_count() if is_running() else 1
+
+
+def is_main() -> bool:
+    """True on process 0 (and in a single-process run): the process that writes the run's files."""
+    return process_index() == 0
+
+
+def log_name() -> str:
+    """The log file of this process in a run directory: log.txt (process 0), log.process-I.txt."""
+    return "log.txt" if is_main() else f"log.process-{process_index()}.txt"
+
+
+def describe() -> str:
+    """'process I of N, D local / G global devices' for the logs."""
+    return (
+        f"process {process_index()} of {process_count()}, {jax.local_device_count()} local / "
+        f"{jax.device_count()} global devices"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Failures
+
+
+def one_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message (XLA errors run over many lines)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[0] if lines else type(e).__name__)[:400]
+
+
+def guarded(command: str) -> Callable:
+    """Decorator for a CLI ``run(args)``: in a distributed run, any exception becomes one line on stderr
+    naming this process, and the process exits at once (status 2 for bad input, 1 otherwise) instead of
+    waiting at JAX's shutdown barrier for processes that may be gone. Single-process runs are unchanged."""
+
+    def wrap(run: Callable) -> Callable:
+        @functools.wraps(run)
+        def guarded_run(args):
+            try:
+                return run(args)
+            except BaseException as e:
+                if not is_running():
+                    raise
+                exit_now(command, e)
+
+        return guarded_run
+
+    return wrap
+
+
+def exit_now(command: str, e: BaseException) -> None:
+    """Print ``e`` as one line naming this process and ``os._exit`` (no shutdown barrier, no hang)."""
+    who = f"process {process_index()} of {process_count()}"
+    if isinstance(e, InputError | OSError | KeyboardInterrupt):
+        code, what = (130 if isinstance(e, KeyboardInterrupt) else 2), one_line(e) or "interrupted"
+    elif type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError"):
+        code = 1
+        what = f"lost another process (a collective or the coordination service failed): {one_line(e)}"
+    else:
+        code, what = 1, f"{type(e).__name__}: {one_line(e)}"
+    sys.stdout.flush()
+    print(f"cerebrum-jax {command}: error: {who}: {what}", file=sys.stderr, flush=True)
+    os._exit(code)
+
+
+def barrier(name: str) -> None:
+    """Wait until every process got here (a collective over all devices: a dead process makes it fail,
+    not hang). No-op in a single-process run."""
+    if process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def main_first(fn: Callable, *args):
+    """``fn(*args)`` on process 0 first, then (e.g. to find what it built) on the others."""
+    if not is_main():
+        barrier("main first")
+    result = fn(*args)
+    if is_main():
+        barrier("main first")
+    return result
+
+
+def main_result(path: Path) -> dict:
+    """On processes > 0: wait until process 0 has written the JSON file ``path`` (it then calls
+    ``barrier("main result")``) and return its content."""
+    import json
+
+    barrier("main result")
+    return json.loads(Path(path).read_text())
+
+
+def agree(check: Callable[[], None]) -> None:
+    """Run ``check`` (raises InputError on bad input) on every process, then agree: if it failed on any
+    process, every process raises (the failing one its own error, the others one naming it), so no
+    process starts work the others will not join."""
+    error = None
+    try:
+        check()
+    except InputError as e:
+        error = e
+    if process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
+        if error is None and failed.any():
+            bad = [int(i) for i in np.flatnonzero(failed)]
+            raise InputError(
+                f"the input check failed on process(es) {bad}: see their messages", "--distributed"
+            )
+    if error is not None:
+        raise error
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data across processes
+
+
+def share(items: Sequence, index: int | None = None, count: int | None = None) -> list:
+    """This process's share of ``items`` (round robin: items I, I+N, I+2N, ...)."""
+    index = process_index() if index is None else index
+    count = process_count() if count is None else count
+    return list(items[index::count])
+
+
+def unique_names(items: Sequence, name_of: Callable) -> None:
+    """InputError naming the second of two ``items`` with one output name ``name_of(item)``."""
+    seen = {}
+    for item in items:
+        name = name_of(item)
+        if name in seen:
+            raise InputError(f"has the same output name {name!r} as {seen[name]}", item)
+        seen[name] = item
+
+
+def local_bounds(global_shape: tuple[int, ...], sharding) -> tuple[slice, ...]:
+    """The box (one slice per axis) of a ``global_shape`` array that this process's devices hold under
+    ``sharding``: what the process has to read to build its part (``from_local``)."""
+    starts, stops = [None] * len(global_shape), [None] * len(global_shape)
+    for index in sharding.addressable_devices_indices_map(tuple(global_shape)).values():
+        for a, (s, n) in enumerate(zip(index, global_shape, strict=True)):
+            lo, hi, _ = s.indices(n)
+            starts[a] = lo if starts[a] is None else min(starts[a], lo)
+            stops[a] = hi if stops[a] is None else max(stops[a], hi)
+    return tuple(slice(lo, hi) for lo, hi in zip(starts, stops, strict=True))
+
+
+def from_local(local: np.ndarray, sharding, global_shape: tuple[int, ...]) -> jax.Array:
+    """A global array of ``global_shape`` from this process's part ``local`` (its ``local_bounds`` box)
+    on every process: ``jax.make_array_from_process_local_data``; nothing else crosses hosts."""
+    return jax.make_array_from_process_local_data(sharding, np.asarray(local), tuple(global_shape))
+
+
+def to_global(host: np.ndarray, sharding) -> jax.Array:
+    """A global array from a host array every process holds: each process transfers only the slices
+    its own devices hold (``jax.make_array_from_callback``)."""
+    host = np.asarray(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def gather(x) -> np.ndarray:
+    """The whole of ``x`` on this host as numpy: local or fully replicated arrays directly, sharded
+    global arrays through an all-gather (only for what must be written)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Orbax checkpoints every process saves
+
+
+def shared_tmp_dir(path: Path) -> Path:
+    """A temporary directory beside ``path`` with one name on every process (process 0 clears it)."""
+    tmp = path.parent / f".{path.name}.partial"
+    if is_main():
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(f"tmp {tmp}")
+    return tmp
+
+
+def save_state(path: Path, state, extra_files: dict[str, str]) -> None:
+    """Orbax multi-process save of ``state`` (global arrays) to PATH/state by every process, the
+    ``extra_files`` {name: text} written by process 0, then swapped into place by process 0."""
+    import orbax.checkpoint as ocp
+
+    from cerebrum_jax import nifti
+
+    path = Path(path).absolute()
+    if is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = shared_tmp_dir(path)
+    with ocp.StandardCheckpointer() as ckptr:  # every process writes its shards; process 0 the metadata
+        ckptr.save(tmp / "state", state)
+        ckptr.wait_until_finished()
+    if is_main():
+        for name, text in extra_files.items():
+            (tmp / name).write_text(text)
+        nifti.replace_dir(tmp, path)
+    barrier(f"saved {path}")
+
+
+def restore_state(path: Path, like_state):
+    """Orbax restore of PATH/state by every process, shaped like ``like_state``: global arrays come back
+    with their shardings, anything else as host numpy arrays (a replicated state: every process reads it
+    whole, so the number of processes may differ from the saving run's; ``jax.device_put`` then places
+    it on a mesh, which arrays committed to one device could not cross hosts to)."""
+    import orbax.checkpoint as ocp
+
+    def target(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        return np.zeros(np.shape(x), np.asarray(x).dtype)
+
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(
+            Path(path).absolute() / "state", target=jax.tree_util.tree_map(target, like_state)
+        )
+
+
+def local_checkpointer_options():
+    """Orbax options for a checkpoint this process reads or writes on its own (``checkpoint.py``): in a
+    distributed run, the other processes take no part (and are not waited for)."""
+    import orbax.checkpoint as ocp
+
+    if not is_running():
+        return {}
+    me = process_index()
+    return {
+        "multiprocessing_options": ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    }

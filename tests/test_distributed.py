@@ -1,0 +1,304 @@
+"""Multi-process runs on 127.0.0.1: real processes, CPU backend, 2 CPU devices each, gloo collectives.
+
+Every subprocess has a timeout (a hang fails the test). The reference results come from this pytest
+process, which has 4 virtual CPU devices (conftest.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import dist_worker
+import jax
+import numpy as np
+import pytest
+
+from cerebrum_jax import distributed
+from cerebrum_jax import sharding as S
+from cerebrum_jax.errors import InputError
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = 400  # seconds for a whole 2-process run on a loaded 2-core machine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_env() -> dict:
+    """This environment for a child process with 2 CPU devices (not conftest's 4) and the repo importable."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2", PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}")
+    return env
+
+
+def start(argvs: list[list[str]], cwd, logs: Path) -> list[subprocess.Popen]:
+    """One process per argv, stdout+stderr to logs/p-I.txt."""
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i, argv in enumerate(argvs):
+        out = open(logs / f"p-{i}.txt", "w")  # noqa: SIM115 - closed with the process below
+        procs.append(subprocess.Popen(argv, cwd=cwd, env=process_env(), stdout=out, stderr=subprocess.STDOUT))
+        out.close()
+    return procs
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = TIMEOUT) -> list[int]:
+    """Exit statuses; a process still running after ``timeout`` is killed and fails the test."""
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=timeout))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"process {p.args} still running after {timeout} s: a hang")
+    return codes
+
+
+def test_launch_options_checked():
+    with pytest.raises(InputError, match="--num-processes, --process-id"):
+        distributed.initialize(
+            argparse.Namespace(coordinator="127.0.0.1:1", num_processes=None, process_id=None)
+        )
+    bad = argparse.Namespace(
+        coordinator="h:1", num_processes=2, process_id=2, init_timeout=1, heartbeat_timeout=1
+    )
+    with pytest.raises(InputError, match="0..1"):
+        distributed.initialize(bad)
+    assert not distributed.is_running() and distributed.is_main() and distributed.log_name() == "log.txt"
+    assert distributed.share(list("abcde"), 1, 2) == ["b", "d"]
+    assert distributed.share(list("abcde"), 0, 2) == ["a", "c", "e"]
+
+
+def test_local_bounds_and_from_local_on_one_process():
+    mesh = S.make_mesh("1x4")
+    vol = S.volume_sharding(mesh)
+    x = np.arange(2 * 32 * 2 * 2, dtype=np.float32).reshape(2, 32, 2, 2, 1)[:1]
+    assert distributed.local_bounds(x.shape, vol)[1] == slice(0, 32)  # one process holds everything
+    g = distributed.from_local(x, vol, x.shape)
+    assert g.sharding == vol and np.array_equal(distributed.gather(g), x)
+    assert np.array_equal(distributed.gather(distributed.to_global(x, vol)), x)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_four_devices(tmp_path):
+    """A sharded forward and training step over a global 1x4 mesh (2 processes x 2 CPU devices), each
+    process giving JAX only its own depth slab, equal this process's 4-device run on the whole batch."""
+    port, out = free_port(), tmp_path / "result.npz"
+    worker = str(REPO / "tests" / "dist_worker.py")
+    argvs = [[sys.executable, worker, str(port), str(i), "2", str(out)] for i in range(2)]
+    procs = start(argvs, tmp_path, tmp_path / "logs")
+    codes = finish(procs)
+    logs = [(tmp_path / "logs" / f"p-{i}.txt").read_text() for i in range(2)]
+    assert codes == [0, 0], logs
+    got = np.load(out)
+    assert int(got["devices"]) == 4 and int(got["local_depth"]) == 16  # each process held half the depth
+
+    params, batch, cfg = dist_worker.reference_problem()
+    mesh = S.make_mesh("1x4")
+    probs = np.asarray(S.sharded_forward(params, cfg, batch["image"], mesh))
+    np.testing.assert_allclose(got["probs"], probs, atol=2e-5)
+    # process 1's half mattered: without it (zeros there) the probabilities in process 0's half differ
+    cut = batch["image"].copy()
+    cut[:, 16:] = 0
+    alone = np.asarray(S.sharded_forward(params, cfg, cut, mesh))
+    assert np.abs(alone[:, :16] - got["probs"][:, :16]).max() > 1e-3
+    step, state = dist_worker.train_step_of(cfg, params)
+    state = jax.device_put(state, S.state_shardings(state, mesh))
+    placed = S.put_batch(batch, mesh)
+    new_state, metrics = S.jit_train_step(step, mesh, state, placed)(state, placed, jax.random.key(0))
+    assert float(got["loss"]) == pytest.approx(float(metrics["loss"]), rel=1e-5)
+    leaves = jax.tree_util.tree_leaves(new_state["params"])
+    for i, leaf in enumerate(leaves):
+        np.testing.assert_allclose(got[f"p{i}"], np.asarray(leaf), atol=1e-5)
+
+
+def _fold_dataset(tmp_path):
+    """2 subjects of 32x16x16 (depth 32: 4 slabs for a 1x4 mesh) and a tiny checkpoint."""
+    from test_finetune import _subject
+
+    from cerebrum_jax import checkpoint
+    from cerebrum_jax.model import ModelConfig, init_params
+
+    root = tmp_path / "data"
+    for i in range(2):
+        _subject(root, f"sub-{i + 1:03d}", i, shape=(32, 16, 16))
+    cfg = ModelConfig(n_filters=2, n_classes=3)
+    checkpoint.save_checkpoint(tmp_path / "w", init_params(cfg, jax.random.key(3)), cfg)
+    return root, tmp_path / "w"
+
+
+def _finetune_argv(root, weights, out, *extra) -> list[str]:
+    return [
+        "finetune",
+        *("--config", "demo", "--data", str(root), "--weights", str(weights), "--out", str(out)),
+        *("--grid", "32,16,16", "--fold", "2", "--augment-views", "1", "--no-progress"),
+        *("--set", "dropout=false", "--mesh", "1x4"),
+        *extra,
+    ]
+
+
+def _launch_finetune(tmp_path, argv, name):
+    port = free_port()
+    argvs = [
+        [sys.executable, "-m", "cerebrum_jax", *argv, "--distributed", "--coordinator", f"127.0.0.1:{port}"]
+        + ["--num-processes", "2", "--process-id", str(i), "--heartbeat-timeout", "20"]
+        for i in range(2)
+    ]
+    return start(argvs, tmp_path, tmp_path / name)
+
+
+def _files(run: Path) -> set[str]:
+    """Paths under ``run`` except inside the Orbax state directories of checkpoints/best and last (file
+    names there are random; checkpoints/last's state is written by every process)."""
+    states = [run / "checkpoints" / name / "state" for name in ("best", "last")]
+    return {
+        str(p.relative_to(run))
+        for p in run.rglob("*")
+        if p.is_file() and not any(state in p.parents for state in states)
+    }
+
+
+@pytest.mark.slow
+def test_finetune_distributed_two_processes(tmp_path):
+    """finetune --distributed, 2 processes x 2 devices, 1 epoch per phase: process 0 wrote the run
+    directory, process 1 nothing but its log (and its part of the Orbax checkpoints/last); the metrics
+    equal this process's single-process run on 4 devices."""
+    from cerebrum_jax.cli import main
+
+    root, weights = _fold_dataset(tmp_path)
+    procs = _launch_finetune(
+        tmp_path, _finetune_argv(root, weights, tmp_path / "multi", "--epochs", "1"), "logs"
+    )
+    assert main(_finetune_argv(root, weights, tmp_path / "one", "--epochs", "1")) == 0
+    codes = finish(procs)
+    out = [(tmp_path / "logs" / f"p-{i}.txt").read_text() for i in range(2)]
+    assert codes == [0, 0], out
+    assert "fold 2: mean Dice" in out[0] and "mean Dice" not in out[1]
+    multi, one = tmp_path / "multi" / "fold-2", tmp_path / "one" / "fold-2"
+    assert _files(multi) == _files(one) | {"log.process-1.txt"}
+    assert "process 1 of 2, 2 local / 4 global devices" in (multi / "log.process-1.txt").read_text()
+    hist = [[json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (multi, one)]
+    assert [h["phase"] for h in hist[0]] == ["warmup", "finetune"]
+    for a, b in zip(*hist, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+    m = [json.loads((r / "metrics.json").read_text()) for r in (multi, one)]
+    assert m[0]["mean_dice"] == pytest.approx(m[1]["mean_dice"], abs=1e-6)
+    config = json.loads((multi / "config.json").read_text())
+    assert config["mesh"] == {"data": 1, "space": 4} and len(config["devices"]) == 4
+
+
+@pytest.mark.slow
+def test_a_dead_process_stops_the_other_and_the_run_resumes(tmp_path):
+    """SIGKILL process 1 in warm-up epoch 2: process 0 exits with an error within the heartbeat timeout.
+    The 2-process checkpoints/last of epoch 1 then resumes in one process with 4 devices."""
+    import time
+
+    from cerebrum_jax.cli import main
+
+    root, weights = _fold_dataset(tmp_path)
+    run = tmp_path / "run"
+    procs = _launch_finetune(tmp_path, _finetune_argv(root, weights, run, "--epochs", "1000"), "logs")
+    log1 = run / "fold-2" / "log.process-1.txt"
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline and "warmup epoch 2:" not in (
+        log1.read_text() if log1.exists() else ""
+    ):
+        assert procs[0].poll() is None and procs[1].poll() is None, "a process ended before the kill"
+        time.sleep(0.5)
+    procs[1].kill()
+    killed = time.monotonic()
+    codes = finish(procs[:1], timeout=120)  # heartbeat timeout 20 s, with room for a loaded machine
+    took = time.monotonic() - killed
+    procs[1].wait(timeout=10)
+    text = (tmp_path / "logs" / "p-0.txt").read_text()
+    assert codes[0] != 0 and took < 120, (codes, took)
+    assert "error: process 0 of 2: lost another process" in text or "another task died" in text, text[-2000:]
+    assert not (run / "fold-2" / "metrics.json").exists()
+
+    assert main(_finetune_argv(root, weights, run, "--epochs", "1", "--resume")) == 0
+    log = (run / "fold-2" / "log.txt").read_text()
+    assert "resuming at phase warmup, epoch 3" in log or "resuming at phase warmup, epoch 2" in log
+    assert json.loads((run / "fold-2" / "metrics.json").read_text())["epochs"]["finetune"] == 1
+
+
+@pytest.mark.slow
+def test_segment_distributed_splits_the_inputs(tmp_path):
+    """segment --distributed, 2 processes, 3 inputs: process 0 segments inputs 1 and 3, process 1 input 2,
+    each on its own 2 devices (--mesh 1x2); the files equal a single-process segmentation."""
+    import nibabel as nib
+
+    from cerebrum_jax import checkpoint, segment
+    from cerebrum_jax.model import ModelConfig, init_params
+
+    cfg = ModelConfig(n_filters=2, n_classes=3)
+    params = init_params(cfg, jax.random.key(5))
+    checkpoint.save_checkpoint(tmp_path / "w", params, cfg)
+    rng = np.random.default_rng(0)
+    inputs = []
+    for i in range(3):
+        inputs.append(tmp_path / f"sub-{i}_T1w.nii.gz")
+        nib.save(nib.Nifti1Image(rng.normal(size=(16, 16, 16)).astype(np.float32), np.eye(4)), inputs[-1])
+    port, out = free_port(), tmp_path / "out"
+    argvs = [
+        [sys.executable, "-m", "cerebrum_jax", "segment", *map(str, inputs), "--weights", str(tmp_path / "w")]
+        + ["--out", str(out), "--mesh", "1x2", "--distributed", "--coordinator", f"127.0.0.1:{port}"]
+        + ["--num-processes", "2", "--process-id", str(i), "--heartbeat-timeout", "20"]
+        for i in range(2)
+    ]
+    codes = finish(start(argvs, tmp_path, tmp_path / "logs"))
+    text = [(tmp_path / "logs" / f"p-{i}.txt").read_text() for i in range(2)]
+    assert codes == [0, 0], text
+    assert "sub-0_T1w" in text[0] and "sub-2_T1w" in text[0] and "sub-1_T1w.nii.gz:" not in text[0]
+    assert "sub-1_T1w.nii.gz:" in text[1] and "sub-0_T1w.nii.gz:" not in text[1]
+    assert "1 of 3 inputs" in text[1] and "mesh 1x2" in text[1]
+    assert (out / "dseg.tsv").read_text().startswith("index\tname\n")
+    for path in inputs:
+        stem = path.name.removesuffix(".nii.gz")
+        want = segment(np.asarray(nib.load(path).dataobj, np.float32), params, cfg)
+        got = np.asarray(nib.load(out / f"{stem}_desc-cerebrum_probseg.nii.gz").dataobj)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_cv_summary_command_from_fold_directories(tmp_path, capsys):
+    """cv-summary RUN_DIR: the summary of the finished folds (an unfinished one is named and left out);
+    bad or missing metrics exit 2 with one line and write nothing."""
+    from cerebrum_jax.cli import main
+
+    def fold(k, dice):
+        d = tmp_path / "run" / f"fold-{k}"
+        d.mkdir(parents=True)
+        classes = {"wm": {"dice": dice, "hd95_mm": 1.0 + k, "vs": 0.9}}
+        (d / "metrics.json").write_text(json.dumps({"fold": k, "classes": classes, "mean_dice": dice}))
+
+    run = tmp_path / "run"
+    assert main(["cv-summary", str(run)]) == 2  # no directory yet
+    assert "is not a directory" in capsys.readouterr().err
+    fold(1, 0.8)
+    fold(10, 0.6)
+    (run / "fold-2").mkdir()  # still running
+    (run / "notes").mkdir()
+    assert main(["cv-summary", str(run), "--expect", "3"]) == 2
+    assert "2 finished fold(s), --expect 3" in capsys.readouterr().err
+    assert not (run / "cv_summary.json").exists()
+    assert main(["cv-summary", str(run)]) == 0
+    captured = capsys.readouterr()
+    assert "fold-2" in captured.err and "[1, 10]" in captured.out
+    summary = json.loads((run / "cv_summary.json").read_text())
+    assert summary["folds"] == [1, 10] and summary["mean_dice"]["mean"] == pytest.approx(0.7)
+    assert summary["mean_dice"]["sd"] == pytest.approx(np.std([0.8, 0.6], ddof=1))
+    assert "mean Dice" in (run / "cv_summary.md").read_text()
+    (run / "fold-2" / "metrics.json").write_text("{")
+    assert main(["cv-summary", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "fold-2/metrics.json" in err and len(err.strip().splitlines()) == 1

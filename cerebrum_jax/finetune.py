@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cerebrum_jax import data as D
-from cerebrum_jax import losses, metrics, model, nifti, preprocess, report, sharding, train
+from cerebrum_jax import losses, metrics, model, nifti, preprocess, report, sharding, streamed, train
 from cerebrum_jax.augment import AugmentConfig
 from cerebrum_jax.checkpoint import load_checkpoint, read_meta, save_checkpoint
 from cerebrum_jax.config import REPO, TrainConfig
@@ -132,12 +132,15 @@ def fold_mesh(cfg: TrainConfig, grid) -> jax.sharding.Mesh | None:
     return mesh
 
 
-def predict(params, model_config, subject: dict, mesh=None) -> np.ndarray:
+def predict(params, model_config, subject: dict, mesh=None, lean: bool = False) -> np.ndarray:
     """Probabilities (D, H, W, C) on the network grid of a loaded subject (its "x"); split along depth
-    over ``mesh``'s "space" axis when given (its "data" axis must then be 1: one volume)."""
+    over ``mesh``'s "space" axis when given (its "data" axis must then be 1: one volume); with ``lean``,
+    the bounded-memory forward ``model.probabilities_lean``."""
     x = jnp.asarray(subject["x"][None, ..., None])
     if mesh is not None and mesh.shape["data"] == 1:
         return np.asarray(sharding.sharded_forward(params, model_config, x, mesh)[0], np.float32)
+    if lean:
+        return np.asarray(jax.jit(model.probabilities_lean, static_argnums=1)(params, model_config, x)[0])
     fwd = jax.jit(lambda p, x: jax.nn.softmax(model.apply(p, model_config, x), axis=-1))
     return np.asarray(fwd(params, x)[0], np.float32)
 
@@ -250,6 +253,10 @@ def prepare_fold(cfg: TrainConfig, log=print) -> dict:
     k_prob = prob_class_index(cfg, label_map_of(cfg).names)
     if cfg.grid is not None:
         fold_mesh(cfg, cfg.grid)
+    if cfg.mesh is not None and cfg.slab_rows:
+        raise InputError(
+            "slab streaming cannot be combined with --mesh (use one or the other)", "--slab-rows"
+        )
     weights_path = find_weights(cfg.weights, log)
     ckpt = load_checkpoint(weights_path)
     normalization, why = preprocess.resolve_normalization(cfg.normalization, ckpt.normalization)
@@ -327,6 +334,8 @@ def run_fold(
     params, frozen = prepared["params"], prepared["frozen"]
     label_map, names = fold["label_map"], fold["label_map"].names
     test = fold["test"][0]
+    if cfg.slab_rows is None:  # automatic: slabs for big grids, the plain step for small ones (and meshes)
+        cfg = dataclasses.replace(cfg, slab_rows=0 if mesh else streamed.auto_slab_rows(fold["grid"]))
     # how to compute; the checkpoints store the portable float32 config without remat
     run_config = dataclasses.replace(
         model_config, remat=cfg.remat, compute_dtype=sharding.PRECISIONS[cfg.precision]
@@ -404,7 +413,7 @@ def run_fold(
         log("no epoch improved on the initial parameters: checkpoints/best holds them")
         save_best(params, None)
     t_trained = time.perf_counter()
-    probs = predict(params, run_config, test, mesh)
+    probs = predict(params, run_config, test, mesh, lean=cfg.slab_rows > 0)
     out = run_dir / "predictions"
     label_map.to_tsv(out / "dseg.tsv")
     _, grids = write_predictions(out, test, probs, cfg)

@@ -33,6 +33,26 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _cpu_s() -> float:
+    """CPU seconds (user + system) of this process so far: on a shared machine, cpu / threads is what the
+    wall time would be with the threads' cores to itself."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _timed_steps(one, repeats: int) -> dict:
+    """``one()`` (returns the loss) once (excluded), then ``repeats`` times: wall and CPU seconds each."""
+    t, c = time.perf_counter(), _cpu_s()
+    out = {"first_loss": one(), "first_s": time.perf_counter() - t, "first_cpu_s": _cpu_s() - c}
+    times, cpu = [], []
+    for _ in range(repeats):
+        t, c = time.perf_counter(), _cpu_s()
+        out["loss"] = one()
+        times.append(time.perf_counter() - t)
+        cpu.append(_cpu_s() - c)
+    return {**out, "times": times, "cpu_times": cpu, "peak_rss_gb": _peak_rss_gb()}
+
+
 def _inputs():
     """One augmented view (1, D, H, W, 1) and its labels (1, D, H, W), class weights (C,): numpy."""
     import jax
@@ -76,15 +96,7 @@ def _ours(slab: int, repeats: int, run: bool) -> dict:
         box["s"], m = compiled(box["s"], batch, jax.random.key(1))
         return float(m["loss"])
 
-    t = time.perf_counter()
-    out["first_loss"] = one()
-    out["first_s"] = time.perf_counter() - t
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out["loss"] = one()
-        times.append(time.perf_counter() - t)
-    return {**out, "times": times, "peak_rss_gb": _peak_rss_gb()}
+    return {**out, **_timed_steps(one, repeats)}
 
 
 def _peer(repeats: int, threads: int) -> dict:
@@ -94,8 +106,8 @@ def _peer(repeats: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     sys.path.insert(0, HERE)
     import jax
-
     import torch_peer as T
+
     from cerebrum_jax import model
 
     cfg = model.ModelConfig(n_filters=24, n_classes=N_CLASSES)
@@ -105,14 +117,7 @@ def _peer(repeats: int, threads: int) -> dict:
     x, y, w = _inputs()
     xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 4, 1, 2, 3)))
     yt, wt = torch.from_numpy(y.astype(np.int64)), torch.from_numpy(w)
-    t = time.perf_counter()
-    out = {"first_loss": step(xt, yt, wt), "first_s": time.perf_counter() - t}
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out["loss"] = step(xt, yt, wt)
-        times.append(time.perf_counter() - t)
-    return {**out, "times": times, "peak_rss_gb": _peak_rss_gb()}
+    return _timed_steps(lambda: step(xt, yt, wt), repeats)
 
 
 def worker(side: str, repeats: int, slab: int, threads: int) -> dict:
@@ -144,24 +149,28 @@ def report_lines(r: dict, forward_s: float | None = None) -> list[str]:
         return f"{b / 2**30:.2f}" if b is not None else "?"
 
     lines = ["## Whole-volume training step on the CPU (256x352x224, 8 classes, float32, Adam)", ""]
-    lines += ["| side | step s (median) | runs | first step s | peak RSS GB | XLA temp GB | loss |"]
-    lines += ["|---|---|---|---|---|---|---|"]
+    lines += [
+        "| side | step s (median) | CPU s / step (median) | runs | first step s | peak RSS GB | XLA temp GB "
+        "| loss |"
+    ]
+    lines += ["|---|---|---|---|---|---|---|---|"]
     for side in SIDES:
         s = r.get(side, {})
         name = {"streamed": f"ours streamed (slab_rows {s.get('slab_rows', '?')})", "plain": "ours plain"}
         name = name.get(side, "PyTorch peer")
         if "failed" in s:
-            lines.append(f"| {name} | failed: `{s['failed']}` | | | | | |")
+            lines.append(f"| {name} | failed: `{s['failed']}` | | | | | | |")
         elif "times" in s:
             med = statistics.median(s["times"])
             lines.append(
-                f"| {name} | {med:.1f} | {len(s['times'])} | {s['first_s']:.1f} | {s['peak_rss_gb']:.2f} | "
+                f"| {name} | {med:.1f} | {statistics.median(s['cpu_times']):.1f} | {len(s['times'])} | "
+                f"{s['first_s']:.1f} | {s['peak_rss_gb']:.2f} | "
                 f"{gb(s.get('temp_bytes'))} | {s['loss']:.4f} |"
             )
         elif s:
             lines.append(
-                f"| {name} | not run (compiled only: its temp buffers alone need {gb(s.get('temp_bytes'))} GB) "
-                f"| | | {s['peak_rss_gb']:.2f} (compiling) | {gb(s.get('temp_bytes'))} | |"
+                f"| {name} | not run (compiled only: temp buffers {gb(s.get('temp_bytes'))} GB) "
+                f"| | | | {s['peak_rss_gb']:.2f} (compiling) | {gb(s.get('temp_bytes'))} | |"
             )
     ours, peer = r.get("streamed", {}), r.get("peer", {})
     if "times" in ours and "times" in peer:

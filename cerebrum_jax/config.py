@@ -77,8 +77,11 @@ class TrainConfig:
     Performance (``sharding``): mesh ("DATAxSPACE", e.g. "1x4": volumes and activations split along depth
     over 4 devices; None = one device, no sharding), remat (recompute the full-resolution blocks in the
     backward pass), precision ("float32", or "bf16": bfloat16 convolutions with float32 parameters,
-    optimizer state, softmax and loss). distributed: join the other processes of a multi-process run
-    (``distributed``; the same as ``--distributed``).
+    optimizer state, softmax and loss), slab_rows (train and validate the full-resolution layers in depth
+    slabs of that many rows, a multiple of 4, ``streamed``: same loss, bounded memory; 0 = the plain
+    whole-volume step; None = automatic from the grid, ``streamed.auto_slab_rows``; refused with a
+    mesh), distributed (join the other processes of a multi-process run, ``distributed``; the same as
+    ``--distributed``).
 
     Values are checked on construction against the annotations below (int fields take integers but not
     true/false, float fields integers or finite floats, stored as float; tuple fields lists or tuples;
@@ -126,6 +129,7 @@ class TrainConfig:
     remat: bool = False
     precision: str = "float32"
     distributed: bool = False
+    slab_rows: int | None = None
 
     def __post_init__(self):
         hints = _field_hints(type(self))
@@ -162,6 +166,8 @@ class TrainConfig:
                 raise InputError(f"must be {allowed}, got {value}", name)
         if not 0 < self.plateau_factor <= 1:
             raise InputError(f"must be in (0, 1], got {self.plateau_factor}", "plateau_factor")
+        if self.slab_rows is not None and (self.slab_rows < 0 or self.slab_rows % 4):
+            raise InputError(f"must be 0 or a positive multiple of 4, got {self.slab_rows}", "slab_rows")
         if self.voxel_mm is not None and self.voxel_mm <= 0:
             raise InputError(f"must be > 0, got {self.voxel_mm}", "voxel_mm")
         for name in ("layout", "contrast", "labels", "seg_name", "demo_root"):

@@ -38,6 +38,7 @@ from cerebrum_jax import (
     report,
     results_page,
     sharding,
+    streamed,
     train,
 )
 from cerebrum_jax import data as D
@@ -279,6 +280,10 @@ def prepare_fold(cfg: TrainConfig, log=print) -> dict:
     results_page.surface_classes(cfg.surface_classes, label_map_of(cfg).names)
     if cfg.grid is not None:
         fold_mesh(cfg, cfg.grid)
+    if cfg.mesh is not None and cfg.slab_rows:
+        raise InputError(
+            "slab streaming cannot be combined with --mesh (use one or the other)", "--slab-rows"
+        )
     dropout = 0.1 if cfg.dropout else 0.0
     if cfg.weights == "none":  # from scratch: random init of the config's width, nothing frozen
         weights_path, ckpt = None, None
@@ -373,6 +378,8 @@ def run_fold(
     params, frozen = prepared["params"], prepared["frozen"]
     label_map, names = fold["label_map"], fold["label_map"].names
     test = fold["test"][0]
+    if cfg.slab_rows is None:  # automatic: slabs for big grids, the plain step for small ones (and meshes)
+        cfg = dataclasses.replace(cfg, slab_rows=0 if mesh else streamed.auto_slab_rows(fold["grid"]))
     # how to compute; the checkpoints store the portable float32 config without remat
     run_config = dataclasses.replace(
         model_config, remat=cfg.remat, compute_dtype=sharding.PRECISIONS[cfg.precision]

@@ -11,6 +11,9 @@ from cerebrum_jax.errors import InputError
 
 # Bytes per voxel of a batch of one: (per level-1 filter, per class), by backend. See train_step_bytes.
 BYTES_PER_VOXEL = {"cpu": (150.0, 40.0), "gpu": (16.0, 12.0)}
+# The streamed step (``streamed``, level-1 layers in depth slabs) keeps only the volume, its labels and
+# the 64x smaller levels 2-3 whole: a low-side figure per voxel of the grid (see train_step_bytes).
+STREAMED_BYTES_PER_VOXEL = 100.0
 SKIP_ENV = "CEREBRUM_JAX_NO_MEMORY_CHECK"
 
 
@@ -43,17 +46,19 @@ def train_step_bytes(
     that it refuses only steps that cannot fit. GPU: unmeasured here (no GPU was lent); F = 16, C = 12
     (four float32 buffers per filter channel, three per class) is a lower bound of any backward pass, so
     a GPU is refused only a grid that certainly cannot fit; measure and raise it when a GPU is available.
-    ``streamed``: a step that streams the volume through the network in slabs (issue 9, not built yet)
-    will need far less; until it is measured it gets the same figure, and a caller that knows better
-    passes ``bytes_per_voxel``.
+    ``streamed``: the step that streams the full-resolution layers in depth slabs (``streamed``) keeps
+    the input, labels, augmentation buffers and the levels 2-3 whole (1/64 and 1/512 of the voxels):
+    ``STREAMED_BYTES_PER_VOXEL`` (100 B, about 2 GB for 256x352x224; BENCHMARKS.md has its measured peak,
+    which is higher) plus the slab buffers, whatever the filters and classes.
     """
     voxels = 1
     for g in grid:
         voxels *= int(g)
+    if bytes_per_voxel is None and streamed:
+        bytes_per_voxel = STREAMED_BYTES_PER_VOXEL
     if bytes_per_voxel is None:
         per_filter, per_class = BYTES_PER_VOXEL["cpu" if backend == "cpu" else "gpu"]
         bytes_per_voxel = per_filter * n_filters + per_class * n_classes
-    del streamed  # no streamed step yet: same figure (see the docstring)
     share = 1 if backend == "cpu" else max(int(n_devices), 1)
     return voxels * batch_size * float(bytes_per_voxel) / share
 
@@ -89,6 +94,11 @@ def check_training_fits(cfg, grid, n_classes: int, n_filters: int, *, bytes_per_
     if grid is None or os.environ.get(SKIP_ENV):
         return None
     have, what, backend = device_memory_bytes()
+    slab_rows = getattr(cfg, "slab_rows", 0)
+    if slab_rows is None:  # automatic (``streamed.auto_slab_rows``), as finetune.run_fold resolves it
+        from cerebrum_jax.streamed import auto_slab_rows
+
+        slab_rows = 0 if getattr(cfg, "mesh", None) else auto_slab_rows(tuple(grid))
     need = train_step_bytes(
         grid,
         n_classes,
@@ -97,11 +107,14 @@ def check_training_fits(cfg, grid, n_classes: int, n_filters: int, *, bytes_per_
         n_devices=mesh_devices(getattr(cfg, "mesh", None)),
         backend=backend,
         bytes_per_voxel=bytes_per_voxel,
+        streamed=slab_rows > 0,
     )
+    step = f"streamed in slabs of {slab_rows} rows" if slab_rows else "plain step"
     if have is not None and need > have:
         raise InputError(
             f"{'x'.join(map(str, grid))}: a training step needs about {need / 1e9:.1f} GB "
-            f"(estimate for {n_classes} classes, n_filters {n_filters}, batch {cfg.batch_size}), more than "
+            f"(estimate for {n_classes} classes, n_filters {n_filters}, batch {cfg.batch_size}, {step}), "
+            "more than "
             f"{what} ({have / 1e9:.1f} GB); use a smaller grid or a coarser --set voxel_mm "
             f"(set {SKIP_ENV}=1 to try anyway)",
             "--grid",

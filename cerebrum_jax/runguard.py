@@ -28,7 +28,7 @@ from cerebrum_jax.errors import InputError
 LOCK_NAME = fsafe.LOCK_NAME  # for the callers' emptiness checks
 check_training_fits = memory.check_training_fits  # the memory guard, with the others here
 
-PERFORMANCE_KEYS = ("mesh", "remat", "precision")
+PERFORMANCE_KEYS = ("mesh", "remat", "precision", "slab_rows", "distributed")
 LOOP_KEYS = {"phase": int, "next_epoch": int, "best": (int, float), "history": list}
 NO_RESUME = "the run cannot be resumed"
 CONTROLLER_KEYS = ("lr", "best", "wait", "plateau_best", "plateau_wait", "stop")

@@ -24,7 +24,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from cerebrum_jax import distributed, losses, model, nifti, sharding
+from cerebrum_jax import distributed, losses, model, nifti, sharding, streamed
 from cerebrum_jax.augment import AugmentConfig, augment_batch, view_key
 from cerebrum_jax.checkpoint import load_checkpoint, state_digest
 from cerebrum_jax.errors import InputError
@@ -152,11 +152,17 @@ def _check_batch(batch: dict) -> None:
 
 
 def make_train_step(
-    model_config: ModelConfig, loss_config: LossConfig, tx: optax.GradientTransformation, act_sharding=None
+    model_config: ModelConfig,
+    loss_config: LossConfig,
+    tx: optax.GradientTransformation,
+    act_sharding=None,
+    slab_rows: int = 0,
 ) -> Callable:
     """``step(state, batch, key) -> (state, metrics)``: one Adam step on one batch (pure, not jitted).
 
     Dropout uses ``fold_in(key, state["step"])``; metrics: loss, ce, dice_loss, grad_norm (scalars).
+    ``slab_rows`` > 0: the same loss computed in depth slabs of that many rows (``streamed.loss_terms``,
+    bounded memory for whole volumes).
     """
 
     def step(state, batch, key):
@@ -164,6 +170,8 @@ def make_train_step(
         dropout_key = jax.random.fold_in(jax.random.fold_in(key, DROPOUT_TAG), state["step"])
 
         def loss_fn(params):
+            if slab_rows:
+                return streamed.loss_terms(params, model_config, loss_config, batch, slab_rows, dropout_key)
             logits = model.apply(
                 params, model_config, batch["image"], train=True, key=dropout_key, act_sharding=act_sharding
             )
@@ -178,11 +186,16 @@ def make_train_step(
     return step
 
 
-def make_eval_step(model_config: ModelConfig, loss_config: LossConfig, act_sharding=None) -> Callable:
-    """``eval(params, batch) -> metrics``: loss terms, soft Dice (C,) and argmax Dice (C,), no dropout."""
+def make_eval_step(
+    model_config: ModelConfig, loss_config: LossConfig, act_sharding=None, slab_rows: int = 0
+) -> Callable:
+    """``eval(params, batch) -> metrics``: loss terms, soft Dice (C,) and argmax Dice (C,), no dropout
+    (``slab_rows`` > 0: computed in depth slabs, ``streamed.eval_metrics``)."""
 
     def evaluate(params, batch):
         _check_batch(batch)
+        if slab_rows:
+            return streamed.eval_metrics(params, model_config, loss_config, batch, slab_rows)
         logits = model.apply(params, model_config, batch["image"], train=False, act_sharding=act_sharding)
         _, metrics = losses.loss_terms(logits, batch["labels"], batch["class_weights"], loss_config)
         metrics["soft_dice"] = losses.soft_dice_per_class(logits, batch["labels"])
@@ -331,7 +344,8 @@ def fit(
     if mesh is not None:
         val = [sharding.put_batch(v, mesh) for v in val]
     aug_cfg = AugmentConfig.from_dict(dict(cfg.augment), "augment")
-    eval_step = jax.jit(make_eval_step(model_config, loss_cfg, act))
+    slab_rows = cfg.slab_rows or 0  # finetune.run_fold resolves None (automatic)
+    eval_step = jax.jit(make_eval_step(model_config, loss_cfg, act, slab_rows))
     last_dir = run_dir / "checkpoints" / "last"
     history, start_phase, start_epoch, controller, best = [], 0, 0, None, (float("inf"), params)
     resumed_state = None
@@ -360,7 +374,7 @@ def fit(
         else:
             controller = Controller(lr=phase.lr)
         state["opt_state"] = set_learning_rate(state["opt_state"], controller.lr)
-        step_fn = make_train_step(model_config, loss_cfg, tx, act)
+        step_fn = make_train_step(model_config, loss_cfg, tx, act, slab_rows)
         if mesh is None:
             step = jax.jit(step_fn, donate_argnums=0)
         else:

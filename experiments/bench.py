@@ -238,6 +238,18 @@ def case_train() -> dict:
     return {"ours": a, "peer": b, "ours_step": which}
 
 
+def case_train_runs() -> dict:
+    """``case_train`` --train-runs times (each interleaved ours / peer); ours and peer: the runs' medians,
+    so the row shows the median of the runs' medians."""
+    runs = [case_train() for _ in range(max(1, ARGS.train_runs))]
+    return {
+        "ours": [statistics.median(r["ours"]) for r in runs],
+        "peer": [statistics.median(r["peer"]) for r in runs],
+        "ours_step": runs[0]["ours_step"],
+        "raw": runs,
+    }
+
+
 def whole_worker(side: str, runs: int) -> dict:
     """Subprocess body: warm-up + ``runs`` whole-volume forwards of one side; times and peak RSS."""
     jax, np, torch, M, T = setup(ARGS.threads)
@@ -276,41 +288,13 @@ def case_whole() -> dict:
     return out
 
 
-def wholetrain_worker() -> dict:
-    """Subprocess body: whole-volume training steps (8 classes, remat) of ours; times and peak RSS."""
-    import dataclasses
-
-    jax, np, torch, M, T = setup(ARGS.threads)
-    import optax
-
-    cfg = dataclasses.replace(net_pair(8)[0], remat=True)
-    params = M.init_params(cfg, jax.random.PRNGKey(0))
-    tx = optax.adam(5e-4)
-    step, which = our_train_step(cfg, tx)
-    jstep = jax.jit(step, donate_argnums=(0,))
-    _, _, batch = train_inputs(WHOLE, cfg.n_classes)
-    box = {"s": {"params": params, "opt_state": tx.init(params), "step": jax.numpy.zeros((), "int32")}}
-
-    def run():
-        box["s"], m = jstep(box["s"], batch, jax.random.PRNGKey(1))
-        return float(m["loss"])
-
-    first = timed(run)  # compilation + one step
-    times = [timed(run) for _ in range(ARGS.repeats)]
-    loss = run()
-    return {"first": first, "times": times, "peak_rss_gb": peak_rss_gb(), "loss": loss, "step": which}
-
-
 def case_wholetrain() -> dict:
-    """Ours only: whole-volume fine-tuning steps on the CPU fit in the machine (no peer: the issue asks
-    for proof that a 256x352x224 step with 8 classes and remat runs within 24 GB)."""
-    cmd = [sys.executable, __file__, "--worker", "wholetrain", "--repeats", str(ARGS.wholetrain_repeats)]
-    cmd += ["--threads", str(ARGS.threads)]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if res.returncode != 0:  # recorded, not fatal: whether it fits is the finding
-        errors = [line for line in res.stderr.splitlines() if "Error" in line or "error" in line]
-        return {"failed": (errors or res.stderr.strip().splitlines() or ["no output"])[-1][:300]}
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    """The whole-volume training step: ours streamed, ours plain (compiled only), the peer; each side in
+    its own subprocess, one at a time (experiments/bench_wholetrain.py)."""
+    sys.path.insert(0, HERE)
+    import bench_wholetrain
+
+    return bench_wholetrain.run_all(ARGS.wholetrain_repeats, ARGS.slab_rows, ARGS.threads)
 
 
 def case_augment() -> dict:
@@ -465,24 +449,10 @@ def write_report(path: str, info: dict, par: dict, results: dict) -> None:
             ours, peer = ([round(t, 3) for t in r[side]] for side in ("ours", "peer"))
             lines.append(f"- {name}: ours {ours}, peer {peer}")
     if "wholetrain" in results:
-        w = results["wholetrain"]
-        lines += ["", "## Whole-volume training on the CPU (ours only)", ""]
-        if "failed" in w:
-            lines += [
-                "One training step at 256x352x224, 8 classes, n_filters 24, remat, float32: **does not fit** "
-                f"in this 24 GB machine; the worker stopped with: `{w['failed']}`. Goal not met on the CPU: "
-                "the compiled whole-volume step (remat or not, XLA:CPU keeps full-resolution buffers of "
-                "the backward pass alive together) asks for far more than the machine has; whole-volume "
-                "training needs a GPU (unmeasured here) or a slab-wise backward pass (not built).",
-            ]
-    if "wholetrain" in results and "failed" not in results["wholetrain"]:
-        w = results["wholetrain"]
-        lines += [
-            f"One training step at 256x352x224, 8 classes, n_filters 24, remat, float32 ({w['step']}): "
-            f"median {statistics.median(w['times']):.1f} s over {len(w['times'])} step(s) "
-            f"(first call with compilation {w['first']:.1f} s), peak RSS {w['peak_rss_gb']:.2f} GB "
-            f"(machine: 24 GB; goal: fits), loss {w['loss']:.4f} (finite).",
-        ]
+        import bench_wholetrain
+
+        whole = statistics.median(results["whole"]["ours"]) if "whole" in results else None
+        lines += ["", *bench_wholetrain.report_lines(results["wholetrain"], whole)]
     lines += ["", "## GPU figures", ""]
     if "gpu" in results:
         g = results["gpu"]
@@ -511,14 +481,13 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--aug-repeats", type=int, default=5)
     p.add_argument("--whole-rounds", type=int, default=2, help="alternating subprocess rounds per side")
-    p.add_argument("--wholetrain-repeats", type=int, default=1, help="timed whole-volume training steps")
+    p.add_argument("--wholetrain-repeats", type=int, default=3, help="timed whole-volume training steps")
+    p.add_argument("--slab-rows", type=int, default=16, help="slab depth of the streamed whole-volume step")
+    p.add_argument("--train-runs", type=int, default=3, help="interleaved runs of the train case (median)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--worker", choices=("ours", "peer", "wholetrain"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("ours", "peer"), help=argparse.SUPPRESS)
     ARGS = p.parse_args(argv)
     pin_threads(ARGS.threads)
-    if ARGS.worker == "wholetrain":
-        print(json.dumps(wholetrain_worker()))
-        return 0
     if ARGS.worker:
         print(json.dumps(whole_worker(ARGS.worker, ARGS.repeats)))
         return 0
@@ -532,7 +501,7 @@ def main(argv=None) -> int:
         print("parity check failed (> 1e-4): not timing anything", file=sys.stderr)
         return 1
     results = {}
-    runners = dict(fwd=case_fwd, train=case_train, whole=case_whole, augment=case_augment, gpu=case_gpu)
+    runners = dict(fwd=case_fwd, train=case_train_runs, whole=case_whole, augment=case_augment, gpu=case_gpu)
     runners["wholetrain"] = case_wholetrain
     for name in cases:
         t = time.perf_counter()
@@ -545,7 +514,9 @@ def main(argv=None) -> int:
     return 0
 
 
-ARGS = argparse.Namespace(threads=2, repeats=5, aug_repeats=5, whole_rounds=2, wholetrain_repeats=1)
+ARGS = argparse.Namespace(
+    threads=2, repeats=5, aug_repeats=5, whole_rounds=2, wholetrain_repeats=3, slab_rows=16, train_runs=3
+)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -28,7 +28,9 @@ from cerebrum_jax.augment import spline_weights
 
 try:
     import elasticdeform
-except ImportError:  # its 0.5.1 wheel is built against numpy 1.x; see _deform_grid_scipy
+except (ImportError, AttributeError):  # see _deform_grid_scipy
+    # its 0.5.1 wheel is built against NumPy 1.x: under NumPy 2 its import raises AttributeError, not
+    # ImportError, so both mean "not usable here" and the scipy implementation runs instead
     elasticdeform = None
 
 MAX_SHIFT = (10, 15, 10)

@@ -11,7 +11,8 @@ uni contrast. 8 classes (background + white matter, grey matter, CSF, ventricles
 sagittal sinus); the original's reduced set (sagittal sinus dropped, 7 classes) is
 ``--labels schneider-reduced`` (or ``--drop-label 7``).
 Expected: per-class Dice near the original's (WM 0.936, GM 0.892, CSF 0.851, ventricles 0.937, subcortical
-0.941, vessels 0.439); needs a GPU with >= 40 GB (a full-volume training step is ~3 TFLOP); runtime hours.
+0.941, vessels 0.439). The grid streams the full-resolution layers in depth slabs (``slab_rows``
+automatic: 16), so a step fits a CPU or a small GPU (README, BENCHMARKS.md); runtime: hours on a GPU.
 """
 
 from cerebrum_jax.config import TrainConfig

@@ -143,6 +143,32 @@ def test_one_fold_end_to_end(dataset, weights, tmp_path, capsys, monkeypatch):
     assert again == history
 
 
+@pytest.mark.slow
+def test_one_fold_through_the_streamed_step(dataset, weights, tmp_path):
+    """--slab-rows 8 on a 16-row grid: two slabs per volume in training and validation, the lean forward
+    for the test subject; config.json records it; the losses are the plain step's (to float rounding)."""
+    runs = {}
+    for slab in ("8", "0"):
+        out = tmp_path / f"slab{slab}"
+        assert main(_args(dataset, weights, out, "--fold", "1", "--slab-rows", slab)) == 0
+        fold = out / "fold-1"
+        assert json.loads((fold / "config.json").read_text())["config"]["slab_rows"] == int(slab)
+        assert (fold / "report.md").is_file() and (
+            fold / "predictions/sub-001_desc-cerebrum_dseg.nii.gz"
+        ).is_file()
+        runs[slab] = [json.loads(line) for line in (fold / "metrics.jsonl").read_text().splitlines()]
+    for ours, plain in zip(runs["8"], runs["0"], strict=True):
+        np.testing.assert_allclose(ours["train_loss"], plain["train_loss"], rtol=1e-4)
+        np.testing.assert_allclose(ours["val_loss"], plain["val_loss"], rtol=1e-4)
+
+
+def test_automatic_slab_rows_is_recorded(dataset, weights, tmp_path):
+    """No --slab-rows: a 16^3 grid is small, so the plain step (0) runs and config.json says so."""
+    out = tmp_path / "auto"
+    assert main(_args(dataset, weights, out, "--fold", "3", "--epochs", "0")) == 0
+    assert json.loads((out / "fold-3/config.json").read_text())["config"]["slab_rows"] == 0
+
+
 def test_voxelwise_normalisation_from_the_training_subjects_reaches_segment(
     dataset, weights, tmp_path, capsys
 ):
@@ -312,6 +338,8 @@ def test_cv_all_folds_summary(weights, tmp_path):
         (["--set", "prob_class=nope"], "prob_class 'nope' is not a class"),
         (["--set", 'surface_classes=["vessels"]'], "surface_classes: unknown class 'vessels'"),
         (["--weights", "no-such-weights"], "checkpoint directory does not exist"),
+        (["--slab-rows", "6"], "slab_rows: must be 0 or a positive multiple of 4, got 6"),
+        (["--slab-rows", "8", "--mesh", "1x2"], "--slab-rows: slab streaming cannot be combined with --mesh"),
         (["--layout", "bids"], "found 0 subject(s)"),
         # --fold all checks every fold before the first trains: sub-002 is fold 2's test subject
         (["--fold", "all", "--val-subject", "sub-002"], "sub-002 is the test subject of fold 2"),

@@ -28,6 +28,7 @@ DIRECT = {
     "loss": "loss",
     "batch_size": "batch_size",
     "test_mask": "test_mask",
+    "slab_rows": "slab_rows",
 }
 
 
@@ -109,6 +110,14 @@ def add_parser(sub) -> None:
         metavar="KEY=VALUE",
         help="any config key (repeatable; VALUE as JSON, else text), e.g. seg_name=aseg, "
         "mask_name=brainmask (BIDS label and mask files), class_weights=none, lr_finetune=1e-5",
+    )
+    p.add_argument(
+        "--slab-rows",
+        type=int,
+        metavar="N",
+        help="train and validate the full-resolution layers in depth slabs of N rows (a multiple of 4): the "
+        "same loss in bounded memory; 0 = the plain whole-volume step; default: automatic from the grid "
+        "(slabs of 16 above 2 M voxels). Not with --mesh",
     )
     p.add_argument(
         "--resume",

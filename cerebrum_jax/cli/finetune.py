@@ -123,8 +123,8 @@ def add_parser(sub) -> None:
         "--resume",
         action="store_true",
         help="continue the run in OUT from checkpoints/last, with the run's own config (config.json): a "
-        "differing key is refused, but for the performance-only --mesh, --remat, --precision, --slab-rows and "
-        "--distributed",
+        "differing key is refused, but for the performance-only --mesh, --remat, --precision, --slab-rows "
+        "and --distributed",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     from cerebrum_jax.sharding import add_performance_args

@@ -251,12 +251,12 @@ def prepare_fold(cfg: TrainConfig, log=print) -> dict:
     losses.LossConfig(cfg.loss, cfg.class_weights)  # the cheap checks first
     AugmentConfig.from_dict(dict(cfg.augment), "augment")
     k_prob = prob_class_index(cfg, label_map_of(cfg).names)
-    if cfg.grid is not None:
-        fold_mesh(cfg, cfg.grid)
     if cfg.mesh is not None and cfg.slab_rows:
         raise InputError(
             "slab streaming cannot be combined with --mesh (use one or the other)", "--slab-rows"
         )
+    if cfg.grid is not None:
+        fold_mesh(cfg, cfg.grid)
     weights_path = find_weights(cfg.weights, log)
     ckpt = load_checkpoint(weights_path)
     normalization, why = preprocess.resolve_normalization(cfg.normalization, ckpt.normalization)

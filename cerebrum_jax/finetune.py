@@ -278,12 +278,12 @@ def prepare_fold(cfg: TrainConfig, log=print) -> dict:
     n_classes = label_map_of(cfg).n_classes
     k_prob = prob_class_index(cfg, label_map_of(cfg).names)
     results_page.surface_classes(cfg.surface_classes, label_map_of(cfg).names)
-    if cfg.grid is not None:
-        fold_mesh(cfg, cfg.grid)
     if cfg.mesh is not None and cfg.slab_rows:
         raise InputError(
             "slab streaming cannot be combined with --mesh (use one or the other)", "--slab-rows"
         )
+    if cfg.grid is not None:
+        fold_mesh(cfg, cfg.grid)
     dropout = 0.1 if cfg.dropout else 0.0
     if cfg.weights == "none":  # from scratch: random init of the config's width, nothing frozen
         weights_path, ckpt = None, None

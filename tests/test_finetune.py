@@ -339,7 +339,7 @@ def test_cv_all_folds_summary(weights, tmp_path):
         (["--set", 'surface_classes=["vessels"]'], "surface_classes: unknown class 'vessels'"),
         (["--weights", "no-such-weights"], "checkpoint directory does not exist"),
         (["--slab-rows", "6"], "slab_rows: must be 0 or a positive multiple of 4, got 6"),
-        (["--slab-rows", "8", "--mesh", "1x2"], "--slab-rows: slab streaming cannot be combined with --mesh"),
+        (["--slab-rows", "8", "--mesh", "1x4"], "--slab-rows: slab streaming cannot be combined with --mesh"),
         (["--layout", "bids"], "found 0 subject(s)"),
         # --fold all checks every fold before the first trains: sub-002 is fold 2's test subject
         (["--fold", "all", "--val-subject", "sub-002"], "sub-002 is the test subject of fold 2"),

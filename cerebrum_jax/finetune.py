@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from cerebrum_jax import (
     bids,
@@ -37,17 +35,19 @@ from cerebrum_jax import (
     preprocess,
     report,
     results_page,
+    runguard,
     sharding,
     streamed,
     train,
 )
 from cerebrum_jax import data as D
 from cerebrum_jax.augment import AugmentConfig
-from cerebrum_jax.checkpoint import load_checkpoint, read_meta, save_checkpoint
+from cerebrum_jax.checkpoint import load_checkpoint, save_checkpoint
 from cerebrum_jax.config import REPO, TrainConfig
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.model import ModelConfig
-from cerebrum_jax.runguard import LOCK_NAME, check_training_fits, guarded, read_json
+from cerebrum_jax.runguard import check_training_fits, guarded, read_json
+from cerebrum_jax.runlog import RunLog, checkpoints_left
 
 DEFAULT_WEIGHTS = ("weights/glasgow", "weights/demo")
 MASK_WORDS = {
@@ -154,16 +154,6 @@ def load_fold(cfg: TrainConfig, log=print, normalization: str = "zscore") -> dic
     }
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Test subject: predictions, metrics, figures
 
@@ -208,58 +198,8 @@ def prob_class_index(cfg: TrainConfig, names: tuple[str, ...]) -> int:
     return names.index("vessels") if "vessels" in names else len(names) - 1
 
 
-def write_figures(run_dir: Path, history, grids: dict, probs, names, k_prob) -> dict:
-    """Training curves, image / reference / prediction slices and one class's probability map, on the
-    test subject's own grid (``predict_test``'s ``grids``); {caption: PNG path}."""
-    figs = run_dir / "figures"
-    out = {}
-    if history:
-        out["Training curves"] = report.plot_training_curves(history, figs / "training_curves.png")
-    image, spacing = grids["image"], grids["spacing"]
-    out["Test subject: image, reference, prediction"] = report.plot_segmentation(
-        image, grids["ref"], probs.argmax(-1), list(names), figs / "segmentation.png", spacing=spacing
-    )
-    out[f"Probability of {names[k_prob]}"] = report.plot_probability(
-        image, probs[..., k_prob], names[k_prob], figs / "probability.png", spacing=spacing
-    )
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------------
 # One fold, all folds
-
-
-class RunLog:
-    """Time-stamped log lines to the console (through tqdm while a progress bar may be shown) and to
-    RUN/log.txt (process I > 0 of a distributed run: log.process-I.txt only) once ``attach`` has named
-    the run directory; lines logged before that are kept and written then, so that checks can log before
-    anything exists on disk."""
-
-    def __init__(self, progress: bool = True):
-        self.progress, self.path, self.pending = progress, None, []
-
-    def __call__(self, msg: str, console: bool = True) -> None:
-        line = f"{time.strftime('%H:%M:%S')} {msg}"
-        if console and distributed.is_main():  # the other processes of a distributed run: their log only
-            (tqdm.write if self.progress else print)(line)
-        if self.path is None:
-            self.pending.append(line)
-        else:
-            with open(self.path, "a") as f:
-                f.write(line + "\n")
-
-    def attach(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / distributed.log_name()
-        with open(self.path, "a") as f:
-            f.write("".join(line + "\n" for line in self.pending))
-        self.pending = []
-
-
-def check_run_dir(run_dir: Path, resume: bool) -> None:
-    if run_dir.exists() and not run_dir.is_dir():
-        raise InputError("is a file, not a run directory", run_dir)
-    if run_dir.exists() and any(p.name != LOCK_NAME for p in run_dir.iterdir()) and not resume:
-        raise InputError("run directory is not empty; use --resume to continue it, or another --out", run_dir)
 
 
 def prepare_fold(cfg: TrainConfig, log=print) -> dict:
@@ -325,30 +265,6 @@ def initial_weights_text(prepared: dict, cfg: TrainConfig) -> tuple[str, str]:
     return str(Path(prepared["weights_path"]).absolute()), prepared["ckpt"].meta.get("description", "")
 
 
-def checkpoints_left(run_dir: Path, weights_path) -> str:
-    """What a stopped run leaves to go on from, in words: checkpoints/best and/or checkpoints/last (with
-    their epochs), or that none was written and the initial weights are unchanged."""
-    ckpts = Path(run_dir) / "checkpoints"
-    parts = []
-    if (ckpts / "best" / "cerebrum.json").is_file():
-        try:
-            record = read_meta(ckpts / "best").get("best_epoch") or {}
-        except (InputError, OSError, ValueError):
-            record = {}
-        when = f" ({record['phase']} epoch {record['epoch']})" if "epoch" in record else ""
-        parts.append(f"{ckpts / 'best'}{when}")
-    if (ckpts / "last" / "loop.json").is_file():
-        try:
-            history = json.loads((ckpts / "last" / "loop.json").read_text()).get("history") or []
-        except (OSError, ValueError):
-            history = []
-        when = f" (after {history[-1]['phase']} epoch {history[-1]['epoch']})" if history else ""
-        parts.append(f"{ckpts / 'last'}{when}")
-    if parts:
-        return "the last good checkpoints, untouched: " + " and ".join(parts)
-    return f"no checkpoint was written yet; the initial weights are unchanged at {weights_path}"
-
-
 @guarded  # the run directory's lock for the run; --resume checks
 def run_fold(
     cfg: TrainConfig,
@@ -366,14 +282,14 @@ def run_fold(
     ``train.NonFiniteLoss`` (message also in log.txt) when the loss becomes NaN/inf.
     """
     run_dir = Path(workdir)
-    check_run_dir(run_dir, resume)
+    runguard.check_run_dir(run_dir, resume)
     t_start = time.perf_counter()
     log = log if log is not None else RunLog(progress)
     if prepared is None:
         prepared = prepare_fold(cfg, log)
     else:
         t_start -= prepared["seconds"]
-    weights_path, ckpt, fold = prepared["weights_path"], prepared["ckpt"], prepared["fold"]
+    ckpt, fold = prepared["ckpt"], prepared["fold"]
     mesh, model_config = prepared["mesh"], prepared["model_config"]
     params, frozen = prepared["params"], prepared["frozen"]
     label_map, names = fold["label_map"], fold["label_map"].names
@@ -393,7 +309,7 @@ def run_fold(
         "config": cfg.to_dict(),
         "fold": cfg.fold,
         "seed": cfg.seed,
-        "git_commit": git_commit(),
+        "git_commit": bids.git_commit(),
         "data": str(fold["root"]),
         "grid": list(fold["grid"]),
         "train_subjects": [v["id"] for v in fold["train"]],
@@ -456,7 +372,7 @@ def run_fold(
             mesh=mesh,
         )
     except train.NonFiniteLoss as e:
-        message = f"{e}; {checkpoints_left(run_dir, Path(weights_path).absolute())}"
+        message = f"{e}; {checkpoints_left(run_dir, init_weights)}"
         log(message, console=False)
         raise train.NonFiniteLoss(message) from None
     if distributed.is_main() and not (run_dir / "checkpoints" / "best" / "cerebrum.json").is_file():
@@ -504,7 +420,7 @@ def run_fold(
         }
     )
     nifti.write_text(run_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
-    figures = write_figures(run_dir, history, grids, probs, names, prepared["k_prob"])
+    figures = report.fold_figures(run_dir, history, grids, probs, names, prepared["k_prob"])
     report.write_report(
         run_dir / "report.md",
         result,
@@ -557,7 +473,7 @@ def run_cv(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True
         if resume and (fold_dir / "metrics.json").is_file():
             results[k] = read_json(fold_dir / "metrics.json", "metrics.json")
         else:
-            check_run_dir(fold_dir, resume)
+            runguard.check_run_dir(fold_dir, resume)
             todo.append(k)
     first = None  # the first fold to train, prepared (checked) before any fold trains
     if todo:

@@ -250,3 +250,20 @@ def cv_summary_markdown(summary: dict) -> str:
     ]
     rows.append(f"| **mean Dice (no background)** | **{fmt(summary['mean_dice'])}** | | |")
     return "\n".join(rows) + "\n"
+
+
+def fold_figures(run_dir: Path, history, grids: dict, probs, names, k_prob) -> dict:
+    """Training curves, image / reference / prediction slices and one class's probability map, on the
+    test subject's own grid (``predict_test``'s ``grids``); {caption: PNG path}."""
+    figs = run_dir / "figures"
+    out = {}
+    if history:
+        out["Training curves"] = plot_training_curves(history, figs / "training_curves.png")
+    image, spacing = grids["image"], grids["spacing"]
+    out["Test subject: image, reference, prediction"] = plot_segmentation(
+        image, grids["ref"], probs.argmax(-1), list(names), figs / "segmentation.png", spacing=spacing
+    )
+    out[f"Probability of {names[k_prob]}"] = plot_probability(
+        image, probs[..., k_prob], names[k_prob], figs / "probability.png", spacing=spacing
+    )
+    return out

@@ -121,3 +121,10 @@ def read_loop(path: Path) -> dict:
     if not all(isinstance(h, dict) and "phase" in h and "epoch" in h for h in loop["history"]):
         raise InputError(f"corrupt loop.json: history entries lack phase/epoch; {NO_RESUME}", path)
     return loop
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError("is a file, not a run directory", run_dir)
+    if run_dir.exists() and any(p.name != LOCK_NAME for p in run_dir.iterdir()) and not resume:
+        raise InputError("run directory is not empty; use --resume to continue it, or another --out", run_dir)

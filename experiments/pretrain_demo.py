@@ -23,10 +23,10 @@ from pathlib import Path
 import jax
 
 from cerebrum_jax import data, model, preprocess, train
+from cerebrum_jax.bids import git_commit
 from cerebrum_jax.checkpoint import save_checkpoint
 from cerebrum_jax.config import TrainConfig
 from cerebrum_jax.demo import ensure_pretrain_cohort
-from cerebrum_jax.finetune import git_commit
 from cerebrum_jax.inputs import Preprocessing, load_subject
 
 GRID = (56, 72, 64)  # the demo's brain boxes (3 mm voxels) rounded up to multiples of 8

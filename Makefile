@@ -1,5 +1,6 @@
 # cerebrum-jax: every target sets up its own virtual environment (.venv) on first use.
 #   make test                 lint + the whole test suite (CPU)
+#   make test-fast            lint + the tests not marked slow (the inner loop)
 #   make finetune FOLD=3      one fold of the fine-tuning experiment (default: the offline demo cohort)
 #   make cv                   all folds and a cross-validation summary
 #   make weights              download + verify + convert the published Glasgow weights to weights/glasgow
@@ -16,7 +17,7 @@ WEIGHTS ?=
 OUT ?= runs/$(CONFIG)
 ARGS ?=
 
-.PHONY: install test lint format finetune cv weights bench clean
+.PHONY: install test test-fast lint format finetune cv weights bench clean
 
 $(VENV)/.stamp-base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +45,9 @@ format: $(VENV)/.stamp-test
 
 test: $(VENV)/.stamp-test lint
 	$(PY) -m pytest -q tests
+
+test-fast: $(VENV)/.stamp-test lint
+	$(PY) -m pytest -q -m "not slow" tests
 
 finetune: $(VENV)/.stamp-base
 	$(CLI) finetune --config $(CONFIG) --fold $(FOLD) --out $(OUT) \

@@ -462,6 +462,26 @@ def test_ctrl_c_during_training(files, tmp_path):
     assert len(loop["state_sha256"]) == 64
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["finetune", "segment"])
+def test_a_handled_error_after_orbax_is_one_line(files, tmp_path, command):
+    """An input error found after a checkpoint was restored through Orbax (finetune: data without
+    subjects; segment: an input that does not exist) ends a real process with one line and exit 2: no
+    "Event loop is closed" or other Orbax traceback at interpreter exit."""
+    (tmp_path / "empty").mkdir()
+    if command == "finetune":
+        argv = ["finetune", "--data", str(tmp_path / "empty"), "--weights", str(files["ck"])]
+        argv += ["--out", str(tmp_path / "run"), "--fold", "1", "--no-progress"]
+    else:
+        argv = ["segment", str(tmp_path / "missing.nii.gz"), "--weights", str(files["ck"])]
+        argv += ["--out", str(tmp_path / "seg")]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    r = subprocess.run([sys.executable, "-m", "cerebrum_jax", *argv], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "Event loop" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "seg").exists()
+
+
 class _CtrlC:
     """A metadata value whose text form presses Ctrl-C (sends this process SIGINT) while the checkpoint is
     being written (``save_checkpoint`` turns it into text inside its save)."""

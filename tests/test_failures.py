@@ -174,7 +174,7 @@ def test_resume_with_another_config_names_the_keys(files, tmp_path, capsys):
     code = main(finetune_args(files, tmp_path / "r", "--resume"))
     err = one_error_line(capsys, code, "config.json: --resume with a config that differs")
     assert 'loss ("ce" -> "ce+dice")' in err
-    assert "seed (7 -> 0)" in err and "mesh, remat, precision may change" in err
+    assert "seed (7 -> 0)" in err and "mesh, remat, precision, slab_rows, distributed may change" in err
     assert tree(run) == before
 
 

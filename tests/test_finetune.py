@@ -154,7 +154,7 @@ def test_one_fold_through_the_streamed_step(dataset, weights, tmp_path):
         fold = out / "fold-1"
         assert json.loads((fold / "config.json").read_text())["config"]["slab_rows"] == int(slab)
         assert (fold / "report.md").is_file() and (
-            fold / "predictions/sub-001_desc-cerebrum_dseg.nii.gz"
+            fold / "predictions/sub-001_space-orig_desc-cerebrum_dseg.nii.gz"
         ).is_file()
         runs[slab] = [json.loads(line) for line in (fold / "metrics.jsonl").read_text().splitlines()]
     for ours, plain in zip(runs["8"], runs["0"], strict=True):

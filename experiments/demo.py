@@ -8,9 +8,11 @@ initial weights weights/demo (pretrained by experiments/pretrain_demo.py on anot
 recipe as schneider19 (warm-up with frozen copied layers, then all layers; Adam; early stopping;
 reduce-on-plateau; on-device augmentation) scaled to a 2-core CPU: grid 56x72x64, 4 views per volume
 per epoch, 3 + up to 100 epochs, larger learning rates, cross-entropy + Dice, augmentation ranges in mm.
-Expected (fold 3, `make finetune FOLD=3` from a fresh clone on the 2-core CPU, commit 3f37889):
-test mean Dice over WM/GM/CSF 0.8555 (WM 0.899, GM 0.889, CSF 0.779), 8 min 12 s wall time including
-the virtual environment (pip cache warm) and the cohort build; the fold itself 457 s. Results repeat
+Expected (fold 3, `make finetune FOLD=3` from a fresh clone on the 2-core CPU, commit 4662efa, default
+test_mask none: unmasked heads cropped to their foreground box, no labels given to the test subject):
+test mean Dice over WM/GM/CSF 0.8563 (WM 0.904, GM 0.896, CSF 0.769); the fold took 2133 s while a full
+test suite shared the 2 cores (about 8 min alone before; with masks from the labels it scored 0.8555).
+Results repeat
 exactly on the same machine and thread count; another number of CPU threads changes the sums' order
 and moves the Dice by about +-0.005.
 """

@@ -239,17 +239,20 @@ def _conv_fwd(x, kernel):
     return _conv_same(x, kernel), (x, kernel)
 
 
-def _kernel_grad(x: jax.Array, kernel: jax.Array, g: jax.Array) -> jax.Array:
+def _kernel_grad(x: jax.Array, kernel: jax.Array, g: jax.Array, pad_depth: bool = True) -> jax.Array:
     """d loss / d kernel (k, k, k, Cin, Cout) of a 'same' conv from its input x and output cotangent g.
 
     XLA:CPU lowers the kernel gradient as a convolution over the whole volume, about 2x the forward's
     time; here it is k*k matrix products (N, k*Cin)^T (N, Cout) over the N voxels, one per (kd, kh) tap
     pair with the kw taps side by side in channels (a k*Cin-channel copy of x, one pair at a time).
+    ``pad_depth`` False: x already carries its depth halo, (B, d + k - 1, H, W, Cin) for g (B, d, H, W,
+    Cout), as the depth slabs of ``streamed`` and ``conv3d_depth_taps`` do.
     """
     k, cin, cout = kernel.shape[0], kernel.shape[3], kernel.shape[4]
-    _, d, h, w, _ = x.shape
+    _, d, h, w, _ = g.shape
     r = k // 2
-    xp = jnp.pad(x, ((0, 0), (r, r), (r, r), (r, r), (0, 0)))
+    rd = r if pad_depth else 0
+    xp = jnp.pad(x, ((0, 0), (rd, rd), (r, r), (r, r), (0, 0)))
     g2 = g.reshape(-1, cout)
     rows = []
     for a in range(k):

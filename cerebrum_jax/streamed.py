@@ -125,28 +125,10 @@ def _conv_fwd(x, kernel):
     return model.conv3d_depth_taps(x, kernel), (x, kernel)
 
 
-def _kernel_grad(x: jax.Array, kernel: jax.Array, g: jax.Array) -> jax.Array:
-    """d loss / d kernel (k, k, k, Cin, Cout) of ``conv3d_depth_taps`` from x (B, d + k - 1, H, W, Cin)
-    and the output cotangent g (B, d, H, W, Cout): k*k matrix products over the voxels, with the k W-taps
-    side by side in channels, as ``model._kernel_grad`` (XLA:CPU's convolution kernel gradient is ~2x
-    slower)."""
-    k, cin, cout = kernel.shape[0], kernel.shape[3], kernel.shape[4]
-    _, d, h, w, _ = g.shape
-    r = k // 2
-    xp = jnp.pad(x, ((0, 0), (0, 0), (r, r), (r, r), (0, 0)))
-    g2 = g.reshape(-1, cout)
-    taps = []
-    for a in range(k):
-        for b in range(k):
-            cols = jnp.concatenate([xp[:, a : a + d, b : b + h, c : c + w] for c in range(k)], axis=-1)
-            taps.append((cols.reshape(-1, k * cin).T @ g2).reshape(k, cin, cout))
-    return jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
-
-
 def _conv_bwd(res, g):
     x, kernel = res
     _, input_grad = jax.vjp(lambda v: model.conv3d_depth_taps(v, kernel), x)
-    return input_grad(g)[0], _kernel_grad(x, kernel, g)
+    return input_grad(g)[0], model._kernel_grad(x, kernel, g, pad_depth=False)
 
 
 _conv_valid_depth.defvjp(_conv_fwd, _conv_bwd)

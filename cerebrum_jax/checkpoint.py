@@ -29,6 +29,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cerebrum_jax.choices import NORMALIZATIONS
 from cerebrum_jax.distributed import local_checkpointer_options
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.fsafe import deferred_interrupt
@@ -38,7 +39,6 @@ from cerebrum_jax.nifti import replace_dir
 FORMAT = "cerebrum-jax-checkpoint"
 META_FILE = "cerebrum.json"
 STATE_DIR = "state"
-NORMALIZATIONS = ("voxelwise", "zscore", "none")
 DIGEST_KEY = "state_sha256"
 
 
@@ -226,3 +226,27 @@ def check_checkpoint(ckpt: Checkpoint, path) -> None:
             )
         if not all(np.isfinite(ckpt.norm_volumes[k]).all() for k in ("mean", "std")):
             raise InputError("mean/std volumes hold NaN or infinite values: not loaded", path)
+
+
+DEFAULT_WEIGHTS = ("weights/glasgow", "weights/demo")  # looked for in the current directory, then the repo
+
+
+def find_weights(weights: str | os.PathLike | None, log=None) -> Path:
+    """The checkpoint directory to start from: ``weights``, else the first of ``DEFAULT_WEIGHTS`` found
+    (weights/glasgow, then weights/demo; each in the current directory, then the repository), saying so to
+    ``log`` when it falls back to weights/demo. InputError when none exists. ``segment`` and
+    ``finetune`` both look the default up here."""
+    if weights is not None:
+        return Path(weights)
+    repo = Path(__file__).resolve().parents[1]
+    for name in DEFAULT_WEIGHTS:
+        for base in (Path.cwd(), repo):
+            if (base / name).is_dir():
+                if name != DEFAULT_WEIGHTS[0] and log is not None:
+                    log(f"no Glasgow weights ({DEFAULT_WEIGHTS[0]} missing): starting from {base / name}")
+                return base / name
+    raise InputError(
+        f"no checkpoint found: neither {' nor '.join(DEFAULT_WEIGHTS)} exists (run 'make weights' or pass "
+        "--weights)",
+        "--weights",
+    )

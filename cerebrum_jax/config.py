@@ -21,13 +21,42 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from cerebrum_jax.choices import CONFIG_NORMALIZATIONS as NORMALIZATIONS
+from cerebrum_jax.choices import PRECISIONS
 from cerebrum_jax.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("warmup", "finetune")
-PRECISIONS = ("float32", "fp32", "bf16", "bfloat16")  # the names sharding.PRECISIONS maps to dtypes
-NORMALIZATIONS = ("auto", "zscore", "voxelwise")
 TEST_MASKS = ("auto", "file", "labels", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """The epoch loop's schedule (``loop.fit``), a section of ``TrainConfig`` (``TrainConfig.loop``) that a
+    caller without an experiment config (``experiments/pretrain_demo.py``) builds directly. Defaults: the
+    original's (Svanera et al., Human Brain Mapping 2021; github.com/rockNroll87q/cerebrum7t).
+
+    batch_size (views per step), augment_views (random views per training volume per epoch; 0 = the
+    volumes as they are), patience (early stopping, epochs), plateau_factor / plateau_patience / min_lr
+    (reduce-on-plateau), seed (augmentation, dropout, order), slab_rows (depth slabs of the
+    full-resolution layers, ``streamed``; 0 = the plain whole-volume step).
+    """
+
+    batch_size: int = 1
+    augment_views: int = 30
+    patience: int = 10
+    plateau_factor: float = 0.25
+    plateau_patience: int = 5
+    min_lr: float = 1e-7
+    seed: int = 0
+    slab_rows: int = 0
+
+
+class PhaseConfig(typing.NamedTuple):
+    """One optimizer phase of ``TrainConfig`` (``TrainConfig.phase``): Adam learning rate, max epochs."""
+
+    lr: float
+    epochs: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,14 +144,14 @@ class TrainConfig:
     lr_finetune: float = 5e-4
     epochs_warmup: int = 110
     epochs_finetune: int = 110
-    batch_size: int = 1
-    augment_views: int = 30
+    batch_size: int = LoopConfig.batch_size
+    augment_views: int = LoopConfig.augment_views
     augment: dict = dataclasses.field(default_factory=dict)
-    patience: int = 10
-    plateau_factor: float = 0.25
-    plateau_patience: int = 5
-    min_lr: float = 1e-7
-    seed: int = 0
+    patience: int = LoopConfig.patience
+    plateau_factor: float = LoopConfig.plateau_factor
+    plateau_patience: int = LoopConfig.plateau_patience
+    min_lr: float = LoopConfig.min_lr
+    seed: int = LoopConfig.seed
     prob_class: str | None = None
     surface_classes: tuple[str, ...] | None = None
     mesh: str | None = None
@@ -181,18 +210,58 @@ class TrainConfig:
             raise InputError(f"must be one of {list(TEST_MASKS)}, not {self.test_mask!r}", "test_mask")
         if self.precision not in PRECISIONS:
             raise InputError(f"must be one of {sorted(PRECISIONS)}, not {self.precision!r}", "precision")
-        # the loss and augmentation options, by the classes that use them (imported late: they import jax)
+        # the loss and augmentation sections, built (and so checked) once by the classes that use them
+        # (imported late: they import jax)
         from cerebrum_jax.augment import AugmentConfig
         from cerebrum_jax.losses import LossConfig
 
-        LossConfig(self.loss, self.class_weights)
+        object.__setattr__(self, "_loss", LossConfig(self.loss, self.class_weights))
         known = _field_hints(AugmentConfig)
-        unknown = sorted(set(self.augment) - set(known))
-        if unknown:
-            raise InputError(f"unknown augmentation option(s) {unknown}; known: {sorted(known)}", "augment")
-        augment = {k: check_value(known[k], v, f"augment.{k}") for k, v in self.augment.items()}
-        AugmentConfig.from_dict(augment, "augment")
+        augment = {
+            k: check_value(known[k], v, f"augment.{k}") if k in known else v for k, v in self.augment.items()
+        }
+        object.__setattr__(self, "_augment", AugmentConfig.from_dict(augment, "augment"))  # unknown keys too
         object.__setattr__(self, "augment", augment)
+
+    # The typed sections, each handed only to the part that needs it (the flat keys above stay the file
+    # format: config.json, --set KEY=VALUE and the --resume comparison use them).
+
+    @property
+    def loss_config(self):
+        """The ``losses.LossConfig`` section (loss, class_weights), built once."""
+        return self._loss
+
+    @property
+    def augment_config(self):
+        """The ``augment.AugmentConfig`` section (the ``augment`` overrides), built once."""
+        return self._augment
+
+    @property
+    def loop(self) -> LoopConfig:
+        """The ``LoopConfig`` section (slab_rows None, automatic, as 0: ``finetune`` resolves it first)."""
+        return LoopConfig(
+            batch_size=self.batch_size,
+            augment_views=self.augment_views,
+            patience=self.patience,
+            plateau_factor=self.plateau_factor,
+            plateau_patience=self.plateau_patience,
+            min_lr=self.min_lr,
+            seed=self.seed,
+            slab_rows=self.slab_rows or 0,
+        )
+
+    def phase(self, name: str) -> PhaseConfig:
+        """The optimizer section of phase ``name`` (one of ``PHASES``): its learning rate and max epochs."""
+        if name not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, not {name!r}")
+        return PhaseConfig(getattr(self, f"lr_{name}"), getattr(self, f"epochs_{name}"))
+
+    @property
+    def dropout_rate(self) -> float:
+        """The network's dropout rate: the original's (``ModelConfig.dropout_rate``) when dropout, else 0."""
+        from cerebrum_jax.model import ModelConfig
+
+        return ModelConfig.dropout_rate if self.dropout else 0.0
 
     def override(self, where: str = "config", **values: Any) -> TrainConfig:
         """A copy with ``values`` replaced; an unknown key raises InputError naming ``where``."""

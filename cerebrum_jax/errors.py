@@ -1,4 +1,5 @@
-"""The one exception type the command line turns into a one-line message and exit status 2."""
+"""The exception types the command line turns into a one-line message: InputError (bad input, exit
+status 2) and NonFiniteLoss (a run that diverged, exit status 1). No imports: every module may use them."""
 
 
 class InputError(Exception):
@@ -10,3 +11,10 @@ class InputError(Exception):
 
     def __init__(self, message: str, path=None):
         super().__init__(f"{path}: {message}" if path is not None else message)
+
+
+class NonFiniteLoss(RuntimeError):
+    """A NaN/inf training or validation loss: the run stops before saving anything of that epoch, so
+    checkpoints/last and checkpoints/best stay as the last good epoch left them (or were never written).
+    ``finetune.run_fold`` adds to the message which of them exist. Defined here, beside InputError, so that
+    the command line catches it without importing the training stack (jax, optax, orbax)."""

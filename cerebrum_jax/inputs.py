@@ -21,13 +21,13 @@ import numpy as np
 from scipy import ndimage
 
 from cerebrum_jax import preprocess
+from cerebrum_jax.choices import NORMALIZATIONS
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.model import DIVISOR
 from cerebrum_jax.nifti import load_nifti
 
 MASKS = ("none", "file", "labels")
 CROPS = ("none", "box")
-NORMALIZATIONS = ("zscore", "voxelwise", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,20 +209,44 @@ def read_mask(path, img, pre: Preprocessing, labels_path=None) -> np.ndarray | N
     return data > (0.5 if pre.mask == "file" else 0)
 
 
-def load_subject(subject, label_map, pre: Preprocessing) -> dict:
+@dataclasses.dataclass(frozen=True, eq=False)
+class PreparedSubject:
+    """One subject read, checked and prepared for training or evaluation (``load_subject``).
+
+    id; subject (the ``data.Subject``: its files); image (D', H', W') float32 on the network grid, in
+    scanner units, 0 outside the mask, not normalised; labels (D', H', W') int32 class indices; mask
+    (D', H', W') bool: the z-score statistics region (the brain mask, else the foreground); affine
+    (4, 4) of the network grid (mm); spacing (3,) mm; img (the source nibabel image); geometry (the
+    ``Geometry`` to undo: network grid -> the possibly resampled source grid); label_map; x: the
+    network input (D', H', W') float32, the image normalised for a fold (``fold.load_fold``), None until
+    then (``with_input``).
+    """
+
+    id: str
+    subject: object
+    image: np.ndarray
+    labels: np.ndarray
+    mask: np.ndarray
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+    img: object
+    geometry: Geometry
+    label_map: object
+    x: np.ndarray | None = None
+
+    def with_input(self, x: np.ndarray) -> PreparedSubject:
+        """A copy with the normalised network input ``x``."""
+        return dataclasses.replace(self, x=x)
+
+
+def load_subject(subject, label_map, pre: Preprocessing) -> PreparedSubject:
     """Read, validate and prepare one ``data.Subject`` with its labels, as ``pre`` says.
 
     Steps: load image and labels (InputError naming both files if their shapes or affines differ);
     optionally resample both (and a mask file) to ``pre.voxel_mm`` (order 1 image, 0 labels and mask);
     map labels with ``label_map`` (InputError for values outside it); the brain mask ``pre.mask`` asks
-    for (``read_mask``); ``prepare`` without normalisation (``preprocess.normalise_fold`` does it for a
-    fold, from its training subjects); labels cut and padded the same way.
-
-    Returns dict: id; image (D', H', W') float32 (scanner units, 0 outside the mask); labels (D', H', W')
-    int32 class indices; mask (D', H', W') bool: the z-score statistics region (the brain mask, else the
-    foreground); affine (4, 4) of the network grid (mm); spacing (3,) mm; img (the source nibabel image);
-    geometry (``Geometry`` on the possibly resampled source grid); subject (``subject``); labels_path;
-    label_map.
+    for (``read_mask``); ``prepare`` without normalisation (a fold normalises its subjects together,
+    from its training subjects); labels cut and padded the same way.
     """
     image, img = load_nifti(subject.image, what="image")
     labels, limg = load_nifti(subject.labels, what="labels")
@@ -238,19 +262,18 @@ def load_subject(subject, label_map, pre: Preprocessing) -> dict:
     if pre.grid is not None and (len(pre.grid) != 3 or any(g <= 0 or g % DIVISOR for g in pre.grid)):
         raise InputError(f"grid {pre.grid} must be 3 positive multiples of {DIVISOR}", "--grid")
     x, geom, region = prepare(image, mask, dataclasses.replace(pre, normalization="none"))
-    return {
-        "id": subject.id,
-        "subject": subject,
-        "image": x,
-        "labels": geom.to_grid(classes, 0).astype(np.int32),
-        "mask": region,
-        "affine": geom.affine(affine),
-        "spacing": tuple(float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))),
-        "img": img,
-        "geometry": geom,
-        "labels_path": subject.labels,
-        "label_map": label_map,
-    }
+    return PreparedSubject(
+        id=subject.id,
+        subject=subject,
+        image=x,
+        labels=geom.to_grid(classes, 0).astype(np.int32),
+        mask=region,
+        affine=geom.affine(affine),
+        spacing=tuple(float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))),
+        img=img,
+        geometry=geom,
+        label_map=label_map,
+    )
 
 
 def check_same_grid(path_a, img_a, path_b, img_b, shape_a, shape_b) -> None:

@@ -96,7 +96,7 @@ def check_training_fits(cfg, grid, n_classes: int, n_filters: int, *, bytes_per_
         return None
     have, what, backend = device_memory_bytes()
     slab_rows = getattr(cfg, "slab_rows", 0)
-    if slab_rows is None:  # automatic (``streamed.auto_slab_rows``), as finetune.run_fold resolves it
+    if slab_rows is None:  # automatic (``streamed.auto_slab_rows``), as finetune resolves it
         from cerebrum_jax.streamed import auto_slab_rows
 
         slab_rows = 0 if getattr(cfg, "mesh", None) else auto_slab_rows(tuple(grid))

@@ -14,6 +14,7 @@ import numpy as np
 from nibabel import processing
 from scipy import ndimage
 
+from cerebrum_jax.choices import FOLD_NORMALIZATIONS
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.model import DIVISOR
 
@@ -194,8 +195,6 @@ def voxelwise_stats(volumes) -> tuple[np.ndarray, np.ndarray]:
 
 # ----------------------------------------------------------------------------------------------------------
 # Normalisation of a fine-tuning fold
-
-FOLD_NORMALIZATIONS = ("zscore", "voxelwise")
 
 
 def resolve_normalization(requested: str, checkpoint_normalization: str) -> tuple[str, str]:

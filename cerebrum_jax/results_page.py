@@ -2,9 +2,9 @@
 panel and report.html for a fold; cv_summary.html for a cross-validation; and the BIDS derivative
 descriptions of a fold's run directory.
 
-Called by ``finetune.run_fold`` / ``run_cv`` after the predictions and report.md are written. A fold's run
-directory gains surfaces/ (GIfTI, PNG, GIF, surfaces.json), figures/class_panel.png, report.html, a
-"Surfaces" section in report.md, dataset_description.json and the predictions' JSON sidecars.
+Called by ``finetune.train_and_evaluate`` / ``run_cv`` after the predictions and report.md are written. A
+fold's run directory gains surfaces/ (GIfTI, PNG, GIF, surfaces.json), figures/class_panel.png,
+report.html, a "Surfaces" section in report.md, dataset_description.json and the predictions' JSON sidecars.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 from cerebrum_jax import bids, html_report, panels, surfaces
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.nifti import write_text
+from cerebrum_jax.rundir import RunDir
 
 
 def surface_classes(requested, names, present=None) -> dict[int, str]:
@@ -81,14 +82,14 @@ def fold_page(run_dir, subject, probs, grids, dseg_path, prepared, result, info,
 
     subject: the loaded test subject (its id); probs (D, H, W, C) on the test image's own grid; grids:
     {"image", "ref", "pred", "spacing"} on that grid (``finetune.predict_test``); dseg_path: the written
-    labels (their affine places the surfaces); prepared: ``finetune.prepare_fold``'s result; result /
+    labels (their affine places the surfaces); prepared: ``fold.prepare_fold``'s ``PreparedFold``; result /
     info: metrics.json and config.json contents; figures: report.md's {caption: PNG path}.
     """
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
-    names, k = prepared["fold"]["label_map"].names, prepared["k_prob"]
+    names, k = prepared.fold.label_map.names, prepared.k_prob
     fold_bids(run_dir, info)
-    records = fold_surfaces(run_dir, subject["id"], grids, dseg_path, names, cfg.surface_classes)
+    records = fold_surfaces(run_dir, subject.id, grids, dseg_path, names, cfg.surface_classes)
     panel = panels.plot_class_panel(
         grids["image"],
         grids["ref"],
@@ -112,7 +113,7 @@ def cv_page(out, summary: dict, results: list[dict]) -> Path:
     out = Path(out)
     records = {}
     for r in results:
-        path = out / f"fold-{r['fold']}" / "surfaces" / "surfaces.json"
+        path = RunDir.fold(out, r["fold"]).root / "surfaces" / "surfaces.json"
         if path.is_file():
             records[r["fold"]] = json.loads(path.read_text())
     box = panels.plot_cv_boxplots(results, out / "figures" / "cv_boxplots.png", records or None)

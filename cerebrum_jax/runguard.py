@@ -1,12 +1,12 @@
 """Guards of a fine-tuning fold's run directory: one run at a time, and a ``--resume`` that continues the
 same run or refuses.
 
-``guarded`` wraps ``finetune.run_fold``: it takes the directory's lock (``fsafe.DirLock``) for the whole
-run, and on ``--resume`` checks, before anything is loaded or written, that
+``guarded`` wraps ``finetune.train_and_evaluate``: it takes the directory's lock (``fsafe.DirLock``) for
+the whole run, and on ``--resume`` checks, before anything is loaded or written, that
 
 - no file of the run is a symbolic link (a log.txt linked elsewhere would be appended through),
 - config.json and checkpoints/last/loop.json are readable and well formed, and checkpoints/last/state
-  has the sha256 that loop.json records (``train.save_last``),
+  has the sha256 that loop.json records (``runhooks.save_last``),
 - the config equals the run's config.json but for the performance-only keys ``PERFORMANCE_KEYS``
   (how to compute, not what: the device mesh, rematerialisation, the convolution precision),
 
@@ -24,6 +24,7 @@ from pathlib import Path
 from cerebrum_jax import fsafe, memory
 from cerebrum_jax.checkpoint import state_digest
 from cerebrum_jax.errors import InputError
+from cerebrum_jax.rundir import RunDir
 
 LOCK_NAME = fsafe.LOCK_NAME  # for the callers' emptiness checks
 check_training_fits = memory.check_training_fits  # the memory guard, with the others here
@@ -35,7 +36,8 @@ CONTROLLER_KEYS = ("lr", "best", "wait", "plateau_best", "plateau_wait", "stop")
 
 
 def guarded(run_fold):
-    """Decorate ``run_fold(cfg, workdir, *, resume=False, log=None, ...)`` with the lock and resume checks."""
+    """Decorate ``train_and_evaluate(cfg, workdir, *, resume=False, log=None, ...)`` with the lock and the
+    resume checks."""
 
     @functools.wraps(run_fold)
     def wrapper(cfg, workdir, *args, resume: bool = False, **kw):
@@ -52,17 +54,18 @@ def guarded(run_fold):
 
 def check_resume(run_dir: Path, cfg, log=print) -> None:
     """Every check of a run directory about to be resumed with ``cfg`` (see the module docstring)."""
+    run = RunDir(Path(run_dir))
     fsafe.check_own_files(run_dir)
-    if (run_dir / "config.json").exists():
-        check_same_config(run_dir / "config.json", cfg)
-    last = run_dir / "checkpoints" / "last"
-    if (last / "loop.json").exists():
-        digest = read_loop(last / "loop.json").get("state_sha256")
-        if digest is not None and (not (last / "state").is_dir() or state_digest(last / "state") != digest):
+    if run.config_json.exists():
+        check_same_config(run.config_json, cfg)
+    if run.loop_json.exists():
+        digest = read_loop(run.loop_json).get("state_sha256")
+        if digest is not None and (not run.last_state.is_dir() or state_digest(run.last_state) != digest):
             raise InputError(
-                f"state/ is missing or does not match the sha256 in loop.json (corrupt); {NO_RESUME}", last
+                f"state/ is missing or does not match the sha256 in loop.json (corrupt); {NO_RESUME}",
+                run.last,
             )
-    fsafe.remove_leftovers(run_dir / "checkpoints", log=log)
+    fsafe.remove_leftovers(run.checkpoints, log=log)
     fsafe.remove_leftovers(run_dir, patterns=(".*.tmp*",), log=log)
 
 
@@ -105,7 +108,7 @@ def _short(value) -> str:
 
 
 def read_loop(path: Path) -> dict:
-    """checkpoints/last/loop.json (``train.save_last``) checked field by field; InputError naming it."""
+    """checkpoints/last/loop.json (``runhooks.save_last``) checked field by field; InputError naming it."""
     loop = read_json(path, "loop.json")
     if not isinstance(loop, dict):
         raise InputError(f"corrupt loop.json (not an object); {NO_RESUME}", path)

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from cerebrum_jax import distributed
 from cerebrum_jax.checkpoint import read_meta
 from cerebrum_jax.errors import InputError
+from cerebrum_jax.rundir import RunDir
 
 
 class RunLog:
@@ -40,25 +41,24 @@ class RunLog:
         self.pending = []
 
 
-def checkpoints_left(run_dir: Path, initial_weights: str) -> str:
+def checkpoints_left(run: RunDir, initial_weights: str) -> str:
     """What a stopped run leaves to go on from, in words: checkpoints/best and/or checkpoints/last (with
     their epochs), or that none was written and the initial weights are unchanged."""
-    ckpts = Path(run_dir) / "checkpoints"
     parts = []
-    if (ckpts / "best" / "cerebrum.json").is_file():
+    if run.has_best():
         try:
-            record = read_meta(ckpts / "best").get("best_epoch") or {}
+            record = read_meta(run.best).get("best_epoch") or {}
         except (InputError, OSError, ValueError):
             record = {}
         when = f" ({record['phase']} epoch {record['epoch']})" if "epoch" in record else ""
-        parts.append(f"{ckpts / 'best'}{when}")
-    if (ckpts / "last" / "loop.json").is_file():
+        parts.append(f"{run.best}{when}")
+    if run.has_last():
         try:
-            history = json.loads((ckpts / "last" / "loop.json").read_text()).get("history") or []
+            history = json.loads(run.loop_json.read_text()).get("history") or []
         except (OSError, ValueError):
             history = []
         when = f" (after {history[-1]['phase']} epoch {history[-1]['epoch']})" if history else ""
-        parts.append(f"{ckpts / 'last'}{when}")
+        parts.append(f"{run.last}{when}")
     if parts:
         return "the last good checkpoints, untouched: " + " and ".join(parts)
     where = "(training from scratch)" if initial_weights == "none" else f"at {initial_weights}"

@@ -23,9 +23,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cerebrum_jax import model as M
+from cerebrum_jax.choices import PRECISIONS
 
 AXES = ("data", "space")
-PRECISIONS = {"float32": "float32", "fp32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}
 
 
 def parse_mesh_spec(spec: str | None, n_devices: int) -> tuple[int, int]:

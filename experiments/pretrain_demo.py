@@ -16,18 +16,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import jax
 
-from cerebrum_jax import data, model, preprocess, train
+from cerebrum_jax import data, loop, model, preprocess
+from cerebrum_jax.augment import AugmentConfig
 from cerebrum_jax.bids import git_commit
 from cerebrum_jax.checkpoint import save_checkpoint
-from cerebrum_jax.config import TrainConfig
+from cerebrum_jax.config import LoopConfig
 from cerebrum_jax.demo import ensure_pretrain_cohort
 from cerebrum_jax.inputs import Preprocessing, load_subject
+from cerebrum_jax.losses import LossConfig
 
 GRID = (56, 72, 64)  # the demo's brain boxes (3 mm voxels) rounded up to multiples of 8
 
@@ -48,14 +48,16 @@ def main(argv=None) -> int:
     subjects = data.find_subjects(root)
     pre = Preprocessing(mask="labels", crop="box", grid=GRID)  # as the demo weights were trained
     vols = [load_subject(s, labels, pre) for s in subjects]
-    for v in vols:
-        v["x"] = preprocess.zscore(v["image"], v["mask"])
-    cfg = TrainConfig(loss="ce+dice", augment_views=args.views, patience=10, seed=args.seed, grid=GRID)
+    pairs = [(preprocess.zscore(v.image, v.mask), v.labels) for v in vols]  # all 4 train and validate
+    schedule = LoopConfig(augment_views=args.views, patience=10, seed=args.seed)
+    loss = LossConfig("ce+dice", "balanced")
     mcfg = model.ModelConfig(n_filters=args.n_filters, n_classes=labels.n_classes, dropout_rate=0.1)
     params = model.init_params(mcfg, jax.random.key(args.seed))
-    phase = train.Phase("pretrain", args.lr, args.epochs, jax.tree_util.tree_map(lambda _: False, params))
-    with tempfile.TemporaryDirectory() as tmp:
-        params, history = train.fit(cfg, mcfg, params, [phase], {"train": vols, "val": vols}, Path(tmp))
+    phase = loop.Phase("pretrain", args.lr, args.epochs, jax.tree_util.tree_map(lambda _: False, params))
+    hooks = [loop.Progress(), loop.LogLines(print)]
+    params, history = loop.fit(
+        schedule, loss, AugmentConfig(), mcfg, params, [phase], pairs, pairs, hooks=hooks
+    )
     best = min(history, key=lambda h: h["val_loss"])
     meta = {
         "description": (
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
             "best_epoch": best,
             "lr": args.lr,
             "augment_views": args.views,
-            "loss": cfg.loss,
+            "loss": loss.loss,
             "seed": args.seed,
             "git_commit": git_commit(),
             "jax": jax.__version__,

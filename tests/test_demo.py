@@ -53,7 +53,7 @@ def test_reader_reads_the_cohort(cohort):
 @pytest.mark.parametrize("label_map", [DEMO_LABELS, DEMO_PRETRAIN_LABELS])
 def test_label_sets_load(cohort, label_map):
     loaded = load_subject(find_subjects(cohort)[0], label_map, Preprocessing(mask="labels", crop="box"))
-    assert sorted(np.unique(loaded["labels"])) == list(range(label_map.n_classes))
+    assert sorted(np.unique(loaded.labels)) == list(range(label_map.n_classes))
 
 
 def test_reused_when_intact_rebuilt_when_corrupt(cohort):

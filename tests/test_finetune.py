@@ -7,9 +7,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cerebrum_jax import bids, checkpoint, config, finetune, train
+from cerebrum_jax import bids, checkpoint, config, train
 from cerebrum_jax.cli import main
 from cerebrum_jax.errors import InputError
+from cerebrum_jax.fold import label_map_of, load_fold
 from cerebrum_jax.model import ModelConfig, init_params
 
 SHAPE = (16, 16, 16)
@@ -244,12 +245,12 @@ def test_test_subject_is_prepared_without_its_labels(dataset, tmp_path):
     cfgs = [
         config.load_config("demo").override(data=str(d), fold=2, grid=(16, 16, 16)) for d in (dataset, other)
     ]
-    a, b = (finetune.load_fold(c, log=lambda _: None) for c in cfgs)
-    np.testing.assert_array_equal(a["test"][0]["x"], b["test"][0]["x"])
-    assert not np.array_equal(a["test"][0]["labels"], b["test"][0]["labels"])
+    a, b = (load_fold(c, log=lambda _: None) for c in cfgs)
+    np.testing.assert_array_equal(a.test[0].x, b.test[0].x)
+    assert not np.array_equal(a.test[0].labels, b.test[0].labels)
     paper = [c.override(test_mask="labels") for c in cfgs]  # the paper's protocol does read them
-    a, b = (finetune.load_fold(c, log=lambda _: None) for c in paper)
-    assert not np.array_equal(a["test"][0]["x"], b["test"][0]["x"])
+    a, b = (load_fold(c, log=lambda _: None) for c in paper)
+    assert not np.array_equal(a.test[0].x, b.test[0].x)
 
 
 def test_same_seed_same_result(dataset, weights, tmp_path):
@@ -474,7 +475,7 @@ def test_json_config_round_trip(tmp_path, good):
 def test_shipped_experiments_load(name):
     cfg = config.load_config(name)
     assert cfg.grid is not None and all(g % 8 == 0 for g in cfg.grid)
-    n = finetune.label_map_of(cfg).n_classes
+    n = label_map_of(cfg).n_classes
     assert n == {"demo": 4, "schneider19": 8, "fewlabel": 8}[name]
-    reduced = finetune.label_map_of(cfg.override(labels="schneider-reduced")).n_classes
+    reduced = label_map_of(cfg.override(labels="schneider-reduced")).n_classes
     assert reduced == 7

@@ -112,25 +112,25 @@ def test_load_subject(tmp_path, grid, voxel_mm, mask):
     subject = _subject(tmp_path, mask=mask == "file")
     pre = Preprocessing(mask=mask, crop="box", margin=1, grid=grid, voxel_mm=voxel_mm, normalization="none")
     out = inputs.load_subject(subject, DEMO_LABELS, pre)
-    shape = out["image"].shape
+    shape = out.image.shape
     assert all(s % 8 == 0 for s in shape) and (grid is None or shape == grid)
-    assert out["image"].dtype == np.float32 and out["labels"].dtype == np.int32 and out["mask"].dtype == bool
-    assert out["labels"].shape == shape == out["mask"].shape
+    assert out.image.dtype == np.float32 and out.labels.dtype == np.int32 and out.mask.dtype == bool
+    assert out.labels.shape == shape == out.mask.shape
     if mask != "none":  # the mask holds every labelled voxel, and the image is 0 outside it
-        assert np.all(out["mask"][out["labels"] > 0]) and np.all(out["image"][~out["mask"]] == 0)
+        assert np.all(out.mask[out.labels > 0]) and np.all(out.image[~out.mask] == 0)
     else:  # the foreground (opened: an edge voxel may drop out) holds nearly all of them
-        assert out["mask"][out["labels"] > 0].mean() > 0.97
+        assert out.mask[out.labels > 0].mean() > 0.97
     if voxel_mm is not None:
-        np.testing.assert_allclose(out["spacing"], voxel_mm)
+        np.testing.assert_allclose(out.spacing, voxel_mm)
         return
     # each output voxel lies where the same source voxel lies in the world, with its mapped label
     labels = nib.load(str(subject.labels))
     src = np.asarray(labels.dataobj)
-    inside = np.argwhere(out["labels"] > 0)
-    world = nib.affines.apply_affine(out["affine"], inside)
+    inside = np.argwhere(out.labels > 0)
+    world = nib.affines.apply_affine(out.affine, inside)
     source_vox = np.rint(nib.affines.apply_affine(np.linalg.inv(labels.affine), world)).astype(int)
-    np.testing.assert_array_equal(DEMO_LABELS.apply(src[tuple(source_vox.T)]), out["labels"][tuple(inside.T)])
-    back = out["geometry"].to_source(out["labels"], 0)
+    np.testing.assert_array_equal(DEMO_LABELS.apply(src[tuple(source_vox.T)]), out.labels[tuple(inside.T)])
+    back = out.geometry.to_source(out.labels, 0)
     np.testing.assert_array_equal(back, DEMO_LABELS.apply(src))
 
 
@@ -145,8 +145,8 @@ def test_unmasked_preparation_never_reads_the_labels(tmp_path):
         nib.load(subject.labels).affine,
     )
     b = inputs.load_subject(subject, DEMO_LABELS, pre)
-    np.testing.assert_array_equal(a["image"], b["image"])
-    assert a["labels"].any() and not b["labels"].any()
+    np.testing.assert_array_equal(a.image, b.image)
+    assert a.labels.any() and not b.labels.any()
 
 
 @pytest.mark.parametrize(
@@ -168,4 +168,4 @@ def test_load_subject_errors(tmp_path, kwargs, pre, message):
 def test_load_subject_schneider_values(tmp_path):
     subject = _subject(tmp_path, values=(1, 5, 7))
     out = inputs.load_subject(subject, SCHNEIDER_LABELS.drop(7), Preprocessing(mask="labels", crop="box"))
-    assert set(np.unique(out["labels"])) == {0, 1, 5}
+    assert set(np.unique(out.labels)) == {0, 1, 5}

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cerebrum_jax import checkpoint, train
+from cerebrum_jax import checkpoint, runhooks, train
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.losses import LossConfig
 from cerebrum_jax.model import LAYER_NAMES, ModelConfig, init_params
@@ -157,8 +157,9 @@ def test_save_last_round_trip_with_default_permissions(tmp_path):
     state = {"params": {"w": jnp.arange(3.0)}, "step": jnp.asarray(2, jnp.int32)}
     old = os.umask(0o022)
     try:
-        train.save_last(tmp_path / "last", state, {"phase": 0})
-        train.save_last(tmp_path / "last", state, {"phase": 1})  # replaces the first, leaves nothing beside
+        runhooks.save_last(tmp_path / "last", state, {"phase": 0})
+        # the second replaces the first and leaves nothing beside it
+        runhooks.save_last(tmp_path / "last", state, {"phase": 1})
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "last").stat().st_mode) == 0o755
@@ -166,5 +167,5 @@ def test_save_last_round_trip_with_default_permissions(tmp_path):
     loop = json.loads((tmp_path / "last" / "loop.json").read_text())
     assert loop.pop("state_sha256") == checkpoint.state_digest(tmp_path / "last" / "state")
     assert loop == {"phase": 1}
-    back = train.load_last(tmp_path / "last", state)
+    back = runhooks.load_last(tmp_path / "last", state)
     np.testing.assert_array_equal(back["params"]["w"], np.arange(3.0))

@@ -1,5 +1,5 @@
 """``cerebrum-jax finetune``: one fold (or all folds) of the fine-tuning experiment; a thin layer over
-``finetune.run_fold`` / ``run_cv``. Options override the experiment config (``--config``)."""
+``finetune.train_and_evaluate`` / ``run_cv``. Options override the experiment config (``--config``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cerebrum_jax import distributed
 from cerebrum_jax.config import apply_sets, find_config, load_config
-from cerebrum_jax.errors import InputError
+from cerebrum_jax.errors import InputError, NonFiniteLoss
 
 # option dest -> config key, for the options that map one to one
 DIRECT = {
@@ -190,7 +190,8 @@ def resolve(args: argparse.Namespace):
 
 @distributed.guarded("finetune")
 def run(args: argparse.Namespace) -> int:
-    from cerebrum_jax import finetune, report, train  # heavy imports after argument checks
+    from cerebrum_jax import finetune, report  # heavy imports after argument checks
+    from cerebrum_jax.rundir import RunDir
 
     cfg, fold, out = resolve(args)
     if distributed.wanted(args, cfg.distributed):
@@ -205,11 +206,11 @@ def run(args: argparse.Namespace) -> int:
             if distributed.is_main():
                 print(f"cross-validation: mean Dice {report.fmt(mean)} -> {out / 'cv_summary.md'}")
         else:
-            result = finetune.run_fold(cfg, out / f"fold-{fold}", resume=args.resume, progress=progress)
+            run = RunDir.fold(out, fold)
+            result = finetune.train_and_evaluate(cfg, run.root, resume=args.resume, progress=progress)
             if distributed.is_main():
-                mean = report.fmt(result["mean_dice"])
-                print(f"fold {fold}: mean Dice {mean} -> {out / f'fold-{fold}' / 'report.md'}")
-    except train.NonFiniteLoss as e:
+                print(f"fold {fold}: mean Dice {report.fmt(result['mean_dice'])} -> {run.report_md}")
+    except NonFiniteLoss as e:
         print(f"cerebrum-jax finetune: {e}", file=sys.stderr)
         return 1
     return 0

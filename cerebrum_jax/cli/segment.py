@@ -11,13 +11,11 @@ import jax
 import numpy as np
 
 from cerebrum_jax import bids, distributed, inputs, nifti, predictor, preprocess, sharding
+from cerebrum_jax.checkpoint import find_weights as resolve_weights
 from cerebrum_jax.checkpoint import load_checkpoint
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.fsafe import dir_lock
 from cerebrum_jax.inputs import NORMALIZATIONS, Preprocessing, of_checkpoint
-
-DEFAULT_WEIGHTS = ("weights/glasgow", "weights/demo")
-_REPO = Path(__file__).resolve().parents[2]
 
 
 def add_parser(sub) -> None:
@@ -93,21 +91,6 @@ def add_parser(sub) -> None:
         elif action.dest == "precision":
             action.help = "bf16: bfloat16 convolutions with float32 parameters and softmax (default float32)"
     p.set_defaults(func=run)
-
-
-def resolve_weights(weights: str | None) -> Path:
-    """The checkpoint directory to use: ``weights``, else the first default found (cwd, then repo)."""
-    if weights is not None:
-        return Path(weights)
-    for name in DEFAULT_WEIGHTS:
-        for base in (Path.cwd(), _REPO):
-            if (base / name).is_dir():
-                return base / name
-    raise InputError(
-        "no checkpoint found: neither weights/glasgow nor weights/demo exists "
-        "(run 'make weights' or pass --weights)",
-        "--weights",
-    )
 
 
 def output_stem(path: Path) -> str:

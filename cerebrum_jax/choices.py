@@ -1,0 +1,16 @@
+"""The closed vocabularies that configs, checkpoints, inputs and the command line share, in one place.
+
+No imports, so that the light modules (``config``, the command line) and the heavy ones (``checkpoint``,
+``sharding``, ``inputs``) take them from the same home.
+"""
+
+# How a network input is normalised (``inputs.Preprocessing.normalization``, a checkpoint's record):
+# z-score inside the brain mask, voxel-by-voxel with mean/std volumes, or none (raw input).
+NORMALIZATIONS = ("zscore", "voxelwise", "none")
+# What fine-tuning computes for a fold (``preprocess.resolve_normalization``): never raw input.
+FOLD_NORMALIZATIONS = ("zscore", "voxelwise")
+# The config key ``normalization``: one of those, or "auto" (the initial checkpoint's).
+CONFIG_NORMALIZATIONS = ("auto", *FOLD_NORMALIZATIONS)
+
+# Convolution precision names (config key ``precision``, ``--precision``) -> ModelConfig.compute_dtype.
+PRECISIONS = {"float32": "float32", "fp32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}

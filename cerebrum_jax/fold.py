@@ -1,0 +1,214 @@
+"""A fine-tuning fold's inputs, every one checked and prepared before anything is written.
+
+``prepare_fold(cfg)`` finds and loads the initial weights (or a random init), resolves the normalisation,
+reads and prepares every subject (``load_fold``), checks the options against the label map, the memory
+and the device mesh, and returns a ``PreparedFold``; an InputError on any bad input. ``finetune`` then
+creates the run directory, trains and evaluates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from cerebrum_jax import data as D
+from cerebrum_jax import distributed, inputs, preprocess, results_page, sharding, train
+from cerebrum_jax.checkpoint import Checkpoint, find_weights, load_checkpoint
+from cerebrum_jax.config import TrainConfig
+from cerebrum_jax.errors import InputError
+from cerebrum_jax.inputs import PreparedSubject, Preprocessing
+from cerebrum_jax.model import ModelConfig
+from cerebrum_jax.runguard import check_training_fits
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FoldData:
+    """Subjects of one fold, read and prepared (``load_fold``): root (the dataset), label_map,
+    preprocessing (the record every subject was prepared with, the test subject too, and that the fold's
+    checkpoint keeps for ``segment``), mask_note (why that mask kind), normalization ("zscore" or
+    "voxelwise"), norm_volumes ({"mean", "std"} of the training subjects, or None), and train / val /
+    test: ``PreparedSubject``s with their network input ``x``."""
+
+    root: Path
+    label_map: D.LabelMap
+    preprocessing: Preprocessing
+    mask_note: str
+    normalization: str
+    norm_volumes: dict | None
+    train: tuple[PreparedSubject, ...]
+    val: tuple[PreparedSubject, ...]
+    test: tuple[PreparedSubject, ...]
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return self.preprocessing.grid
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PreparedFold:
+    """Everything ``prepare_fold`` checked and loaded: weights_path and ckpt (None from scratch), fold
+    (``FoldData``), normalization_note (why that normalisation), k_prob (the class whose probability
+    map is drawn), mesh (None: one device), model_config (the new network, float32), params / frozen
+    (initial parameters, the warm-up's frozen mask), seconds (how long it took)."""
+
+    weights_path: Path | None
+    ckpt: Checkpoint | None
+    fold: FoldData
+    normalization_note: str
+    k_prob: int
+    mesh: jax.sharding.Mesh | None
+    model_config: ModelConfig
+    params: dict
+    frozen: dict
+    seconds: float
+
+    def initial_weights(self, n_filters: int) -> tuple[str, str]:
+        """(initial weights, their note) in words, for the run record."""
+        if self.ckpt is None:
+            return "none", f"trained from scratch: random initialisation, n_filters {n_filters}, no warm-up"
+        return str(Path(self.weights_path).absolute()), self.ckpt.meta.get("description", "")
+
+
+def label_map_of(cfg: TrainConfig) -> D.LabelMap:
+    return D.edit_label_map(D.get_label_map(cfg.labels), cfg.drop_labels, cfg.merge_labels)
+
+
+def fold_subjects(cfg: TrainConfig, log=print) -> tuple[Path, list[D.Subject]]:
+    """(dataset root, its subjects in sorted order): ``cfg.data`` read with the config's layout, contrast,
+    seg_name and mask_name, or the offline demo cohort (built on first use) when data is None."""
+    if cfg.data is None:
+        from cerebrum_jax.demo import ensure_demo_cohort
+
+        root = distributed.main_first(ensure_demo_cohort, cfg.demo_root)  # built once, by process 0
+        log(f"data: the offline demo cohort at {root} (template-derived, not 7T data)")
+    else:
+        root = Path(cfg.data)
+    return root, D.find_subjects(root, cfg.layout, cfg.contrast, cfg.seg_name, cfg.mask_name)
+
+
+def resolve_test_mask(requested: str, subjects: list[D.Subject]) -> tuple[str, str]:
+    """(kind, why): how a fold masks its subjects (config key ``test_mask``; see ``config.TrainConfig``).
+
+    "auto" is "file" when every subject has a brain-mask file, else "none" (never the labels: a new
+    subject has none). "file" without a mask file for some subject is an InputError naming it.
+    """
+    if requested == "auto":
+        if subjects and all(s.mask is not None for s in subjects):
+            return "file", "auto: every subject has a brain-mask file"
+        return "none", "auto: no brain-mask files; heads cropped to their own foreground box"
+    if requested == "file":
+        missing = [s.id for s in subjects if s.mask is None]
+        if missing:
+            raise InputError(
+                f"test_mask file, but {', '.join(missing)} have no brain-mask file (BIDS: set mask_name)",
+                "test_mask",
+            )
+    if requested == "labels":
+        return "labels", "set in the config: masks from the manual labels, the test subject's too (paper)"
+    return requested, "set in the config"
+
+
+def load_fold(cfg: TrainConfig, log=print, normalization: str = "zscore") -> FoldData:
+    """Subjects of fold ``cfg.fold`` read and prepared (all input checks happen here, before training).
+
+    Every subject, the test subject too, is prepared by ``inputs.load_subject`` with one
+    ``inputs.Preprocessing`` (mask kind ``resolve_test_mask``, crop to a box + margin, the grid,
+    voxel size, ``normalization``) and given its network input x: the image normalised by
+    ``preprocess.normalise_fold``, whose volumes come from the training subjects only.
+    """
+    root, subjects = fold_subjects(cfg, log)
+    train_s, val_s, test_s = D.split_fold(subjects, cfg.fold, cfg.val_subject)
+    label_map = label_map_of(cfg)
+    mask, mask_note = resolve_test_mask(cfg.test_mask, subjects)
+    pre = inputs.Preprocessing(
+        mask=mask, crop="box", margin=cfg.margin, grid=cfg.grid, voxel_mm=cfg.voxel_mm,
+        normalization=normalization,
+    )  # fmt: skip
+    if pre.grid is None:  # the largest box over all subjects, rounded up to multiples of 8
+        shapes = [inputs.load_subject(s, label_map, pre).image.shape for s in subjects]
+        pre = dataclasses.replace(pre, grid=tuple(int(g) for g in np.max(shapes, axis=0)))
+    loaded = {s.id: inputs.load_subject(s, label_map, pre) for s in subjects}
+    views = {sid: {"image": p.image, "mask": p.mask} for sid, p in loaded.items()}
+    volumes = preprocess.normalise_fold(list(views.values()), [views[s.id] for s in train_s], normalization)
+    pick = lambda group: tuple(loaded[s.id].with_input(views[s.id]["x"]) for s in group)  # noqa: E731
+    return FoldData(
+        root, label_map, pre, mask_note, normalization, volumes, pick(train_s), pick(val_s), pick(test_s)
+    )
+
+
+def fold_mesh(cfg: TrainConfig, grid) -> jax.sharding.Mesh | None:
+    """The device mesh of ``cfg.mesh`` (None: one device, no sharding; distributed: all devices on "space"),
+    checked against the batch size and ``grid`` before any training (InputError otherwise)."""
+    if cfg.mesh is None and not distributed.is_running():
+        return None
+    try:
+        mesh = sharding.make_mesh(cfg.mesh)
+        sharding.check_divisible((cfg.batch_size, *grid), mesh)
+    except ValueError as e:
+        raise InputError(str(e), "--mesh") from None
+    return mesh
+
+
+def prob_class_index(cfg: TrainConfig, names: tuple[str, ...]) -> int:
+    if cfg.prob_class is not None:
+        if cfg.prob_class not in names:
+            raise InputError(f"prob_class {cfg.prob_class!r} is not a class: {list(names)}", "prob_class")
+        return names.index(cfg.prob_class)
+    return names.index("vessels") if "vessels" in names else len(names) - 1
+
+
+def _initial_network(cfg: TrainConfig, n_classes: int, log):
+    """(weights_path, ckpt, model_config, params, frozen, normalization, why): the initial checkpoint's
+    network with ``n_classes`` outputs (or, for weights "none", a random init: from scratch)."""
+    key = jax.random.key(cfg.seed)
+    if cfg.weights == "none":  # from scratch: random init of the config's width, nothing frozen
+        model_config = ModelConfig(
+            n_filters=cfg.n_filters, n_classes=n_classes, dropout_rate=cfg.dropout_rate
+        )
+        check_training_fits(cfg, cfg.grid, n_classes, cfg.n_filters)
+        params, frozen = train.init_from_scratch(model_config, key)
+        log(f"training from scratch: random initialisation, n_filters {cfg.n_filters}, no warm-up phase")
+        normalization, why = preprocess.resolve_normalization(cfg.normalization, "zscore")
+        return None, None, model_config, params, frozen, normalization, why
+    weights_path = find_weights(cfg.weights, log)
+    ckpt = load_checkpoint(weights_path)
+    check_training_fits(cfg, cfg.grid, n_classes, ckpt.config.n_filters)
+    model_config = train.finetune_model_config(ckpt, n_classes, cfg.dropout_rate)
+    params, frozen = train.load_finetune_init(ckpt, n_classes, cfg.last_layer, key)
+    normalization, why = preprocess.resolve_normalization(cfg.normalization, ckpt.normalization)
+    return weights_path, ckpt, model_config, params, frozen, normalization, why
+
+
+def prepare_fold(cfg: TrainConfig, log=print) -> PreparedFold:
+    """Every input check and load of fold ``cfg.fold``, writing nothing (InputError on bad input).
+
+    The cheap checks first (the loss and augmentation sections were checked when ``cfg`` was built): the
+    label map, the class whose probability map is drawn, the surface classes, slab streaming against a
+    mesh; then the initial network, the normalisation (``preprocess.resolve_normalization``), the
+    subjects (``load_fold``), the memory and the device mesh against the grid.
+    """
+    t0 = time.perf_counter()
+    label_map = label_map_of(cfg)
+    k_prob = prob_class_index(cfg, label_map.names)
+    results_page.surface_classes(cfg.surface_classes, label_map.names)
+    if cfg.mesh is not None and cfg.slab_rows:
+        raise InputError(
+            "slab streaming cannot be combined with --mesh (use one or the other)", "--slab-rows"
+        )
+    if cfg.grid is not None:
+        fold_mesh(cfg, cfg.grid)
+    weights_path, ckpt, model_config, params, frozen, normalization, why = _initial_network(
+        cfg, label_map.n_classes, log
+    )
+    log(f"input normalisation: {normalization} ({why})")
+    fold = load_fold(cfg, log, normalization)
+    check_training_fits(cfg, fold.grid, label_map.n_classes, model_config.n_filters)
+    log(f"brain mask: {fold.preprocessing.mask} ({fold.mask_note})")
+    mesh = fold_mesh(cfg, fold.grid)
+    return PreparedFold(
+        weights_path, ckpt, fold, why, k_prob, mesh, model_config, params, frozen, time.perf_counter() - t0
+    )

@@ -1,0 +1,355 @@
+"""The epoch loop of fine-tuning: phases of Adam with frozen layers, augmented views, validation,
+reduce-on-plateau and early stopping, best parameters kept. Pure: it reads and writes no file.
+
+What a caller wants done between steps and epochs (a progress bar, log lines, metrics.jsonl, the latest
+and the best checkpoint, resuming) it passes as ``Hooks``: ``Progress`` and ``LogLines`` here,
+``rundir.RunDirHooks`` for a fine-tuning run directory. ``fit`` with no hooks trains in memory and returns
+the best parameters and the history.
+
+Keys: augmentation views ``augment.view_key(seed, phase * 100000 + epoch, subject, view)``, the order of
+(subject, view) pairs ``numpy.random.default_rng([seed, phase, epoch])``, dropout ``fold_in`` of the
+phase key ``fold_in(key(seed), phase)`` and the step: same seed, same results, on resume too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from cerebrum_jax import losses, sharding
+from cerebrum_jax.augment import AugmentConfig, augment_batch, view_key
+from cerebrum_jax.config import LoopConfig
+from cerebrum_jax.errors import NonFiniteLoss
+from cerebrum_jax.losses import LossConfig
+from cerebrum_jax.train import (
+    Controller,
+    controller_update,
+    get_learning_rate,
+    init_state,
+    make_eval_step,
+    make_optimizer,
+    make_train_step,
+    set_learning_rate,
+)
+
+
+@dataclasses.dataclass
+class Phase:
+    name: str
+    lr: float
+    epochs: int
+    frozen: dict  # pytree like params, True = not trained in this phase
+
+
+class Resume(NamedTuple):
+    """Where a stopped run goes on (``Hooks.resume``): the next phase index and epoch in it, the history
+    so far, the phase's controller (None: that phase had finished, the next starts fresh), the best val
+    loss and its params, and ``restore(like_state) -> state``: the train state saved after the last
+    epoch."""
+
+    phase: int
+    next_epoch: int
+    history: list
+    controller: Controller | None
+    best_loss: float
+    best_params: dict
+    restore: Callable[[dict], dict]
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochEnd:
+    """What ``Hooks.epoch_end`` gets after each epoch: the phase (index, Phase), the epoch's ``record``
+    (one line of metrics.jsonl), the whole history, the train state (params, opt_state, step), the
+    controller, the best val loss so far and ``done`` (the phase ends with this epoch)."""
+
+    phase_index: int
+    phase: Phase
+    record: dict
+    history: list
+    state: dict
+    controller: Controller
+    best_loss: float
+    done: bool
+
+    def position(self) -> dict:
+        """The loop position to resume after this epoch (checkpoints/last/loop.json without its sha256)."""
+        return {
+            "phase": self.phase_index + 1 if self.done else self.phase_index,
+            "next_epoch": 0 if self.done else self.record["epoch"],
+            "controller": None if self.done else dataclasses.asdict(self.controller),
+            "best": self.best_loss,
+            "history": self.history,
+        }
+
+
+class Hooks:
+    """What ``fit`` calls; every method does nothing here, subclasses override what they need."""
+
+    def resume(self, params, phases: Sequence[Phase]) -> Resume | None:
+        """Where to go on, or None: start from ``params`` at the first phase."""
+        return None
+
+    def phase_start(self, phase: Phase, n_steps: int, first_epoch: int) -> None:
+        """A phase begins (``n_steps`` steps per epoch; at ``first_epoch`` when resumed)."""
+
+    def step_end(self, phase: Phase, epoch: int, loss: float) -> None:
+        """One training step done (``epoch`` 0-based) with this finite ``loss``."""
+
+    def improved(self, params, record: dict) -> None:
+        """A new best val loss: ``params`` (a copy, not donated) after the epoch of ``record``."""
+
+    def epoch_end(self, end: EpochEnd) -> None:
+        """An epoch validated (after ``improved``, before the learning rate is cut)."""
+
+    def phase_end(self, phase: Phase, stopped: bool, best_loss: float) -> None:
+        """A phase ends: early stop or all epochs run."""
+
+    def close(self) -> None:
+        """``fit`` returns or raises (NonFiniteLoss): release what is open (a progress bar)."""
+
+
+class Progress(Hooks):
+    """A tqdm progress bar per phase (``enabled`` False: none)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.bar = enabled, None
+
+    def phase_start(self, phase, n_steps, first_epoch):
+        self.close()
+        self.bar = tqdm(
+            total=phase.epochs * n_steps,
+            initial=first_epoch * n_steps,
+            desc=phase.name,
+            disable=not self.enabled,
+            unit="step",
+            dynamic_ncols=True,
+        )
+
+    def step_end(self, phase, epoch, loss):
+        self.bar.set_postfix_str(f"epoch {epoch + 1}/{phase.epochs} loss {loss:.4f}")
+        self.bar.update(1)
+
+    def phase_end(self, phase, stopped, best_loss):
+        self.close()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class LogLines(Hooks):
+    """One log line per epoch (losses, val Dice, learning rate, * when improved) and per phase end."""
+
+    def __init__(self, log=print):
+        self.log = log
+
+    def epoch_end(self, end):
+        r = end.record
+        self.log(
+            f"{r['phase']} epoch {r['epoch']}: train {r['train_loss']:.4f} val {r['val_loss']:.4f} "
+            f"val dice {r['val_dice'] or float('nan'):.4f} lr {r['lr']:.2e}" + (" *" if r["improved"] else "")
+        )
+
+    def phase_end(self, phase, stopped, best_loss):
+        self.log(
+            f"{phase.name}: {'early stop' if stopped else 'all epochs run'}, best val loss {best_loss:.4f}"
+        )
+
+
+def nanmean(values) -> np.ndarray:
+    """Mean over the first axis ignoring NaN (n/a Dice), NaN where all are NaN, without a warning."""
+    values = np.asarray(values, np.float64)
+    count = np.sum(~np.isnan(values), axis=0)
+    total = np.nansum(values, axis=0)
+    return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def _none_if_nan(value) -> float | None:
+    value = float(value)
+    return None if np.isnan(value) else value
+
+
+class _Data(NamedTuple):
+    """A fold's arrays on the device: training images (N, D, H, W, 1) and labels, validation batches,
+    the balanced (or unit) class weights."""
+
+    images: jax.Array
+    labels: jax.Array
+    val: list
+    weights: np.ndarray
+
+
+class _Run(NamedTuple):
+    """What every epoch of one ``fit`` shares."""
+
+    schedule: LoopConfig
+    augment: AugmentConfig
+    data: _Data
+    eval_step: Callable
+    mesh: object
+    hooks: Sequence[Hooks]
+    n_steps: int
+
+
+def _device_data(train, val, n_classes: int, loss: LossConfig, mesh) -> _Data:
+    weights = losses.balanced_class_weights([y for _, y in train], n_classes)
+    images = jnp.asarray(np.stack([x for x, _ in train]))[..., None]
+    labels = jnp.asarray(np.stack([y for _, y in train]))
+    batches = [
+        {
+            "image": jnp.asarray(x[None, ..., None]),
+            "labels": jnp.asarray(y[None]),
+            "class_weights": jnp.asarray(weights),
+        }
+        for x, y in val
+    ]
+    if mesh is not None:
+        batches = [sharding.put_batch(v, mesh) for v in batches]
+    return _Data(images, labels, batches, weights)
+
+
+def fit(
+    schedule: LoopConfig,
+    loss: LossConfig,
+    augment: AugmentConfig,
+    model_config,
+    params,
+    phases: Sequence[Phase],
+    train: Sequence[tuple[np.ndarray, np.ndarray]],
+    val: Sequence[tuple[np.ndarray, np.ndarray]],
+    *,
+    hooks: Sequence[Hooks] = (),
+    mesh=None,
+):
+    """Train ``params`` through ``phases`` on ``train``, validating on ``val``: each a list of (image
+    (D, H, W) float32, normalised; labels (D, H, W) int class indices) pairs.
+
+    Each phase: Adam (frozen leaves untouched), up to ``epochs`` epochs of ``schedule.augment_views``
+    augmented views per training volume (or the volumes as they are), val loss after each epoch,
+    reduce-on-plateau, early stopping, best params kept; the next phase starts from the best params.
+    Returns (best params, history: one record per epoch). With a ``mesh`` (see ``sharding``), every step
+    runs sharded: batches split (B over "data", D over "space"), state replicated. Raises NonFiniteLoss
+    on a NaN/inf training or validation loss, before any hook sees that epoch.
+    """
+    data = _device_data(train, val, model_config.n_classes, loss, mesh)
+    act = sharding.activation_sharding(mesh) if mesh is not None else None
+    eval_step = jax.jit(make_eval_step(model_config, loss, act, schedule.slab_rows))
+    at = None
+    for hook in hooks:
+        at = at or hook.resume(params, phases)
+    history = list(at.history) if at else []
+    best = (at.best_loss, at.best_params) if at else (float("inf"), params)
+    n_steps = -(-len(train) * max(schedule.augment_views, 1) // schedule.batch_size)
+    run = _Run(schedule, augment, data, eval_step, mesh, hooks, n_steps)
+    try:
+        for p_index in range(at.phase if at else 0, len(phases)):
+            phase = phases[p_index]
+            if phase.epochs == 0:
+                continue
+            tx = make_optimizer(phase.frozen, phase.lr)
+            state, controller, first_epoch = init_state(best[1], tx), Controller(lr=phase.lr), 0
+            if at and at.controller is not None and p_index == at.phase:
+                state, controller, first_epoch = at.restore(state), at.controller, at.next_epoch
+            state["opt_state"] = set_learning_rate(state["opt_state"], controller.lr)
+            step_fn = make_train_step(model_config, loss, tx, act, schedule.slab_rows)
+            if mesh is None:
+                step = jax.jit(step_fn, donate_argnums=0)
+            else:
+                state = jax.device_put(state, sharding.state_shardings(state, mesh))
+                step = sharding.jit_train_step(step_fn, mesh, state, data.val[0] if data.val else None)
+            for hook in hooks:
+                hook.phase_start(phase, n_steps, first_epoch)
+            stopped = False
+            for epoch in range(first_epoch, phase.epochs):
+                state, record, controller, best = _epoch(
+                    run, step, state, controller, best, p_index, phase, epoch
+                )
+                history.append(record)
+                done = record["stop"] or epoch + 1 == phase.epochs
+                end = EpochEnd(p_index, phase, record, history, state, controller, best[0], done)
+                for hook in hooks:
+                    hook.epoch_end(end)
+                if record["lr_reduced"]:
+                    state["opt_state"] = set_learning_rate(state["opt_state"], controller.lr)
+                if record["stop"]:
+                    stopped = True
+                    break
+            for hook in hooks:
+                hook.phase_end(phase, stopped, best[0])
+    finally:
+        for hook in hooks:
+            hook.close()
+    return best[1], history
+
+
+def _epoch(run: _Run, step, state, controller, best, p_index: int, phase: Phase, epoch: int):
+    """One epoch of ``fit``: the training steps, validation, the controller; the new best (with the
+    ``improved`` hooks called). Returns (state, record, controller, best)."""
+    t0 = time.perf_counter()
+    schedule, data = run.schedule, run.data
+    seed, batch_size = schedule.seed, schedule.batch_size
+    key = jax.random.fold_in(jax.random.key(seed), p_index)
+    rng = np.random.default_rng([seed, p_index, epoch])
+    n_views = max(schedule.augment_views, 1)
+    order = rng.permutation([(s, v) for s in range(len(data.images)) for v in range(n_views)])
+    train_losses = []
+    for b in range(0, len(order), batch_size):
+        chunk = order[b : b + batch_size]
+        x, y = data.images[chunk[:, 0]], data.labels[chunk[:, 0]]
+        if schedule.augment_views > 0:
+            epoch_id = p_index * 100_000 + epoch  # views never repeat across phases either
+            keys = jnp.stack([view_key(seed, epoch_id, int(s), int(v)) for s, v in chunk])
+            x, y = augment_batch(keys, x, y, run.augment)
+        batch = {"image": x, "labels": y, "class_weights": jnp.asarray(data.weights)}
+        if run.mesh is not None:
+            batch = sharding.put_batch(batch, run.mesh)
+        state, m = step(state, batch, key)
+        loss = float(m["loss"])
+        if not np.isfinite(loss):
+            raise NonFiniteLoss(
+                f"non-finite training loss ({loss}) in {phase.name} epoch {epoch + 1}, step "
+                f"{b // batch_size + 1} of {run.n_steps}: stopped (lower the learning rate?)"
+            )
+        train_losses.append(loss)
+        for hook in run.hooks:
+            hook.step_end(phase, epoch, loss)
+    vm = [jax.tree_util.tree_map(np.asarray, run.eval_step(state["params"], v)) for v in data.val]
+    val_loss = float(np.mean([m["loss"] for m in vm]))
+    if not np.isfinite(val_loss):  # the last step's update broke the params: keep nothing of it
+        raise NonFiniteLoss(
+            f"non-finite validation loss ({val_loss}) after {phase.name} epoch {epoch + 1}: "
+            "stopped (lower the learning rate?)"
+        )
+    val_dice = nanmean([m["dice"] for m in vm])  # (C,): NaN for a class absent everywhere
+    controller, events = controller_update(
+        controller,
+        val_loss,
+        patience=schedule.patience,
+        factor=schedule.plateau_factor,
+        plateau_patience=schedule.plateau_patience,
+        min_lr=schedule.min_lr,
+    )
+    record = {
+        "phase": phase.name,
+        "epoch": epoch + 1,
+        "train_loss": float(np.mean(train_losses)),
+        "val_loss": val_loss,
+        "val_dice": _none_if_nan(nanmean(val_dice[1:])),
+        "val_dice_per_class": [_none_if_nan(d) for d in val_dice],
+        "lr": float(get_learning_rate(state["opt_state"])),
+        "seconds": round(time.perf_counter() - t0, 2),
+        **events,
+    }
+    if val_loss < best[0]:
+        best = (val_loss, jax.tree_util.tree_map(jnp.array, state["params"]))
+        for hook in run.hooks:
+            hook.improved(best[1], record)
+    return state, record, controller, best

@@ -28,6 +28,22 @@ from cerebrum_jax.errors import InputError
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("warmup", "finetune")
 TEST_MASKS = ("auto", "file", "labels", "none")
+RANGES = {  # TrainConfig key: (lowest, highest or None)
+    "last_layer": (1, 14),
+    "epochs_warmup": (0, None),
+    "epochs_finetune": (0, None),
+    "augment_views": (0, None),
+    "patience": (0, None),
+    "plateau_patience": (0, None),
+    "batch_size": (1, None),
+    "n_filters": (1, 512),
+    "fold": (1, None),
+    "margin": (0, None),
+    "seed": (0, 2**32 - 1),
+    "lr_warmup": (0, None),
+    "lr_finetune": (0, None),
+    "min_lr": (0, None),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,23 +188,7 @@ class TrainConfig:
             object.__setattr__(self, f.name, check_value(hints[f.name], value, f.name))
         if self.grid is not None and any(g <= 0 or g % 8 for g in self.grid):
             raise InputError(f"must be 3 positive multiples of 8, got {self.grid}", "grid")
-        ranges = {
-            "last_layer": (1, 14),
-            "epochs_warmup": (0, None),
-            "epochs_finetune": (0, None),
-            "augment_views": (0, None),
-            "patience": (0, None),
-            "plateau_patience": (0, None),
-            "batch_size": (1, None),
-            "n_filters": (1, 512),
-            "fold": (1, None),
-            "margin": (0, None),
-            "seed": (0, 2**32 - 1),
-            "lr_warmup": (0, None),
-            "lr_finetune": (0, None),
-            "min_lr": (0, None),
-        }
-        for name, (low, high) in ranges.items():
+        for name, (low, high) in RANGES.items():
             value = getattr(self, name)
             if value < low or (high is not None and value > high):
                 allowed = f">= {low}" if high is None else f"in {low}..{high}"

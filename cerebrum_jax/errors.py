@@ -16,5 +16,6 @@ class InputError(Exception):
 class NonFiniteLoss(RuntimeError):
     """A NaN/inf training or validation loss: the run stops before saving anything of that epoch, so
     checkpoints/last and checkpoints/best stay as the last good epoch left them (or were never written).
-    ``finetune.run_fold`` adds to the message which of them exist. Defined here, beside InputError, so that
-    the command line catches it without importing the training stack (jax, optax, orbax)."""
+    ``finetune.train_and_evaluate`` adds to the message which of them exist. Defined here, beside
+    InputError, so that the command line catches it without importing the training stack (jax, optax,
+    orbax)."""

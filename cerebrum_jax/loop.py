@@ -191,15 +191,18 @@ class _Run(NamedTuple):
     """What every epoch of one ``fit`` shares."""
 
     schedule: LoopConfig
+    loss: LossConfig
     augment: AugmentConfig
+    model_config: object
     data: _Data
     eval_step: Callable
     mesh: object
+    act: object  # the activations' sharding over the mesh, or None
     hooks: Sequence[Hooks]
     n_steps: int
 
 
-def _device_data(train, val, n_classes: int, loss: LossConfig, mesh) -> _Data:
+def _device_data(train, val, n_classes: int, mesh) -> _Data:
     weights = losses.balanced_class_weights([y for _, y in train], n_classes)
     images = jnp.asarray(np.stack([x for x, _ in train]))[..., None]
     labels = jnp.asarray(np.stack([y for _, y in train]))
@@ -239,7 +242,7 @@ def fit(
     runs sharded: batches split (B over "data", D over "space"), state replicated. Raises NonFiniteLoss
     on a NaN/inf training or validation loss, before any hook sees that epoch.
     """
-    data = _device_data(train, val, model_config.n_classes, loss, mesh)
+    data = _device_data(train, val, model_config.n_classes, mesh)
     act = sharding.activation_sharding(mesh) if mesh is not None else None
     eval_step = jax.jit(make_eval_step(model_config, loss, act, schedule.slab_rows))
     at = None
@@ -248,23 +251,14 @@ def fit(
     history = list(at.history) if at else []
     best = (at.best_loss, at.best_params) if at else (float("inf"), params)
     n_steps = -(-len(train) * max(schedule.augment_views, 1) // schedule.batch_size)
-    run = _Run(schedule, augment, data, eval_step, mesh, hooks, n_steps)
+    run = _Run(schedule, loss, augment, model_config, data, eval_step, mesh, act, hooks, n_steps)
     try:
         for p_index in range(at.phase if at else 0, len(phases)):
             phase = phases[p_index]
             if phase.epochs == 0:
                 continue
-            tx = make_optimizer(phase.frozen, phase.lr)
-            state, controller, first_epoch = init_state(best[1], tx), Controller(lr=phase.lr), 0
-            if at and at.controller is not None and p_index == at.phase:
-                state, controller, first_epoch = at.restore(state), at.controller, at.next_epoch
-            state["opt_state"] = set_learning_rate(state["opt_state"], controller.lr)
-            step_fn = make_train_step(model_config, loss, tx, act, schedule.slab_rows)
-            if mesh is None:
-                step = jax.jit(step_fn, donate_argnums=0)
-            else:
-                state = jax.device_put(state, sharding.state_shardings(state, mesh))
-                step = sharding.jit_train_step(step_fn, mesh, state, data.val[0] if data.val else None)
+            resumed = at if at and at.controller is not None and p_index == at.phase else None
+            state, controller, first_epoch, step = _start_phase(run, phase, best[1], resumed)
             for hook in hooks:
                 hook.phase_start(phase, n_steps, first_epoch)
             stopped = False
@@ -288,6 +282,34 @@ def fit(
         for hook in hooks:
             hook.close()
     return best[1], history
+
+
+def _start_phase(run: _Run, phase: Phase, params, resumed: Resume | None):
+    """(train state, controller, first epoch, jitted step) of a phase starting from ``params``, or going on
+    from ``resumed``."""
+    tx = make_optimizer(phase.frozen, phase.lr)
+    state, controller, first_epoch = init_state(params, tx), Controller(lr=phase.lr), 0
+    if resumed is not None:
+        state, controller, first_epoch = resumed.restore(state), resumed.controller, resumed.next_epoch
+    state["opt_state"] = set_learning_rate(state["opt_state"], controller.lr)
+    step_fn = make_train_step(run.model_config, run.loss, tx, run.act, run.schedule.slab_rows)
+    if run.mesh is None:
+        return state, controller, first_epoch, jax.jit(step_fn, donate_argnums=0)
+    state = jax.device_put(state, sharding.state_shardings(state, run.mesh))
+    first_batch = run.data.val[0] if run.data.val else None
+    return state, controller, first_epoch, sharding.jit_train_step(step_fn, run.mesh, state, first_batch)
+
+
+def _validate(run: _Run, params, phase: Phase, epoch: int) -> tuple[float, np.ndarray]:
+    """(mean val loss, val Dice per class (C,): NaN for a class absent everywhere); NonFiniteLoss."""
+    vm = [jax.tree_util.tree_map(np.asarray, run.eval_step(params, v)) for v in run.data.val]
+    val_loss = float(np.mean([m["loss"] for m in vm]))
+    if not np.isfinite(val_loss):  # the last step's update broke the params: keep nothing of it
+        raise NonFiniteLoss(
+            f"non-finite validation loss ({val_loss}) after {phase.name} epoch {epoch + 1}: "
+            "stopped (lower the learning rate?)"
+        )
+    return val_loss, nanmean([m["dice"] for m in vm])
 
 
 def _epoch(run: _Run, step, state, controller, best, p_index: int, phase: Phase, epoch: int):
@@ -321,14 +343,7 @@ def _epoch(run: _Run, step, state, controller, best, p_index: int, phase: Phase,
         train_losses.append(loss)
         for hook in run.hooks:
             hook.step_end(phase, epoch, loss)
-    vm = [jax.tree_util.tree_map(np.asarray, run.eval_step(state["params"], v)) for v in data.val]
-    val_loss = float(np.mean([m["loss"] for m in vm]))
-    if not np.isfinite(val_loss):  # the last step's update broke the params: keep nothing of it
-        raise NonFiniteLoss(
-            f"non-finite validation loss ({val_loss}) after {phase.name} epoch {epoch + 1}: "
-            "stopped (lower the learning rate?)"
-        )
-    val_dice = nanmean([m["dice"] for m in vm])  # (C,): NaN for a class absent everywhere
+    val_loss, val_dice = _validate(run, state["params"], phase, epoch)
     controller, events = controller_update(
         controller,
         val_loss,

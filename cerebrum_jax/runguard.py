@@ -35,17 +35,17 @@ NO_RESUME = "the run cannot be resumed"
 CONTROLLER_KEYS = ("lr", "best", "wait", "plateau_best", "plateau_wait", "stop")
 
 
-def guarded(run_fold):
+def guarded(train_and_evaluate):
     """Decorate ``train_and_evaluate(cfg, workdir, *, resume=False, log=None, ...)`` with the lock and the
     resume checks."""
 
-    @functools.wraps(run_fold)
+    @functools.wraps(train_and_evaluate)
     def wrapper(cfg, workdir, *args, resume: bool = False, **kw):
         lock = fsafe.dir_lock(workdir, f"finetune fold {cfg.fold}")
         try:
             if resume:
                 check_resume(Path(workdir), cfg, log=kw.get("log") or print)
-            return run_fold(cfg, workdir, *args, resume=resume, **kw)
+            return train_and_evaluate(cfg, workdir, *args, resume=resume, **kw)
         finally:
             lock.release()
 

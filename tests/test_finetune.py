@@ -7,11 +7,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cerebrum_jax import bids, checkpoint, config, train
+from cerebrum_jax import bids, checkpoint, config, finetune, train
 from cerebrum_jax.cli import main
 from cerebrum_jax.errors import InputError
-from cerebrum_jax.fold import label_map_of, load_fold
+from cerebrum_jax.fold import label_map_of, load_fold, prepare_fold
 from cerebrum_jax.model import ModelConfig, init_params
+from cerebrum_jax.rundir import RunDir
 
 SHAPE = (16, 16, 16)
 
@@ -73,6 +74,7 @@ def _args(dataset, weights, out, *extra):
     ]
 
 
+@pytest.mark.slow  # a whole fold (or more) through the command line
 def test_one_fold_end_to_end(dataset, weights, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative --out, as `make finetune` passes (Orbax needs absolute paths)
     out = tmp_path / "run"
@@ -170,6 +172,7 @@ def test_automatic_slab_rows_is_recorded(dataset, weights, tmp_path):
     assert json.loads((out / "fold-3/config.json").read_text())["config"]["slab_rows"] == 0
 
 
+@pytest.mark.slow  # a whole fold (or more) through the command line
 def test_voxelwise_normalisation_from_the_training_subjects_reaches_segment(
     dataset, weights, tmp_path, capsys
 ):
@@ -217,6 +220,7 @@ def test_voxelwise_normalisation_from_the_training_subjects_reaches_segment(
     np.testing.assert_array_equal(ours, run)
 
 
+@pytest.mark.slow  # a whole fold (or more) through the command line
 def test_from_scratch(dataset, tmp_path):
     """--weights none: random init with the config's n_filters, no warm-up, said in log and report."""
     out = tmp_path / "run"
@@ -253,6 +257,7 @@ def test_test_subject_is_prepared_without_its_labels(dataset, tmp_path):
     assert not np.array_equal(a.test[0].x, b.test[0].x)
 
 
+@pytest.mark.slow  # a whole fold (or more) through the command line
 def test_same_seed_same_result(dataset, weights, tmp_path):
     runs = []
     for name in ("a", "b"):
@@ -265,6 +270,7 @@ def test_same_seed_same_result(dataset, weights, tmp_path):
     assert all(np.array_equal(x, y) for x, y in zip(runs[0][1], runs[1][1], strict=True))
 
 
+@pytest.mark.slow  # a whole fold (or more) through the command line
 def test_sharded_fold_equals_single_device(tmp_path):
     """--mesh 1x4 (4 virtual CPU devices, conftest) splits every volume along depth: same training curve
     and test metrics as one device, within float tolerance; --remat and --precision bf16 run and are
@@ -297,6 +303,7 @@ def test_sharded_fold_equals_single_device(tmp_path):
     assert best.config.compute_dtype == "float32" and best.config.remat is False
 
 
+@pytest.mark.slow  # a whole fold (or more) through the command line
 def test_cv_all_folds_summary(weights, tmp_path):
     root = tmp_path / "data"
     for i in range(2):
@@ -354,6 +361,7 @@ def test_bad_input_exits_2_before_training(dataset, weights, tmp_path, capsys, e
     assert not out.exists()  # nothing written: a corrected re-run into the same --out needs no --resume
 
 
+@pytest.mark.slow  # a whole fold (or more) through the command line
 def test_rerun_after_failed_check_and_best_checkpoint_without_epochs(dataset, weights, tmp_path, capsys):
     """A failed check leaves no run directory, so the corrected command runs into the same --out; with
     --epochs 0 checkpoints/best still holds the parameters the test subject was predicted with."""
@@ -390,6 +398,7 @@ def test_nan_loss_before_any_checkpoint(dataset, weights, tmp_path, capsys):
     assert not (fold / "checkpoints").exists()
 
 
+@pytest.mark.slow  # a whole fold (or more) through the command line
 def test_nan_loss_keeps_the_last_good_checkpoints(dataset, weights, tmp_path, capsys):
     out = tmp_path / "nan"
     extra = ["--fold", "3", "--loss", "ce", "--last-layer", "14", "--set", "lr_finetune=1e30"]
@@ -409,6 +418,7 @@ def test_nan_loss_keeps_the_last_good_checkpoints(dataset, weights, tmp_path, ca
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(best.params))
 
 
+@pytest.mark.slow  # a whole fold (or more) through the command line
 def test_bids_layout_label_and_mask_names_from_the_command_line(weights, tmp_path, capsys):
     root = tmp_path / "bids"
     for i in range(2):
@@ -479,3 +489,43 @@ def test_shipped_experiments_load(name):
     assert n == {"demo": 4, "schneider19": 8, "fewlabel": 8}[name]
     reduced = label_map_of(cfg.override(labels="schneider-reduced")).n_classes
     assert reduced == 7
+
+
+def _tiny_config(dataset, weights, **values):
+    return config.load_config("demo").override(
+        data=str(dataset),
+        weights=str(weights),
+        grid=(16, 16, 16),
+        epochs_warmup=1,
+        epochs_finetune=1,
+        augment_views=1,
+        **values,
+    )
+
+
+def test_train_and_evaluate_called_directly(dataset, weights, tmp_path):
+    """The importable entry (no argv): a TrainConfig and a work directory in, metrics.json's content out;
+    the run record's facts agree across config.json, metrics.json and checkpoints/best."""
+    cfg = _tiny_config(dataset, weights, fold=3)
+    result = finetune.train_and_evaluate(cfg, tmp_path / "run", progress=False)
+    run = RunDir(tmp_path / "run")
+    assert json.loads(run.metrics_json.read_text()) == result
+    info = json.loads(run.config_json.read_text())
+    for key in ("fold", "test_subject", "normalization", "brain_mask", "initial_weights"):
+        assert result[key] == info[key], key
+    assert result["test_subject"] == "sub-003" and result["epochs"] == {"warmup": 1, "finetune": 1}
+    assert checkpoint.load_checkpoint(run.best).meta["run"] == info
+    assert run.has_last() and (run.predictions / "dseg.tsv").is_file()
+    with pytest.raises(InputError, match="not empty"):  # a second run needs resume=True
+        finetune.train_and_evaluate(cfg, run.root, progress=False)
+
+
+def test_prepared_fold_is_typed_and_writes_nothing(dataset, weights, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    prepared = prepare_fold(_tiny_config(dataset, weights, fold=1), log=lambda _: None)
+    assert [s.id for s in prepared.fold.test] == ["sub-001"]
+    assert [s.id for s in prepared.fold.train] == ["sub-002", "sub-003"]
+    subject = prepared.fold.train[0]
+    assert subject.x.shape == subject.labels.shape == prepared.fold.grid == SHAPE
+    assert prepared.model_config.dropout_rate == ModelConfig.dropout_rate  # dropout: true
+    assert list(tmp_path.iterdir()) == []

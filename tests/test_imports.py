@@ -2,6 +2,9 @@
 the training core never imports its orchestrator or the command line."""
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +109,14 @@ def test_the_command_line_catches_non_finite_loss_without_the_training_stack():
 
     assert issubclass(NonFiniteLoss, RuntimeError)
     assert graph["cerebrum_jax.errors"] == set()
+
+
+def test_the_finetune_command_line_module_loads_no_training_stack():
+    """cli/finetune names NonFiniteLoss and RunDir at import time; optax and orbax come with the run."""
+    code = (
+        "import sys, cerebrum_jax.cli.finetune\n"
+        "print([m for m in ('optax', 'orbax.checkpoint', 'cerebrum_jax.train') if m in sys.modules])"
+    )
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "[]"

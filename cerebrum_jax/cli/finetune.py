@@ -11,6 +11,7 @@ from pathlib import Path
 from cerebrum_jax import distributed
 from cerebrum_jax.config import apply_sets, find_config, load_config
 from cerebrum_jax.errors import InputError, NonFiniteLoss
+from cerebrum_jax.rundir import RunDir
 
 # option dest -> config key, for the options that map one to one
 DIRECT = {
@@ -191,7 +192,6 @@ def resolve(args: argparse.Namespace):
 @distributed.guarded("finetune")
 def run(args: argparse.Namespace) -> int:
     from cerebrum_jax import finetune, report  # heavy imports after argument checks
-    from cerebrum_jax.rundir import RunDir
 
     cfg, fold, out = resolve(args)
     if distributed.wanted(args, cfg.distributed):

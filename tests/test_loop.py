@@ -1,0 +1,151 @@
+"""The epoch loop called directly: in memory with no hooks, the order of its hooks, and a run directory
+interrupted and resumed through ``runhooks.RunDirHooks`` giving the uninterrupted run's results."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from cerebrum_jax import checkpoint, loop
+from cerebrum_jax.augment import AugmentConfig
+from cerebrum_jax.config import LoopConfig
+from cerebrum_jax.losses import LossConfig
+from cerebrum_jax.model import ModelConfig, init_params
+from cerebrum_jax.rundir import RunDir
+from cerebrum_jax.runhooks import RunDirHooks
+
+SHAPE = (16, 16, 16)
+MODEL = ModelConfig(n_filters=2, n_classes=3)
+LOSS = LossConfig("ce+dice", "balanced")
+
+
+def _volumes(n, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        labels = np.zeros(SHAPE, np.int32)
+        labels[4:12, 4:12, 4:12] = 1
+        labels[6:10, 6:10, 6:10] = 2
+        image = (labels * 1.0 + rng.normal(0, 0.3, SHAPE)).astype(np.float32)
+        out.append((image, labels))
+    return out
+
+
+def _phases(params, epochs=(1, 2)):
+    unfrozen = jax.tree_util.tree_map(lambda _: False, params)
+    frozen = {
+        k: jax.tree_util.tree_map(lambda _, new=k == "main_output": not new, v) for k, v in params.items()
+    }
+    return [loop.Phase("warmup", 1e-3, epochs[0], frozen), loop.Phase("finetune", 1e-3, epochs[1], unfrozen)]
+
+
+class Recorder(loop.Hooks):
+    def __init__(self):
+        self.calls = []
+
+    def phase_start(self, phase, n_steps, first_epoch):
+        self.calls.append(("phase_start", phase.name, n_steps, first_epoch))
+
+    def step_end(self, phase, epoch, loss):
+        self.calls.append(("step", phase.name, epoch))
+
+    def improved(self, params, record):
+        self.calls.append(("improved", record["phase"], record["epoch"]))
+
+    def epoch_end(self, end):
+        self.calls.append(("epoch_end", end.record["phase"], end.record["epoch"], end.position()["phase"]))
+
+    def phase_end(self, phase, stopped, best_loss):
+        self.calls.append(("phase_end", phase.name, stopped))
+
+    def close(self):
+        self.calls.append(("close",))
+
+
+SCHEDULE = LoopConfig(augment_views=1, seed=0)
+
+
+def _fit(hooks=(), epochs=(1, 2), schedule=SCHEDULE):
+    params = init_params(MODEL, jax.random.key(1))
+    train, val = _volumes(2), _volumes(1, seed=9)
+    return loop.fit(
+        schedule, LOSS, AugmentConfig(), MODEL, params, _phases(params, epochs), train, val, hooks=hooks
+    )
+
+
+def _without_seconds(history):
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+def test_fit_in_memory_writes_nothing_and_calls_its_hooks_in_order(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recorder = Recorder()
+    params, history = _fit([recorder])
+    assert list(tmp_path.iterdir()) == []  # the loop itself writes no file
+    assert [(h["phase"], h["epoch"]) for h in history] == [("warmup", 1), ("finetune", 1), ("finetune", 2)]
+    assert all(np.isfinite(h["val_loss"]) for h in history)
+    names = [c[0] for c in recorder.calls]
+    assert names[0] == "phase_start" and names[-1] == "close"
+    assert names.count("step") == 3 * 2  # 2 volumes x 1 view, batch 1, 3 epochs
+    assert [c for c in recorder.calls if c[0] == "epoch_end"] == [
+        ("epoch_end", "warmup", 1, 1),  # the warm-up's only epoch ends its phase: resume at phase 1
+        ("epoch_end", "finetune", 1, 1),
+        ("epoch_end", "finetune", 2, 2),
+    ]
+    first_improved = names.index("improved")
+    assert names[first_improved + 1] == "epoch_end"  # the best is saved before the epoch's end
+    best_loss = min(h["val_loss"] for h in history)
+    assert best_loss == min(h["val_loss"] for h in history if h["improved"])
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(
+        init_params(MODEL, jax.random.key(1))
+    )
+
+
+def test_same_seed_same_history():
+    a, b = _fit()[1], _fit()[1]
+    assert _without_seconds(a) == _without_seconds(b)
+
+
+class Interrupt(Exception):
+    pass
+
+
+class StopAfter(loop.Hooks):
+    """Raises after the n-th epoch's hooks ran (a run killed between epochs)."""
+
+    def __init__(self, n):
+        self.n, self.seen = n, 0
+
+    def epoch_end(self, end):
+        self.seen += 1
+        if self.seen == self.n:
+            raise Interrupt
+
+
+def _save_best(path, params, record):
+    checkpoint.save_checkpoint(path, params, MODEL, meta={"best_epoch": record}, overwrite=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_after", [1, 2])  # at the end of the warm-up; in the middle of fine-tuning
+def test_interrupted_and_resumed_run_directory_equals_the_uninterrupted_run(tmp_path, stop_after):
+    whole = RunDir(tmp_path / "whole")
+    params, history = _fit([RunDirHooks(whole, _save_best, log=lambda _: None)])
+    assert whole.has_best() and whole.has_last()
+    assert [json.loads(x) for x in whole.metrics_jsonl.read_text().splitlines()] == history
+    cut = RunDir(tmp_path / "cut")
+    with pytest.raises(Interrupt):
+        _fit([RunDirHooks(cut, _save_best, log=lambda _: None), StopAfter(stop_after)])
+    assert len(cut.metrics_jsonl.read_text().splitlines()) == stop_after
+    lines = []
+    resumed_params, resumed = _fit([RunDirHooks(cut, _save_best, resume=True, log=lines.append)])
+    assert lines and lines[0].startswith("resuming at phase")
+    assert _without_seconds(resumed) == _without_seconds(history)
+    for x, y in zip(
+        jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(resumed_params), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    best = checkpoint.load_checkpoint(cut.best)
+    for x, y in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(best.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

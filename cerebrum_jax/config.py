@@ -5,6 +5,13 @@ An experiment is ``experiments/<name>.py`` defining ``get_config() -> TrainConfi
 ``TrainConfig`` field: an unknown key is an InputError naming the file (the CLI: one line, exit 2), and
 so is a value of the wrong type or out of range (checked from the field annotations in ``__post_init__``,
 naming the key).
+
+The keys stay flat (they are the file format: config.json, ``--set KEY=VALUE``, the ``--resume``
+comparison of ``runguard``), and each part of a fold gets only its typed section, built and checked once
+when the config is: ``loss_config`` (``losses.LossConfig``), ``augment_config`` (``augment.AugmentConfig``),
+``loop`` (``LoopConfig``, the epoch loop's schedule), ``phase("warmup" | "finetune")`` (``PhaseConfig``:
+learning rate and epochs), ``dropout_rate``. The shared vocabularies (normalisations, precisions) are in
+``choices``.
 """
 
 from __future__ import annotations

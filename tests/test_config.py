@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from cerebrum_jax.config import TrainConfig, apply_sets, load_config
+from cerebrum_jax.config import LoopConfig, TrainConfig, apply_sets, load_config
 from cerebrum_jax.errors import InputError
 
 BAD = [
@@ -121,3 +121,30 @@ def test_defaults_and_shipped_experiments_pass_their_own_checks():
     for name in ("demo", "schneider19"):
         loaded = load_config(name)
         assert TrainConfig(**loaded.to_dict()) == loaded  # the resolved dict (config.json) loads back
+
+
+def test_typed_sections_each_part_gets_one():
+    from cerebrum_jax.augment import AugmentConfig
+    from cerebrum_jax.losses import LossConfig
+    from cerebrum_jax.model import ModelConfig
+
+    cfg = load_config("demo").override(augment={"p_bias": 0.0}, slab_rows=None)
+    assert cfg.loss_config == LossConfig("ce+dice", "none")
+    assert cfg.augment_config == AugmentConfig(p_bias=0.0)  # override replaces the whole mapping
+    assert cfg.loss_config is cfg.loss_config  # built once, with the config
+    assert cfg.loop == LoopConfig(
+        batch_size=1, augment_views=4, patience=15, plateau_factor=0.25, plateau_patience=6, min_lr=1e-7
+    )
+    assert cfg.phase("warmup") == (1e-3, 3) and cfg.phase("finetune").epochs == 100
+    assert cfg.dropout_rate == ModelConfig.dropout_rate and cfg.override(dropout=False).dropout_rate == 0.0
+    assert TrainConfig().loop == LoopConfig()  # one set of defaults: the loop's are the config's
+    assert "_loss" not in cfg.to_dict() and "loss_config" not in cfg.to_dict()  # config.json: the flat keys
+
+
+def test_one_home_for_the_vocabularies():
+    from cerebrum_jax import checkpoint, choices, config, inputs, preprocess, sharding
+
+    assert config.PRECISIONS is sharding.PRECISIONS is choices.PRECISIONS
+    assert inputs.NORMALIZATIONS is checkpoint.NORMALIZATIONS is choices.NORMALIZATIONS
+    assert preprocess.FOLD_NORMALIZATIONS is choices.FOLD_NORMALIZATIONS
+    assert config.NORMALIZATIONS == ("auto", *choices.FOLD_NORMALIZATIONS)

@@ -1,4 +1,5 @@
-"""End-to-end smoke runs of ``cerebrum-jax finetune`` on a tiny synthetic Schneider-layout dataset."""
+"""One fold on a tiny synthetic Schneider-layout dataset: ``finetune.train_and_evaluate`` and
+``fold.prepare_fold`` called directly, and ``cerebrum-jax finetune`` end to end (argv, exit statuses)."""
 
 import json
 

@@ -17,6 +17,10 @@ import dataclasses
 from pathlib import Path
 from typing import NamedTuple
 
+FOLD_PREFIX = "fold-"
+LOOP_JSON = "loop.json"  # in checkpoints/last, beside STATE
+STATE = "state"
+
 
 class RunDir(NamedTuple):
     """The paths of one fold's run directory ``root`` (see the module docstring)."""
@@ -26,7 +30,14 @@ class RunDir(NamedTuple):
     @classmethod
     def fold(cls, out, k: int) -> RunDir:
         """OUT/fold-K: fold ``k`` of a cross-validation (``cli finetune --out OUT``)."""
-        return cls(Path(out) / f"fold-{k}")
+        return cls(Path(out) / f"{FOLD_PREFIX}{k}")
+
+    @staticmethod
+    def fold_number(path) -> int | None:
+        """K of a directory named fold-K (None for any other name)."""
+        name = Path(path).name
+        suffix = name.removeprefix(FOLD_PREFIX)
+        return int(suffix) if name.startswith(FOLD_PREFIX) and suffix.isdigit() else None
 
     @property
     def config_json(self) -> Path:
@@ -66,11 +77,11 @@ class RunDir(NamedTuple):
 
     @property
     def loop_json(self) -> Path:
-        return self.last / "loop.json"
+        return self.last / LOOP_JSON
 
     @property
     def last_state(self) -> Path:
-        return self.last / "state"
+        return self.last / STATE
 
     def has_best(self) -> bool:
         return (self.best / "cerebrum.json").is_file()

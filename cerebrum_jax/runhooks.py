@@ -27,7 +27,7 @@ from cerebrum_jax.checkpoint import load_checkpoint, state_digest
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.fsafe import deferred_interrupt
 from cerebrum_jax.loop import Controller, EpochEnd, Hooks, Resume
-from cerebrum_jax.rundir import RunDir
+from cerebrum_jax.rundir import LOOP_JSON, STATE, RunDir
 
 # ----------------------------------------------------------------------------------------------------------
 # Resumable state (checkpoints/last)
@@ -38,16 +38,16 @@ def save_last(path: Path, state: dict, loop: dict) -> None:
 
     In a multi-process run every process saves (Orbax multi-process) and process 0 writes loop.json."""
     if distributed.process_count() > 1:
-        return distributed.save_state(path, state, {"loop.json": json.dumps(loop, indent=1) + "\n"})
+        return distributed.save_state(path, state, {LOOP_JSON: json.dumps(loop, indent=1) + "\n"})
     path = Path(path).absolute()  # Orbax refuses relative checkpoint paths
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         with deferred_interrupt(), ocp.StandardCheckpointer() as ckptr:  # Ctrl-C: after the save
-            ckptr.save(tmp / "state", state)
+            ckptr.save(tmp / STATE, state)
             ckptr.wait_until_finished()
-        loop = {**loop, "state_sha256": state_digest(tmp / "state")}  # checked on --resume (runguard)
-        (tmp / "loop.json").write_text(json.dumps(loop, indent=1) + "\n")
+        loop = {**loop, "state_sha256": state_digest(tmp / STATE)}  # checked on --resume (runguard)
+        (tmp / LOOP_JSON).write_text(json.dumps(loop, indent=1) + "\n")
         nifti.replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -60,7 +60,7 @@ def load_last(path: Path, like_state: dict) -> dict:
         return distributed.restore_state(path, like_state)
     try:
         with deferred_interrupt(), ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore(Path(path).absolute() / "state", target=like_state)
+            return ckptr.restore(Path(path).absolute() / STATE, target=like_state)
     except (ValueError, OSError, KeyError, RuntimeError) as e:  # corrupt or foreign: no Orbax traceback
         reason = " ".join(str(e).split())[:150]
         raise InputError(f"cannot restore ({type(e).__name__}: {reason}); cannot resume", path) from None

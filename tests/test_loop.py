@@ -150,3 +150,11 @@ def test_interrupted_and_resumed_run_directory_equals_the_uninterrupted_run(tmp_
     best = checkpoint.load_checkpoint(cut.best)
     for x, y in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(best.params), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_run_dir_names_every_path(tmp_path):
+    run = RunDir.fold(tmp_path, 3)
+    assert run.root == tmp_path / "fold-3" and RunDir.fold_number(run.root) == 3
+    assert RunDir.fold_number(tmp_path / "fold-x") is None and RunDir.fold_number(tmp_path / "x-3") is None
+    assert run.best == run.root / "checkpoints" / "best" and run.loop_json == run.last / "loop.json"
+    assert not run.has_best() and not run.has_last()

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from cerebrum_jax.errors import InputError
+from cerebrum_jax.rundir import RunDir
 
 
 def add_parser(sub) -> None:
@@ -35,10 +36,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def fold_number(path: Path) -> int | None:
-    """K of a directory named fold-K (None for any other name)."""
-    suffix = path.name.removeprefix("fold-")
-    return int(suffix) if path.name.startswith("fold-") and suffix.isdigit() else None
+fold_number = RunDir.fold_number  # K of a directory named fold-K (None for any other name)
 
 
 def collect(run_dir: Path) -> tuple[list[dict], list[Path]]:
@@ -48,7 +46,7 @@ def collect(run_dir: Path) -> tuple[list[dict], list[Path]]:
     folds = sorted((k, d) for d in run_dir.iterdir() if d.is_dir() and (k := fold_number(d)) is not None)
     results, unfinished = [], []
     for _, d in folds:
-        path = d / "metrics.json"
+        path = RunDir(d).metrics_json
         if not path.is_file():
             unfinished.append(d)
             continue

@@ -362,7 +362,6 @@ def test_bad_input_exits_2_before_training(dataset, weights, tmp_path, capsys, e
     assert not out.exists()  # nothing written: a corrected re-run into the same --out needs no --resume
 
 
-@pytest.mark.slow  # a whole fold (or more) through the command line
 def test_rerun_after_failed_check_and_best_checkpoint_without_epochs(dataset, weights, tmp_path, capsys):
     """A failed check leaves no run directory, so the corrected command runs into the same --out; with
     --epochs 0 checkpoints/best still holds the parameters the test subject was predicted with."""
@@ -419,7 +418,6 @@ def test_nan_loss_keeps_the_last_good_checkpoints(dataset, weights, tmp_path, ca
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(best.params))
 
 
-@pytest.mark.slow  # a whole fold (or more) through the command line
 def test_bids_layout_label_and_mask_names_from_the_command_line(weights, tmp_path, capsys):
     root = tmp_path / "bids"
     for i in range(2):

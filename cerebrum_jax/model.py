@@ -239,14 +239,15 @@ def _conv_fwd(x, kernel):
     return _conv_same(x, kernel), (x, kernel)
 
 
-def _kernel_grad(x: jax.Array, kernel: jax.Array, g: jax.Array, pad_depth: bool = True) -> jax.Array:
+def _kernel_grad(x, kernel, g, pad_depth: bool = True, low_memory: bool = False) -> jax.Array:
     """d loss / d kernel (k, k, k, Cin, Cout) of a 'same' conv from its input x and output cotangent g.
 
     XLA:CPU lowers the kernel gradient as a convolution over the whole volume, about 2x the forward's
     time; here it is k*k matrix products (N, k*Cin)^T (N, Cout) over the N voxels, one per (kd, kh) tap
     pair with the kw taps side by side in channels (a k*Cin-channel copy of x, one pair at a time).
     ``pad_depth`` False: x already carries its depth halo, (B, d + k - 1, H, W, Cin) for g (B, d, H, W,
-    Cout), as the depth slabs of ``streamed`` and ``conv3d_depth_taps`` do.
+    Cout), as the depth slabs of ``streamed`` and ``conv3d_depth_taps`` do. ``low_memory``: k, not k*k,
+    of those copies at a time (the D taps in a loop), for ``streamed``'s whole-volume slabs.
     """
     k, cin, cout = kernel.shape[0], kernel.shape[3], kernel.shape[4]
     _, d, h, w, _ = g.shape
@@ -254,12 +255,19 @@ def _kernel_grad(x: jax.Array, kernel: jax.Array, g: jax.Array, pad_depth: bool 
     rd = r if pad_depth else 0
     xp = jnp.pad(x, ((0, 0), (rd, rd), (r, r), (r, r), (0, 0)))
     g2 = g.reshape(-1, cout)
-    rows = []
-    for a in range(k):
+
+    def depth_tap(xa):  # xa (B, d, H + 2r, W + 2r, Cin): the rows of one D tap -> its (k, k, Cin, Cout)
+        rows = []
         for b in range(k):
-            cols = jnp.concatenate([xp[:, a : a + d, b : b + h, c : c + w] for c in range(k)], axis=-1)
+            cols = jnp.concatenate([xa[:, :, b : b + h, c : c + w] for c in range(k)], axis=-1)
             rows.append((cols.reshape(-1, k * cin).T @ g2).reshape(k, cin, cout))
-    return jnp.stack(rows).reshape(kernel.shape).astype(kernel.dtype)
+        return jnp.stack(rows)
+
+    if low_memory:  # XLA:CPU schedules all k*k copies at once unless the D taps are a loop (~10 % slower)
+        taps = jax.lax.map(lambda a: depth_tap(jax.lax.dynamic_slice_in_dim(xp, a, d, axis=1)), jnp.arange(k))
+    else:
+        taps = jnp.stack([depth_tap(xp[:, a : a + d]) for a in range(k)])
+    return taps.reshape(kernel.shape).astype(kernel.dtype)
 
 
 def _conv_bwd(res, g):

@@ -103,16 +103,20 @@ def _dropout_rows(y: jax.Array, key, rate: float, depth: int, row0) -> jax.Array
     if str(jax.random.key_impl(key)) != "threefry2x32" or not jax.config.jax_threefry_partitionable:
         raise ValueError("streamed dropout needs JAX's partitionable threefry PRNG (the default)")
     plane = h * w * f
-    rows = (row0 + jnp.arange(n)).astype(jnp.uint32)
-    base = (jnp.arange(b, dtype=jnp.uint32)[:, None] * jnp.uint32(depth) + rows[None, :]) * jnp.uint32(plane)
-    idx = (base[:, :, None] + jnp.arange(plane, dtype=jnp.uint32)[None, None, :]).reshape(y.shape)
     kd = jax.random.key_data(key)
-    k0, k1 = (jnp.broadcast_to(kd[j], y.shape) for j in (0, 1))
-    b1, b2 = threefry2x32_p.bind(k0, k1, jnp.zeros_like(idx), idx)
-    bits = (b1 ^ b2) >> jnp.uint32(9) | jnp.uint32(0x3F800000)
-    uniform = jax.lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(1.0)
     keep = 1.0 - rate
-    return jax.lax.select(uniform < jnp.float32(keep), y / keep, jnp.zeros_like(y))
+
+    def row_keep(row):  # one row at a time: threefry's uint32 temporaries are a row's, not the slab's
+        base = jnp.arange(b, dtype=jnp.uint32) * jnp.uint32(depth) + row  # (B,)
+        offsets = jnp.arange(plane, dtype=jnp.uint32).reshape(h, w, f)
+        idx = base[:, None, None, None] * jnp.uint32(plane) + offsets
+        k0, k1 = (jnp.broadcast_to(kd[j], idx.shape) for j in (0, 1))
+        b1, b2 = threefry2x32_p.bind(k0, k1, jnp.zeros_like(idx), idx)
+        bits = (b1 ^ b2) >> jnp.uint32(9) | jnp.uint32(0x3F800000)
+        return jax.lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(1.0) < jnp.float32(keep)
+
+    mask = jnp.moveaxis(jax.lax.map(row_keep, (row0 + jnp.arange(n)).astype(jnp.uint32)), 0, 1)
+    return jax.lax.select(mask, y / keep, jnp.zeros_like(y))
 
 
 @jax.custom_vjp
@@ -138,7 +142,8 @@ def _input_grad(kernel: jax.Array, g: jax.Array) -> jax.Array:
 
 def _conv_bwd(res, g):
     x, kernel = res
-    return _input_grad(kernel, g).astype(x.dtype), model._kernel_grad(x, kernel, g, pad_depth=False)
+    kernel_grad = model._kernel_grad(x, kernel, g, pad_depth=False, low_memory=True)
+    return _input_grad(kernel, g).astype(x.dtype), kernel_grad
 
 
 _conv_valid_depth.defvjp(_conv_fwd, _conv_bwd)

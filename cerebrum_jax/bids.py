@@ -21,7 +21,7 @@ import json
 import re
 from pathlib import Path
 
-from cerebrum_jax.nifti import write_text
+from cerebrum_jax.fsafe import write_text
 
 BIDS_VERSION = "1.10.0"
 NAME = "cerebrum-jax"

@@ -27,8 +27,8 @@ import h5py
 import numpy as np
 
 from cerebrum_jax.errors import InputError
+from cerebrum_jax.fsafe import atomic_path
 from cerebrum_jax.model import LAYER_NAMES, LAYERS, ModelConfig, dropout_rate
-from cerebrum_jax.nifti import atomic_path
 
 # The published Glasgow model (REFERENCE.md): where it is and the git blob id its bytes must have.
 GLASGOW_URL = (

@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from cerebrum_jax.errors import InputError
-from cerebrum_jax.fsafe import read_text
-from cerebrum_jax.nifti import write_text
+from cerebrum_jax.fsafe import read_text, write_text
 
 CONTRASTS = ("uni", "inv1", "inv2", "t1", "t2s")
 LAYOUTS = ("auto", "schneider", "bids")

@@ -33,7 +33,7 @@ from scipy import ndimage
 
 from cerebrum_jax.data import DEMO_LABELS
 from cerebrum_jax.errors import InputError
-from cerebrum_jax.nifti import atomic_path, replace_dir, write_text
+from cerebrum_jax.fsafe import atomic_path, replace_dir, write_text
 
 VERSION = 2  # bump when the recipe changes: cohorts built by another version are rebuilt
 N_SUBJECTS = 4

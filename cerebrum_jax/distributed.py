@@ -317,7 +317,7 @@ def save_state(path: Path, state, extra_files: dict[str, str]) -> None:
     ``extra_files`` {name: text} written by process 0, then swapped into place by process 0."""
     import orbax.checkpoint as ocp
 
-    from cerebrum_jax import nifti
+    from cerebrum_jax import fsafe
 
     path = Path(path).absolute()
     if is_main():
@@ -329,7 +329,7 @@ def save_state(path: Path, state, extra_files: dict[str, str]) -> None:
     if is_main():
         for name, text in extra_files.items():
             (tmp / name).write_text(text)
-        nifti.replace_dir(tmp, path)
+        fsafe.replace_dir(tmp, path)
     barrier(f"saved {path}")
 
 

@@ -27,7 +27,7 @@ from scipy import ndimage
 from cerebrum_jax import demo
 from cerebrum_jax.data import get_label_map
 from cerebrum_jax.errors import InputError
-from cerebrum_jax.nifti import replace_dir, write_text
+from cerebrum_jax.fsafe import replace_dir, write_text
 
 VOXEL_MM = 0.63  # the Schneider experiment's network grid spacing (0.63 x 0.625 x 0.625 mm)
 N_SUBJECTS = 4  # as the record: 4-fold leave-one-out

@@ -12,7 +12,7 @@ import base64
 import html
 from pathlib import Path
 
-from cerebrum_jax.nifti import write_text
+from cerebrum_jax.fsafe import write_text
 
 MIME = {".png": "image/png", ".gif": "image/gif", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 STYLE = """

@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from cerebrum_jax.nifti import atomic_path, write_text  # noqa: E402
+from cerebrum_jax.fsafe import atomic_path, write_text  # noqa: E402
 
 AXIS_NAMES = ("axis 0", "axis 1", "axis 2")
 

@@ -32,7 +32,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 from skimage.measure import marching_cubes
 
-from cerebrum_jax.nifti import atomic_path, write_text
+from cerebrum_jax.fsafe import atomic_path, write_text
 
 DEFAULT_CLASSES = ("white matter", "grey matter", "vessels")
 SMOOTH_SIGMA_VOX = 0.6  # Gaussian sigma (voxels) on the class mask before marching cubes

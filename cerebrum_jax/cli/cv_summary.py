@@ -69,7 +69,7 @@ def collect(run_dir: Path) -> tuple[list[dict], list[Path]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cerebrum_jax import nifti, report
+    from cerebrum_jax import fsafe, report
 
     run_dir = Path(args.run_dir)
     results, unfinished = collect(run_dir)
@@ -81,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
         names = ", ".join(d.name for d in unfinished)
         print(f"cerebrum-jax cv-summary: left out (no metrics.json, not finished): {names}", file=sys.stderr)
     summary = report.cv_summary(results)
-    nifti.write_text(run_dir / "cv_summary.json", json.dumps(summary, indent=2) + "\n")
-    nifti.write_text(run_dir / "cv_summary.md", report.cv_summary_markdown(summary))
+    fsafe.write_text(run_dir / "cv_summary.json", json.dumps(summary, indent=2) + "\n")
+    fsafe.write_text(run_dir / "cv_summary.md", report.cv_summary_markdown(summary))
     mean = summary["mean_dice"]["mean"]
     print(
         f"cross-validation over folds {summary['folds']}: mean Dice {mean:.4f} -> {run_dir / 'cv_summary.md'}"

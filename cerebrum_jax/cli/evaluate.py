@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cerebrum_jax import nifti
+from cerebrum_jax import fsafe, nifti
 from cerebrum_jax.bids import with_background
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.fsafe import read_text
@@ -110,6 +110,6 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(result))
     if args.json:
         text = json.dumps(result, indent=2, allow_nan=False)
-        nifti.write_text(args.json, text + "\n")
+        fsafe.write_text(args.json, text + "\n")
         print(f"wrote {args.json}")
     return 0

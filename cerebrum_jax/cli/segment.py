@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from cerebrum_jax import bids, distributed, inputs, nifti, predictor, preprocess, sharding
+from cerebrum_jax import bids, distributed, fsafe, inputs, nifti, predictor, preprocess, sharding
 from cerebrum_jax.checkpoint import load_checkpoint
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.fsafe import dir_lock
@@ -324,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
             )
         distributed.barrier("segmented")
         if distributed.is_main():
-            nifti.write_text(out / "dseg.tsv", dseg_tsv(models[0][1].classes))
+            fsafe.write_text(out / "dseg.tsv", dseg_tsv(models[0][1].classes))
             bids.write_segment_description(out, paths)
     except BaseException:
         lock.release()

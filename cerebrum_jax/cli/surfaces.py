@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cerebrum_jax import bids, nifti, surfaces
+from cerebrum_jax import bids, fsafe, surfaces
 from cerebrum_jax.cli.evaluate import load_pair, read_dseg_tsv
 from cerebrum_jax.errors import InputError
 
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from cerebrum_jax import html_report
 
     html_report.write_surfaces_html(out / "report.html", records, out, f"surfaces of {Path(args.pred).name}")
-    nifti.write_text(out / "surfaces.md", f"# Surfaces: {args.pred} against {args.ref}\n\n{text}")
+    fsafe.write_text(out / "surfaces.md", f"# Surfaces: {args.pred} against {args.ref}\n\n{text}")
     print(text, end="")
     print(f"wrote {len(records)} class(es) to {out}")
     return 0

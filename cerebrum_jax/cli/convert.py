@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import urllib.error
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from cerebrum_jax import convert
+from cerebrum_jax.cli.options import command
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.fsafe import read_text
 from cerebrum_jax.model import DIVISOR
@@ -29,11 +29,13 @@ weights-only .h5; n_filters, n_classes and activations come from its model_confi
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
+    p = command(
+        sub,
         "convert",
+        run,
         help="convert Keras .h5 weights to an Orbax checkpoint and back; download the published model",
         description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        raw_description=True,
     )
     p.add_argument("source", metavar="SOURCE", nargs="?", help="MODEL.h5 (or CKPT_DIR with --to-keras)")
     p.add_argument(
@@ -76,7 +78,6 @@ def add_parser(sub) -> None:
         "or 'index<TAB>name' lines (default: the Glasgow names when there are 7 classes, else class_<i>)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing output directory or .h5 file")
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:

@@ -12,12 +12,15 @@ import json
 import sys
 from pathlib import Path
 
+from cerebrum_jax.cli.options import command
 from cerebrum_jax.errors import InputError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
+    p = command(
+        sub,
         "cv-summary",
+        run,
         help="build the cross-validation summary from finished fold directories (RUN_DIR/fold-K)",
         description=(
             "Read RUN_DIR/fold-K/metrics.json of every finished fold and write RUN_DIR/cv_summary.json and "
@@ -32,7 +35,6 @@ def add_parser(sub) -> None:
         metavar="N",
         help="exit with status 2, writing nothing, unless N folds are finished",
     )
-    p.set_defaults(func=run)
 
 
 def fold_number(path: Path) -> int | None:

@@ -10,6 +10,7 @@ import numpy as np
 
 from cerebrum_jax import fsafe, nifti
 from cerebrum_jax.bids import with_background
+from cerebrum_jax.cli.options import add_label_pair_args, command
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.fsafe import read_text
 from cerebrum_jax.metrics import evaluate, format_table
@@ -18,8 +19,10 @@ AFFINE_TOL_MM = 1e-3  # largest accepted difference of any entry of the two voxe
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
+    p = command(
+        sub,
         "evaluate",
+        run,
         help="compare a predicted label volume with a reference (Dice, HD95, VS)",
         description=(
             "Per-class Dice, symmetric 95th-percentile Hausdorff distance in mm (voxel spacing from the "
@@ -30,16 +33,12 @@ def add_parser(sub) -> None:
             "label 0 (background)."
         ),
     )
-    p.add_argument("pred", metavar="PRED.nii.gz", help="predicted labels (integer values)")
-    p.add_argument("ref", metavar="REF.nii.gz", help="reference labels on the same grid")
-    p.add_argument(
-        "--labels",
-        metavar="DSEG.tsv",
-        help="BIDS dseg.tsv (columns index, name) naming the label values; values found in the files "
+    add_label_pair_args(
+        p,
+        labels_help="BIDS dseg.tsv (columns index, name) naming the label values; values found in the files "
         "but missing from it are an error (default: every value present, named by its number)",
     )
     p.add_argument("--json", metavar="OUT.json", help="also write the results as JSON")
-    p.set_defaults(func=run)
 
 
 def read_dseg_tsv(path: str | Path) -> dict[int, str]:

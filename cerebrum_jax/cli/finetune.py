@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from cerebrum_jax import distributed
+from cerebrum_jax.cli.options import add_distributed_args, add_performance_args, command
 from cerebrum_jax.config import apply_sets, find_config, load_config
 from cerebrum_jax.errors import InputError
 
@@ -33,8 +34,10 @@ DIRECT = {
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
+    p = command(
+        sub,
         "finetune",
+        run,
         help="fine-tune a checkpoint on one fold (or all folds) and evaluate the test subject",
         description=(
             "Leave-one-out fine-tuning as in CEREBRUM-7T: fold K tests subject K (sorted ids) and trains on "
@@ -127,17 +130,12 @@ def add_parser(sub) -> None:
         "and --distributed",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from cerebrum_jax.sharding import add_performance_args
-
-    add_performance_args(p)  # --mesh, --remat, --precision
-    distributed.add_distributed_args(p)  # --distributed, --coordinator, ...
-    for action in p._actions:  # finetune's default differs from segment's: no mesh unless asked
-        if action.dest == "mesh":
-            action.help = (
-                "device mesh DATAxSPACE, e.g. 1x4 (volumes and activations split along depth over 4 "
-                "devices); default: the config's mesh key, None = one device, no sharding"
-            )
-    p.set_defaults(func=run)
+    add_performance_args(  # finetune's default differs from segment's: no mesh unless asked
+        p,
+        mesh_help="device mesh DATAxSPACE, e.g. 1x4 (volumes and activations split along depth over 4 "
+        "devices); default: the config's mesh key, None = one device, no sharding",
+    )
+    add_distributed_args(p)  # --distributed, --coordinator, ...
 
 
 def _grid(text: str):

@@ -12,6 +12,7 @@ import numpy as np
 
 from cerebrum_jax import bids, distributed, fsafe, inputs, nifti, predictor, preprocess, sharding
 from cerebrum_jax.checkpoint import load_checkpoint
+from cerebrum_jax.cli import options
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.fsafe import dir_lock
 from cerebrum_jax.inputs import NORMALIZATIONS, Preprocessing, of_checkpoint
@@ -21,8 +22,10 @@ _REPO = Path(__file__).resolve().parents[2]
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
+    p = options.command(
+        sub,
         "segment",
+        run,
         help="segment whole NIfTI volumes (labels, probabilities, dseg.tsv)",
         description=(
             "Segment each input volume with one forward pass of the network over the whole volume and "
@@ -80,19 +83,14 @@ def add_parser(sub) -> None:
         "default), all, or voxel axes such as 0,2 (every combination is averaged: 2^n passes)",
     )
     p.add_argument("--no-probseg", action="store_true", help="do not write the probability maps")
-    sharding.add_performance_args(p)  # --mesh, --remat, --precision
-    distributed.add_distributed_args(p)  # --distributed: the inputs split across processes
-    for action in p._actions:  # segment's meanings of the shared options
-        if action.dest == "mesh":
-            action.help = (
-                "device mesh DATAxSPACE, e.g. 1x4: each volume split along depth over 4 devices (its grid "
-                "depth / 8 must divide by SPACE); default: one device, no sharding"
-            )
-        elif action.dest == "remat":
-            action.help = "ignored by segment (there is no backward pass); accepted for finetune's options"
-        elif action.dest == "precision":
-            action.help = "bf16: bfloat16 convolutions with float32 parameters and softmax (default float32)"
-    p.set_defaults(func=run)
+    options.add_performance_args(  # segment's meanings of the shared options
+        p,
+        mesh_help="device mesh DATAxSPACE, e.g. 1x4: each volume split along depth over 4 devices (its grid "
+        "depth / 8 must divide by SPACE); default: one device, no sharding",
+        remat_help="ignored by segment (there is no backward pass); accepted for finetune's options",
+        precision_help="bf16: bfloat16 convolutions with float32 parameters and softmax (default float32)",
+    )
+    options.add_distributed_args(p)  # --distributed: the inputs split across processes
 
 
 def resolve_weights(weights: str | None) -> Path:
@@ -162,7 +160,7 @@ def performance_options(args: argparse.Namespace, config):
     """
     try:
         local = jax.local_devices() if distributed.is_running() else None  # each process: its own devices
-        config, mesh = sharding.apply_performance_args(args, config, local)
+        config, mesh = options.performance_options(args, config, local)
     except ValueError as e:
         raise InputError(str(e), "--mesh") from None
     if args.mesh is not None and mesh.shape["data"] != 1:

@@ -9,12 +9,15 @@ import numpy as np
 
 from cerebrum_jax import bids, fsafe, surfaces
 from cerebrum_jax.cli.evaluate import load_pair, read_dseg_tsv
+from cerebrum_jax.cli.options import add_label_pair_args, command
 from cerebrum_jax.errors import InputError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
+    p = command(
+        sub,
         "surfaces",
+        run,
         help="3-D surfaces (GIfTI), renderings and surface distances of a prediction against a reference",
         description=(
             "For each chosen class, the surfaces of REF (manual) and PRED by marching cubes, in world mm "
@@ -24,14 +27,12 @@ def add_parser(sub) -> None:
             "OUT/surfaces.json, surfaces.md and report.html. PRED and REF must share one grid."
         ),
     )
-    p.add_argument("pred", metavar="PRED.nii.gz", help="predicted labels (integer values)")
-    p.add_argument("ref", metavar="REF.nii.gz", help="reference labels on the same grid")
-    p.add_argument("--out", required=True, metavar="OUT_DIR", help="output directory (created if needed)")
-    p.add_argument(
-        "--labels",
-        metavar="DSEG.tsv",
-        help="dseg.tsv naming the label values (default: the dseg.tsv beside PRED if any, else numbers)",
+    add_label_pair_args(
+        p,
+        labels_help="dseg.tsv naming the label values "
+        "(default: the dseg.tsv beside PRED if any, else numbers)",
     )
+    p.add_argument("--out", required=True, metavar="OUT_DIR", help="output directory (created if needed)")
     p.add_argument(
         "--classes",
         action="append",
@@ -42,7 +43,6 @@ def add_parser(sub) -> None:
     p.add_argument("--max-faces", type=int, default=surfaces.MAX_FACES, help="triangles per GIfTI surface")
     p.add_argument("--frames", type=int, default=12, help="frames of the turntable GIF")
     p.add_argument("--no-render", action="store_true", help="only the GIfTI surfaces and distances")
-    p.set_defaults(func=run)
 
 
 def label_names(args, pred_path: Path, present: list[int]) -> dict[int, str]:

@@ -35,15 +35,6 @@ GLASGOW_URL = (
     "https://raw.githubusercontent.com/rockNroll87q/cerebrum7t/master/trained_model/model_trained.h5"
 )
 GLASGOW_BLOB_ID = "0e9190e5af99584178f92486bab61d0100c8ade4"
-GLASGOW_CLASSES = (
-    "background",
-    "grey matter",
-    "basal ganglia",
-    "white matter",
-    "ventricles",
-    "cerebellum",
-    "brainstem",
-)
 KERAS2_VERSION = "2.2.4"
 HDF5_OBJECT_HEADER_LIMIT = 64512  # bytes; Keras splits larger attribute arrays into name0, name1, ...
 CONV_CLASSES = (

@@ -31,9 +31,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from cerebrum_jax.data import DEMO_LABELS
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.fsafe import atomic_path, replace_dir, write_text
+from cerebrum_jax.labels import DEMO_LABELS
 
 VERSION = 2  # bump when the recipe changes: cohorts built by another version are rebuilt
 N_SUBJECTS = 4
@@ -69,7 +69,7 @@ def ensure_demo_cohort(
 
 def ensure_pretrain_cohort(root: str | os.PathLike = "data/demo-pretrain", **kwargs) -> Path:
     """Pseudo-subjects for pretraining the demo's initial weights: same recipe, other seeds, so none of
-    them is a fine-tuning (or test) subject. Use with ``data.DEMO_PRETRAIN_LABELS``."""
+    them is a fine-tuning (or test) subject. Use with ``labels.DEMO_PRETRAIN_LABELS``."""
     return ensure_demo_cohort(root, seed=PRETRAIN_SEED, **kwargs)
 
 

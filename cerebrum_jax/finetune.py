@@ -46,6 +46,7 @@ from cerebrum_jax.augment import AugmentConfig
 from cerebrum_jax.checkpoint import load_checkpoint, save_checkpoint
 from cerebrum_jax.config import REPO, TrainConfig
 from cerebrum_jax.errors import InputError
+from cerebrum_jax.labels import LabelMap, edit_label_map, get_label_map
 from cerebrum_jax.model import ModelConfig
 from cerebrum_jax.runguard import check_training_fits, guarded, read_json
 from cerebrum_jax.runlog import RunLog, checkpoints_left
@@ -77,8 +78,8 @@ def find_weights(weights: str | None, log=print) -> Path:
     raise InputError("no initial weights: neither weights/glasgow nor weights/demo exists", "--weights")
 
 
-def label_map_of(cfg: TrainConfig) -> D.LabelMap:
-    return D.edit_label_map(D.get_label_map(cfg.labels), cfg.drop_labels, cfg.merge_labels)
+def label_map_of(cfg: TrainConfig) -> LabelMap:
+    return edit_label_map(get_label_map(cfg.labels), cfg.drop_labels, cfg.merge_labels)
 
 
 def fold_subjects(cfg: TrainConfig, log=print) -> tuple[Path, list[D.Subject]]:

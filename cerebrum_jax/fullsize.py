@@ -25,9 +25,9 @@ import numpy as np
 from scipy import ndimage
 
 from cerebrum_jax import demo
-from cerebrum_jax.data import get_label_map
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.fsafe import replace_dir, write_text
+from cerebrum_jax.labels import SCHNEIDER_LABELS
 
 VOXEL_MM = 0.63  # the Schneider experiment's network grid spacing (0.63 x 0.625 x 0.625 mm)
 N_SUBJECTS = 4  # as the record: 4-fold leave-one-out
@@ -104,7 +104,7 @@ def build(root, *, n_subjects: int = N_SUBJECTS, voxel_mm: float = VOXEL_MM, see
             rel = str(base / "labeled" / f"{sid}_labels_v01.nii.gz")
             checksums[rel] = demo._write_nifti(tmp / rel, labels.astype(np.uint8), affine)
             del image, labels
-        for name, text in (("README.txt", README), ("dseg.tsv", get_label_map("schneider").to_tsv())):
+        for name, text in (("README.txt", README), ("dseg.tsv", SCHNEIDER_LABELS.to_tsv())):
             write_text(tmp / name, text)
             checksums[name] = demo._sha256(tmp / name)
         manifest = {"params": _params(n_subjects, voxel_mm, seed), "files": dict(sorted(checksums.items()))}

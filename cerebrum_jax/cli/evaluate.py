@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from cerebrum_jax import fsafe, nifti
-from cerebrum_jax.bids import with_background
 from cerebrum_jax.cli.options import add_label_pair_args, command
 from cerebrum_jax.errors import InputError
-from cerebrum_jax.fsafe import read_text
+from cerebrum_jax.labels import read_dseg
 from cerebrum_jax.metrics import evaluate, format_table
 
 AFFINE_TOL_MM = 1e-3  # largest accepted difference of any entry of the two voxel-to-mm affines
@@ -41,28 +40,10 @@ def add_parser(sub) -> None:
     p.add_argument("--json", metavar="OUT.json", help="also write the results as JSON")
 
 
-def read_dseg_tsv(path: str | Path) -> dict[int, str]:
-    """{label value: name} from a dseg.tsv with a header line containing 'index' and 'name' columns.
-
-    A table without a row for 0 (as fMRIPrep writes them) gets 0 as the background (``bids.with_background``).
-    """
-    path = Path(path)
-    lines = [line.rstrip("\r\n") for line in read_text(path, "label table").splitlines() if line.strip()]
-    header = lines[0].split("\t") if lines else []
-    if "index" not in header or "name" not in header:
-        raise InputError("label table needs a tab-separated header with 'index' and 'name'", path)
-    i_col, n_col = header.index("index"), header.index("name")
-    labels: dict[int, str] = {}
-    for number, line in enumerate(lines[1:], start=2):
-        cells = line.split("\t")
-        try:
-            value, name = int(cells[i_col]), cells[n_col].strip()
-        except (IndexError, ValueError):
-            raise InputError(f"line {number} is not '<integer index>\\t<name>'", path) from None
-        if value in labels or name in labels.values() or not name:
-            raise InputError(f"line {number}: duplicate or empty index/name", path)
-        labels[value] = name
-    return with_background(labels)
+def label_names(tsv: str | Path | None, present: list[int]) -> dict[int, str]:
+    """{label value: name} of the dseg.tsv ``tsv`` (``labels.read_dseg``), or of every value ``present``
+    named by its number when there is none."""
+    return read_dseg(tsv) if tsv is not None else {v: str(v) for v in present}
 
 
 def load_labels(path: str | Path, what: str) -> tuple[np.ndarray, object]:
@@ -97,14 +78,12 @@ def run(args: argparse.Namespace) -> int:
     pred, ref, ref_img = load_pair(args.pred, args.ref)
     spacing = tuple(float(z) for z in ref_img.header.get_zooms()[:3])
     present = sorted(set(np.unique(pred).tolist()) | set(np.unique(ref).tolist()))
+    labels = label_names(args.labels, present)
     if args.labels:
-        labels = read_dseg_tsv(args.labels)
         for path, data in ((args.pred, pred), (args.ref, ref)):
             outside = sorted(set(np.unique(data).tolist()) - set(labels))
             if outside:
                 raise InputError(f"label values {outside} are not in {args.labels}", path)
-    else:
-        labels = {v: str(v) for v in present}
     result = evaluate(pred, ref, spacing, labels)
     print(format_table(result))
     if args.json:

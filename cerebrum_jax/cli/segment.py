@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from cerebrum_jax import bids, distributed, fsafe, inputs, nifti, predictor, preprocess, sharding
+from cerebrum_jax import bids, distributed, inputs, labels, nifti, predictor, preprocess, sharding
 from cerebrum_jax.checkpoint import load_checkpoint
 from cerebrum_jax.cli import options
 from cerebrum_jax.errors import InputError
@@ -168,11 +168,6 @@ def performance_options(args: argparse.Namespace, config):
     return dataclasses.replace(config, remat=False), (mesh if args.mesh is not None else None)
 
 
-def dseg_tsv(classes: list[str]) -> str:
-    """BIDS dseg.tsv text: a header ``index<TAB>name`` and one row per class."""
-    return "index\tname\n" + "".join(f"{i}\t{name}\n" for i, name in enumerate(classes))
-
-
 def load_models(args: argparse.Namespace, n_inputs: int):
     """([(checkpoint path, Checkpoint, predictor.Model)] of --weights, the mesh or None for one device),
     checked together: same classes; --normalize, --mask and --mesh against each. InputError otherwise."""
@@ -322,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
             )
         distributed.barrier("segmented")
         if distributed.is_main():
-            fsafe.write_text(out / "dseg.tsv", dseg_tsv(models[0][1].classes))
+            labels.write_dseg(out / "dseg.tsv", models[0][1].classes)
             bids.write_segment_description(out, paths)
     except BaseException:
         lock.release()

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from cerebrum_jax import bids, fsafe, surfaces
-from cerebrum_jax.cli.evaluate import load_pair, read_dseg_tsv
+from cerebrum_jax.cli.evaluate import label_names, load_pair
 from cerebrum_jax.cli.options import add_label_pair_args, command
 from cerebrum_jax.errors import InputError
 
@@ -45,11 +45,10 @@ def add_parser(sub) -> None:
     p.add_argument("--no-render", action="store_true", help="only the GIfTI surfaces and distances")
 
 
-def label_names(args, pred_path: Path, present: list[int]) -> dict[int, str]:
-    tsv = Path(args.labels) if args.labels else pred_path.parent / "dseg.tsv"
-    if args.labels or tsv.is_file():
-        return read_dseg_tsv(tsv)
-    return {v: str(v) for v in present}
+def labels_table(args, pred_path: Path) -> Path | None:
+    """--labels, else the dseg.tsv beside PRED when there is one, else None (label values as names)."""
+    beside = pred_path.parent / "dseg.tsv"
+    return Path(args.labels) if args.labels else (beside if beside.is_file() else None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("exists and is not a directory", out)
     pred, ref, ref_img = load_pair(args.pred, args.ref)
     present = sorted(set(np.unique(pred).tolist()) | set(np.unique(ref).tolist()))
-    names = label_names(args, Path(args.pred), present)
+    names = label_names(labels_table(args, Path(args.pred)), present)
     requested = [c for item in args.classes or [] for c in item.split(",") if c.strip()]
     try:
         classes = surfaces.resolve_classes(requested or None, names, present)

@@ -32,7 +32,8 @@ TEST_MASKS = ("auto", "file", "labels", "none")
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Everything a fine-tuning fold depends on. Defaults: the original's AHEAD command (REFERENCE.md).
+    """Everything a fine-tuning fold depends on. Defaults: the original's AHEAD command
+    (github.com/rockNroll87q/cerebrum7t, fine_tuning.py; docs/DESIGN.md).
 
     Data: data (dataset root; None = the offline demo cohort, built at demo_root on first use), layout
     ("auto", "schneider" or "bids"), contrast (the Schneider image: uni, inv1, inv2, t1, t2s), seg_name /

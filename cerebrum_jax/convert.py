@@ -1,6 +1,6 @@
 """Keras legacy HDF5 <-> cerebrum-jax parameters: the published Glasgow weights and back.
 
-Reads the layouts REFERENCE.md describes:
+Reads these layouts (docs/DESIGN.md, *The published weights*):
 
 * Keras 2.2.4 full model (the published ``model_trained.h5``): bytes attributes, weight names
   ``'<layer>/kernel:0'``, ``model_config`` JSON, ``optimizer_weights`` (ignored);
@@ -30,7 +30,8 @@ from cerebrum_jax.errors import InputError
 from cerebrum_jax.fsafe import atomic_path
 from cerebrum_jax.model import LAYER_NAMES, LAYERS, ModelConfig, dropout_rate
 
-# The published Glasgow model (REFERENCE.md): where it is and the git blob id its bytes must have.
+# The published Glasgow model (github.com/rockNroll87q/cerebrum7t, trained_model/model_trained.h5): where it
+# is and the git blob id its bytes must have.
 GLASGOW_URL = (
     "https://raw.githubusercontent.com/rockNroll87q/cerebrum7t/master/trained_model/model_trained.h5"
 )

@@ -29,7 +29,8 @@ DIVISOR = 8  # two down-samplings, by 4 then by 2
 
 
 class Layer(NamedTuple):
-    """One row of the layer table of REFERENCE.md."""
+    """One row of the layer table: the original's ThreeLevelsConvUNetStridedConv (Svanera et al. 2021,
+    doi:10.1002/hbm.25636; github.com/rockNroll87q/cerebrum7t, model_definition.py); docs/DESIGN.md."""
 
     name: str
     op: str  # "conv" (3x3x3 or 1x1x1, stride 1), "down" / "up" (kernel == stride; up is transposed)

@@ -20,7 +20,7 @@ def params():
 
 
 def expected_param_count(f: int, n: int) -> int:
-    """Sum of k^3 * in * out + out over the layer table of REFERENCE.md, written out by hand."""
+    """Sum of k^3 * in * out + out over the layer table (docs/DESIGN.md), written out by hand."""
     layers = [  # (kernel, in, out)
         (3, 1, f), (4, f, 2 * f), (3, 2 * f, 2 * f), (3, 2 * f, 2 * f), (2, 2 * f, 4 * f),
         (3, 4 * f, 4 * f), (3, 4 * f, 4 * f), (3, 4 * f, 4 * f), (2, 4 * f, 2 * f),
@@ -107,7 +107,8 @@ def test_strided_conv_matches_lax(s, cin, cout):
 
 @pytest.mark.parametrize("s,cin,cout", [(2, 3, 4), (4, 2, 5)])
 def test_strided_conv_transpose_matches_definition(s, cin, cout):
-    """out[s*i + a, s*j + b, s*l + c] = sum_ch x[i, j, l, ch] * K[a, b, c, :, ch] + bias (REFERENCE.md)."""
+    """out[s*i + a, s*j + b, s*l + c] = sum_ch x[i, j, l, ch] * K[a, b, c, :, ch] + bias (Keras's
+    Conv3DTranspose: no spatial flip)."""
     k1, k2, k3 = jax.random.split(jax.random.key(10), 3)
     x = np.asarray(jax.random.normal(k1, (1, 2, 3, 2, cin)))
     kernel = np.asarray(jax.random.normal(k2, (s, s, s, cout, cin)))
@@ -131,7 +132,7 @@ def _intermediates(params, config, x, key):
 
 def test_dropout_placement_follows_the_original(params):
     """The original's Dropout after down_1to2_conv has the level-1 rate (0); the one after up_2to1_conv
-    the level-2 rate: REFERENCE.md and model_definition.py's '<layer>_dr' naming."""
+    the level-2 rate: the original model_definition.py's '<layer>_dr' naming."""
     config = model.ModelConfig(n_filters=2, n_classes=3, dropout_rate=0.5)
     x = jax.random.normal(jax.random.key(3), (1, 8, 16, 8, 1))
     a, b = (_intermediates(params, config, x, jax.random.key(k)) for k in (4, 5))

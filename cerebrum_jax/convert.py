@@ -294,22 +294,12 @@ def keras2_model_config(config: ModelConfig) -> dict:
     skip connections are Add layers skip_conn_lvl2 and skip_conn_lvl1 of the Dropout outputs.
     """
 
-    def node(*sources):
-        return [[[s, 0, 0, {}] for s in sources]]
+    def entry(name, class_name, layer_config, *sources):
+        inbound = [[[s, 0, 0, {}] for s in sources]] if sources else []
+        return {"name": name, "class_name": class_name, "config": layer_config, "inbound_nodes": inbound}
 
-    entries = [
-        {
-            "name": "main_input",
-            "class_name": "InputLayer",
-            "config": {
-                "batch_input_shape": [None, None, None, None, 1],
-                "dtype": "float32",
-                "sparse": False,
-                "name": "main_input",
-            },
-            "inbound_nodes": [],
-        }
-    ]
+    shape = {"batch_input_shape": [None, None, None, None, 1], "dtype": "float32", "sparse": False}
+    entries = [entry("main_input", "InputLayer", {**shape, "name": "main_input"})]
     prev, outputs = "main_input", {}
     skips = {
         "up_3to2_conv": ("skip_conn_lvl2", "enc_lvl2_block2_conv"),
@@ -317,38 +307,18 @@ def keras2_model_config(config: ModelConfig) -> dict:
     }
     for layer in LAYERS:
         cls = "Conv3DTranspose" if layer.op == "up" else "Conv3D"
-        entries.append(
-            {
-                "name": layer.name,
-                "class_name": cls,
-                "config": _conv_config(layer.name, layer, config),
-                "inbound_nodes": node(prev),
-            }
-        )
+        entries.append(entry(layer.name, cls, _conv_config(layer.name, layer, config), prev))
         prev = layer.name
         if layer.name == "main_output":
             break
         rate = dropout_rate(layer.name, config)
         drop = layer.name.removesuffix("_conv") + "_dr"
-        entries.append(
-            {
-                "name": drop,
-                "class_name": "Dropout",
-                "config": {"name": drop, "trainable": True, "rate": rate, "noise_shape": None, "seed": None},
-                "inbound_nodes": node(prev),
-            }
-        )
+        dropout = {"name": drop, "trainable": True, "rate": rate, "noise_shape": None, "seed": None}
+        entries.append(entry(drop, "Dropout", dropout, prev))
         prev = outputs[layer.name] = drop
         if layer.name in skips:
             add, other = skips[layer.name]
-            entries.append(
-                {
-                    "name": add,
-                    "class_name": "Add",
-                    "config": {"name": add, "trainable": True},
-                    "inbound_nodes": node(outputs[other], prev),
-                }
-            )
+            entries.append(entry(add, "Add", {"name": add, "trainable": True}, outputs[other], prev))
             prev = add
     return {
         "class_name": "Model",

@@ -68,6 +68,10 @@ def probabilities_lean(
     at a time. D need not be a multiple of ``slab``: the last slab then starts at D - slab and rewrites
     rows of the one before with the same values.
     Returns (B, D, H, W, n_classes) float32.
+
+    Longer than 60 lines on purpose: the three stages share the slab geometry (``start``, ``q``, the padded
+    inputs) as closures of one function, the form the ``fori_loop`` bodies need; split, they would pass the
+    same six values around.
     """
     check_input(x)
     b, d, h, w, _ = x.shape

@@ -20,6 +20,25 @@ from cerebrum_jax.inputs import NORMALIZATIONS, Preprocessing, of_checkpoint
 DEFAULT_WEIGHTS = ("weights/glasgow", "weights/demo")
 _REPO = Path(__file__).resolve().parents[2]
 
+DESCRIPTION = (
+    "Segment each input volume with one forward pass of the network over the whole volume and "
+    "write OUT/<prefix>_desc-cerebrum_dseg.nii.gz (uint8 labels), "
+    "OUT/<prefix>_desc-cerebrum_probseg.nii.gz (float32, classes on the 4th axis) and OUT/dseg.tsv, "
+    "with the input's affine and header, as a BIDS derivative dataset (dataset_description.json, "
+    "a JSON sidecar per file); <prefix> is the input's BIDS entities (or its name without "
+    "extension) and space-orig, e.g. sub-01_space-orig for sub-01_T1w.nii.gz. A fine-tuned "
+    "checkpoint prepares each input exactly as its training volumes were (brain mask, crop, grid, "
+    "voxel size, normalisation: recorded in its cerebrum.json), through the same predictor as the "
+    "fold's own test prediction. All inputs are checked before any work starts."
+)
+EPILOG = (
+    "Brain masks: a model fine-tuned on brain-masked inputs (test_mask file or labels) needs "
+    "--mask, one mask per input in the same order (e.g. from your skull-stripping tool); without "
+    "it segment stops with one line rather than segment an unmasked head it never saw. Ensembles: "
+    "--weights A B C D averages the probabilities of the four fold models. --tta averages mirrored "
+    "copies (default: along the left-right axis)."
+)
+
 
 def add_parser(sub) -> None:
     p = options.command(
@@ -27,24 +46,8 @@ def add_parser(sub) -> None:
         "segment",
         run,
         help="segment whole NIfTI volumes (labels, probabilities, dseg.tsv)",
-        description=(
-            "Segment each input volume with one forward pass of the network over the whole volume and "
-            "write OUT/<prefix>_desc-cerebrum_dseg.nii.gz (uint8 labels), "
-            "OUT/<prefix>_desc-cerebrum_probseg.nii.gz (float32, classes on the 4th axis) and OUT/dseg.tsv, "
-            "with the input's affine and header, as a BIDS derivative dataset (dataset_description.json, "
-            "a JSON sidecar per file); <prefix> is the input's BIDS entities (or its name without "
-            "extension) and space-orig, e.g. sub-01_space-orig for sub-01_T1w.nii.gz. A fine-tuned "
-            "checkpoint prepares each input exactly as its training volumes were (brain mask, crop, grid, "
-            "voxel size, normalisation: recorded in its cerebrum.json), through the same predictor as the "
-            "fold's own test prediction. All inputs are checked before any work starts."
-        ),
-        epilog=(
-            "Brain masks: a model fine-tuned on brain-masked inputs (test_mask file or labels) needs "
-            "--mask, one mask per input in the same order (e.g. from your skull-stripping tool); without "
-            "it segment stops with one line rather than segment an unmasked head it never saw. Ensembles: "
-            "--weights A B C D averages the probabilities of the four fold models. --tta averages mirrored "
-            "copies (default: along the left-right axis)."
-        ),
+        description=DESCRIPTION,
+        epilog=EPILOG,
     )
     p.add_argument(
         "inputs",
@@ -257,6 +260,27 @@ def split_inputs(args: argparse.Namespace) -> list[Path]:
     return [Path(p) for p in args.inputs]
 
 
+def segment_one(
+    args: argparse.Namespace, models, mesh, out: Path, path: Path, mask_path: Path | None
+) -> None:
+    """Segment the input ``path`` (with its brain mask ``mask_path``) and write its files into ``out``."""
+    start = time.perf_counter()
+    data, img = nifti.load_nifti(path)
+    mask = None if mask_path is None else nifti.load_nifti(mask_path, what="mask")[0] > 0.5
+    tta = predictor.mirror_axes(args.tta_axes, img.affine) if args.tta else ()
+    probs = predictor.ensemble([m for _, _, m in models], data, img.affine, mask, tta_axes=tta, mesh=mesh)
+    seconds = time.perf_counter() - start
+    stem = output_stem(path)
+    predictor.write_segmentation(
+        out, stem, probs, img, probseg=not args.no_probseg, sidecar=sidecar_fields(models, path, mask)
+    )
+    note = f" (mirrored along axes {tta}, {2 ** len(tta)} passes per model)" if tta else ""
+    print(
+        f"{path}: shape {data.shape}, segmented in {seconds:.1f} s{note} -> {out / stem}_desc-cerebrum_*",
+        flush=True,
+    )
+
+
 @distributed.guarded("segment")
 def run(args: argparse.Namespace) -> int:
     """Check the checkpoints, options and every input first; then segment; dseg.tsv is written last.
@@ -296,25 +320,7 @@ def run(args: argparse.Namespace) -> int:
     lock = dir_lock(out, "segment")  # one run at a time into OUT (InputError naming the other's pid)
     try:
         for i in mine:
-            path = paths[i]
-            start = time.perf_counter()
-            data, img = nifti.load_nifti(path)
-            mask = None if masks is None else nifti.load_nifti(masks[i], what="mask")[0] > 0.5
-            tta = predictor.mirror_axes(args.tta_axes, img.affine) if args.tta else ()
-            probs = predictor.ensemble(
-                [m for _, _, m in models], data, img.affine, mask, tta_axes=tta, mesh=mesh
-            )
-            seconds = time.perf_counter() - start
-            stem = output_stem(path)
-            predictor.write_segmentation(
-                out, stem, probs, img, probseg=not args.no_probseg, sidecar=sidecar_fields(models, path, mask)
-            )
-            note = f" (mirrored along axes {tta}, {2 ** len(tta)} passes per model)" if tta else ""
-            print(
-                f"{path}: shape {data.shape}, segmented in {seconds:.1f} s{note} -> "
-                f"{out / stem}_desc-cerebrum_*",
-                flush=True,
-            )
+            segment_one(args, models, mesh, out, paths[i], None if masks is None else masks[i])
         distributed.barrier("segmented")
         if distributed.is_main():
             labels.write_dseg(out / "dseg.tsv", models[0][1].classes)

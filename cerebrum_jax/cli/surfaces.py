@@ -27,12 +27,12 @@ def add_parser(sub) -> None:
             "OUT/surfaces.json, surfaces.md and report.html. PRED and REF must share one grid."
         ),
     )
+    p.add_argument("--out", required=True, metavar="OUT_DIR", help="output directory (created if needed)")
     add_label_pair_args(
         p,
         labels_help="dseg.tsv naming the label values "
         "(default: the dseg.tsv beside PRED if any, else numbers)",
     )
-    p.add_argument("--out", required=True, metavar="OUT_DIR", help="output directory (created if needed)")
     p.add_argument(
         "--classes",
         action="append",

@@ -9,8 +9,9 @@ BEGIN, END = "<!-- layer-table:begin -->", "<!-- layer-table:end -->"
 OPS = {"conv": "Conv3D", "down": "Conv3D, strided", "up": "Conv3DTranspose"}
 
 
-def layer_table(config: ModelConfig = ModelConfig()) -> str:
+def layer_table() -> str:
     """The Markdown layer table of ``model.LAYERS`` with the published widths (n_filters 24)."""
+    config = ModelConfig()
     rows = [
         "| # | layer (Keras name) | op | filters | kernel | stride | activation | level |",
         "|---:|---|---|---:|---:|---:|---|---:|",

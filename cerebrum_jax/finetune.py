@@ -27,6 +27,7 @@ import numpy as np
 from cerebrum_jax import (
     bids,
     distributed,
+    fsafe,
     inputs,
     losses,
     metrics,
@@ -45,6 +46,7 @@ from cerebrum_jax.augment import AugmentConfig
 from cerebrum_jax.checkpoint import load_checkpoint, save_checkpoint
 from cerebrum_jax.config import REPO, TrainConfig
 from cerebrum_jax.errors import InputError
+from cerebrum_jax.labels import LabelMap, edit_label_map, get_label_map
 from cerebrum_jax.model import ModelConfig
 from cerebrum_jax.runguard import check_training_fits, guarded, read_json
 from cerebrum_jax.runlog import RunLog, checkpoints_left
@@ -76,8 +78,8 @@ def find_weights(weights: str | None, log=print) -> Path:
     raise InputError("no initial weights: neither weights/glasgow nor weights/demo exists", "--weights")
 
 
-def label_map_of(cfg: TrainConfig) -> D.LabelMap:
-    return D.edit_label_map(D.get_label_map(cfg.labels), cfg.drop_labels, cfg.merge_labels)
+def label_map_of(cfg: TrainConfig) -> LabelMap:
+    return edit_label_map(get_label_map(cfg.labels), cfg.drop_labels, cfg.merge_labels)
 
 
 def fold_subjects(cfg: TrainConfig, log=print) -> tuple[Path, list[D.Subject]]:
@@ -329,7 +331,7 @@ def run_fold(
         "mesh": dict(mesh.shape) if mesh is not None else None,
     }
     if distributed.is_main():
-        nifti.write_text(run_dir / "config.json", json.dumps(info, indent=2, default=str) + "\n")
+        fsafe.write_text(run_dir / "config.json", json.dumps(info, indent=2, default=str) + "\n")
         label_map.to_tsv(run_dir / "dseg.tsv")
     if distributed.is_running():
         log(f"distributed run, {distributed.describe()}; process 0 writes the run directory")
@@ -419,7 +421,7 @@ def run_fold(
             },
         }
     )
-    nifti.write_text(run_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
+    fsafe.write_text(run_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
     figures = report.fold_figures(run_dir, history, grids, probs, names, prepared["k_prob"])
     report.write_report(
         run_dir / "report.md",
@@ -485,7 +487,7 @@ def run_cv(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True
         results[k] = run_fold(fold_cfg, out / f"fold-{k}", resume=resume, progress=progress, **kw)
     summary = report.cv_summary([results[k] for k in sorted(results)])
     if distributed.is_main():
-        nifti.write_text(out / "cv_summary.json", json.dumps(summary, indent=2) + "\n")
-        nifti.write_text(out / "cv_summary.md", report.cv_summary_markdown(summary))
+        fsafe.write_text(out / "cv_summary.json", json.dumps(summary, indent=2) + "\n")
+        fsafe.write_text(out / "cv_summary.md", report.cv_summary_markdown(summary))
         results_page.cv_page(out, summary, [results[k] for k in sorted(results)])
     return summary

@@ -3,7 +3,7 @@ of ``train.make_eval_step``) with the full-resolution layers streamed depth slab
 
 A training step of the plain model at 256 x 352 x 224 holds several whole level-1 tensors (B, D, H, W, F)
 from the forward into the backward pass (XLA:CPU asked for 94 GB). Here the level-1 layers never exist
-whole; the loss is computed in three stages (the slab geometry of ``model.probabilities_lean``):
+whole; the loss is computed in three stages (the slab geometry of ``lean.probabilities_lean``):
 
   A. per slab of ``slab`` rows (a multiple of 4): enc_lvl1_block1_conv on the slab plus a one-row input
      halo, then down_1to2_conv -> the slab's rows of the level-2 input (B, slab/4, H/4, W/4, 2F);
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.extend.random import threefry2x32_p
 
-from cerebrum_jax import losses, model
+from cerebrum_jax import lean, losses, model
 from cerebrum_jax.losses import LossConfig
 from cerebrum_jax.model import LAYER_NAMES, LAYERS, ModelConfig
 
@@ -150,10 +150,10 @@ _conv_valid_depth.defvjp(_conv_fwd, _conv_bwd)
 
 
 def _layer(params, config: ModelConfig, name: str, x: jax.Array, valid_depth: bool = False) -> jax.Array:
-    """``model._layer_fn``, with the matmul kernel gradient for 3x3x3 convs whose input has its D halo."""
+    """``lean.layer_fn``, with the matmul kernel gradient for 3x3x3 convs whose input has its D halo."""
     layer = LAYERS[LAYER_NAMES.index(name)]
     if not (valid_depth and layer.op == "conv" and layer.kernel > 1):
-        return model._layer_fn(params, config, name, x, valid_depth)
+        return lean.layer_fn(params, config, name, x, valid_depth)
     dtype = jnp.dtype(config.compute_dtype)
     kernel, bias = params[name]["kernel"].astype(dtype), params[name]["bias"].astype(dtype)
     y = _conv_valid_depth(x.astype(dtype), kernel) + bias
@@ -189,7 +189,7 @@ def _levels23(params, config: ModelConfig, v: jax.Array, keys: dict) -> jax.Arra
     output (B, D/4, H/4, W/4, 2F)."""
 
     def g(name, x):
-        y = model._layer_fn(params, config, name, x)
+        y = lean.layer_fn(params, config, name, x)
         return _dropout(y, keys[name], model.dropout_rate(name, config)) if name in keys else y
 
     lvl2 = g("enc_lvl2_block2_conv", g("enc_lvl2_block1_conv", v))

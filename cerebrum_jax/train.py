@@ -24,11 +24,11 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from cerebrum_jax import distributed, losses, model, nifti, sharding, streamed
+from cerebrum_jax import distributed, losses, model, sharding, streamed
 from cerebrum_jax.augment import AugmentConfig, augment_batch, view_key
 from cerebrum_jax.checkpoint import load_checkpoint, state_digest
 from cerebrum_jax.errors import InputError
-from cerebrum_jax.fsafe import deferred_interrupt
+from cerebrum_jax.fsafe import deferred_interrupt, replace_dir, write_text
 from cerebrum_jax.losses import LossConfig
 from cerebrum_jax.model import LAYER_NAMES, ModelConfig
 
@@ -261,7 +261,7 @@ def save_last(path: Path, state: dict, loop: dict) -> None:
             ckptr.wait_until_finished()
         loop = {**loop, "state_sha256": state_digest(tmp / "state")}  # checked on --resume (runguard)
         (tmp / "loop.json").write_text(json.dumps(loop, indent=1) + "\n")
-        nifti.replace_dir(tmp, path)
+        replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -455,7 +455,7 @@ def fit(
                 + (" *" if events["improved"] else "")
             )
             if distributed.is_main():
-                nifti.write_text(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+                write_text(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
             if events["lr_reduced"]:
                 state["opt_state"] = set_learning_rate(state["opt_state"], controller.lr)
             done = events["stop"] or epoch + 1 == phase.epochs

@@ -4,7 +4,8 @@
     make finetune CONFIG=schneider19 DATA=/path/to/zenodo-3401388 FOLD=3     # one fold
     make cv CONFIG=schneider19 DATA=/path/to/zenodo-3401388                  # 4 folds + summary
 
-The original's AHEAD recipe (REFERENCE.md): warm-up lr 1e-4 with the copied layers frozen, fine-tuning
+The original's AHEAD recipe (github.com/rockNroll87q/cerebrum7t, fine_tuning.py; docs/DESIGN.md):
+warm-up lr 1e-4 with the copied layers frozen, fine-tuning
 lr 5e-4, balanced class weights, dropout, last_layer 3, dice loss, early stopping (patience 10),
 reduce-on-plateau (0.25, 5, 1e-7), 30 augmented views per training volume per epoch, grid 256x352x224,
 uni contrast. 8 classes (background + white matter, grey matter, CSF, ventricles, subcortical, vessels,

@@ -482,7 +482,7 @@ def main(argv=None) -> int:
     p.add_argument("--aug-repeats", type=int, default=5)
     p.add_argument("--whole-rounds", type=int, default=2, help="alternating subprocess rounds per side")
     p.add_argument("--wholetrain-repeats", type=int, default=3, help="timed whole-volume training steps")
-    p.add_argument("--slab-rows", type=int, default=16, help="slab depth of the streamed whole-volume step")
+    p.add_argument("--slab-rows", type=int, default=8, help="slab depth of the streamed whole-volume step")
     p.add_argument("--train-runs", type=int, default=3, help="interleaved runs of the train case (median)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--worker", choices=("ours", "peer"), help=argparse.SUPPRESS)
@@ -515,7 +515,7 @@ def main(argv=None) -> int:
 
 
 ARGS = argparse.Namespace(
-    threads=2, repeats=5, aug_repeats=5, whole_rounds=2, wholetrain_repeats=3, slab_rows=16, train_runs=3
+    threads=2, repeats=5, aug_repeats=5, whole_rounds=2, wholetrain_repeats=3, slab_rows=8, train_runs=3
 )
 
 if __name__ == "__main__":

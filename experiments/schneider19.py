@@ -13,7 +13,7 @@ sagittal sinus); the original's reduced set (sagittal sinus dropped, 7 classes) 
 ``--labels schneider-reduced`` (or ``--drop-label 7``).
 Expected: per-class Dice near the original's (WM 0.936, GM 0.892, CSF 0.851, ventricles 0.937, subcortical
 0.941, vessels 0.439). The grid streams the full-resolution layers in depth slabs (``slab_rows``
-automatic: 16), so a step fits a CPU or a small GPU (README, BENCHMARKS.md); runtime: hours on a GPU.
+automatic: 8), so a step fits a CPU or a small GPU (README, BENCHMARKS.md); runtime: hours on a GPU.
 """
 
 from cerebrum_jax.config import TrainConfig

@@ -133,7 +133,7 @@ def _add_run_options(p) -> None:
         metavar="N",
         help="train and validate the full-resolution layers in depth slabs of N rows (a multiple of 4): the "
         "same loss in bounded memory; 0 = the plain whole-volume step; default: automatic from the grid "
-        "(slabs of 16 above 2 M voxels). Not with --mesh",
+        "(slabs of 8 above 2 M voxels). Not with --mesh",
     )
     p.add_argument(
         "--resume",

@@ -46,7 +46,8 @@ _HIGHEST = jax.lax.Precision.HIGHEST  # coordinates up to ~350 voxels: no bf16/t
 class AugmentConfig:
     """Ranges and probabilities of the augmentation (static under jit: frozen and hashable).
 
-    Defaults are the original's (REFERENCE.md, "Augmentation of the original"), with these choices:
+    Defaults are the original's (Svanera et al. 2021, doi:10.1002/hbm.25636, and its code,
+    github.com/rockNroll87q/cerebrum7t; summarised in docs/DESIGN.md), with these choices:
     angles (degrees) and shifts (voxels) are continuous uniform in [-max, max] (the original drew
     integers in [-max, max); ``integer=True`` rounds ours); ``rigid_mode="one"`` applies at most one of
     rotation (``p_rotation``) or translation (``p_translation``) as the original, "independent" draws

@@ -11,8 +11,7 @@ derivative is a segmentation, not a T1w); a name that is not BIDS keeps its stem
 file is on the input image's own voxel grid, with its affine and header: ``predictor`` always brings its
 probabilities back to that grid (also when a model resamples to its voxel size first).
 
-Label tables (``dseg.tsv``, columns index and name) may leave out the row for 0, as fMRIPrep writes
-them: ``with_background`` adds it, and every reader here (evaluate --labels, finetune --labels) does so.
+Label tables (``dseg.tsv``) are read and written by ``labels``.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import json
 import re
 from pathlib import Path
 
-from cerebrum_jax.nifti import write_text
+from cerebrum_jax.fsafe import write_text
 
 BIDS_VERSION = "1.10.0"
 NAME = "cerebrum-jax"
@@ -77,14 +76,6 @@ def derivative_prefix(source: str | Path, space: str | None = "orig") -> str:
         return join_entities(entities)
     stem = name[: len(name) - len(ext)] if ext else name
     return f"{stem}_space-{space}" if space else stem
-
-
-def with_background(labels: dict[int, str]) -> dict[int, str]:
-    """{value: name} with 0 named 'background' when the table has no row for 0 (fMRIPrep's dseg.tsv)."""
-    if 0 in labels:
-        return dict(labels)
-    name = "background" if "background" not in labels.values() else "0"
-    return {0: name, **labels}
 
 
 def find_dataset_root(path: str | Path) -> Path | None:

@@ -32,9 +32,8 @@ import orbax.checkpoint as ocp
 from cerebrum_jax.choices import NORMALIZATIONS
 from cerebrum_jax.distributed import local_checkpointer_options
 from cerebrum_jax.errors import InputError
-from cerebrum_jax.fsafe import deferred_interrupt
+from cerebrum_jax.fsafe import deferred_interrupt, replace_dir
 from cerebrum_jax.model import DIVISOR, ModelConfig
-from cerebrum_jax.nifti import replace_dir
 
 FORMAT = "cerebrum-jax-checkpoint"
 META_FILE = "cerebrum.json"

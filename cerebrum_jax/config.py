@@ -84,13 +84,14 @@ class PhaseConfig(typing.NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Everything a fine-tuning fold depends on. Defaults: the original's AHEAD command (REFERENCE.md).
+    """Everything a fine-tuning fold depends on. Defaults: the original's AHEAD command
+    (github.com/rockNroll87q/cerebrum7t, fine_tuning.py; docs/DESIGN.md).
 
     Data: data (dataset root; None = the offline demo cohort, built at demo_root on first use), layout
     ("auto", "schneider" or "bids"), contrast (the Schneider image: uni, inv1, inv2, t1, t2s), seg_name /
     mask_name (BIDS layout only: labels ``sub-*/seg/*_<seg_name>.nii.gz``, default "dseg"; optional brain
     mask ``sub-*/seg/*_<mask_name>.nii.gz``, default None = the mask from the labels > 0), labels (label
-    map name of data.LABEL_MAPS or a dseg-style TSV), drop_labels / merge_labels (command-line style
+    map name of labels.LABEL_MAPS or a dseg-style TSV), drop_labels / merge_labels (command-line style
     edits, e.g. ("7",), ("3,4=fluid",)), grid (D, H, W) voxels (multiples of 8; None =
     the largest subject's brain box rounded up), voxel_mm (resample first; None = keep), margin (voxels
     around the brain box), fold (1-based leave-one-out fold: it tests the fold-th subject), val_subject

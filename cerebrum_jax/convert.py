@@ -1,6 +1,6 @@
 """Keras legacy HDF5 <-> cerebrum-jax parameters: the published Glasgow weights and back.
 
-Reads the layouts REFERENCE.md describes:
+Reads these layouts (docs/DESIGN.md, *The published weights*):
 
 * Keras 2.2.4 full model (the published ``model_trained.h5``): bytes attributes, weight names
   ``'<layer>/kernel:0'``, ``model_config`` JSON, ``optimizer_weights`` (ignored);
@@ -27,23 +27,15 @@ import h5py
 import numpy as np
 
 from cerebrum_jax.errors import InputError
+from cerebrum_jax.fsafe import atomic_path
 from cerebrum_jax.model import LAYER_NAMES, LAYERS, ModelConfig, dropout_rate
-from cerebrum_jax.nifti import atomic_path
 
-# The published Glasgow model (REFERENCE.md): where it is and the git blob id its bytes must have.
+# The published Glasgow model (github.com/rockNroll87q/cerebrum7t, trained_model/model_trained.h5): where it
+# is and the git blob id its bytes must have.
 GLASGOW_URL = (
     "https://raw.githubusercontent.com/rockNroll87q/cerebrum7t/master/trained_model/model_trained.h5"
 )
 GLASGOW_BLOB_ID = "0e9190e5af99584178f92486bab61d0100c8ade4"
-GLASGOW_CLASSES = (
-    "background",
-    "grey matter",
-    "basal ganglia",
-    "white matter",
-    "ventricles",
-    "cerebellum",
-    "brainstem",
-)
 KERAS2_VERSION = "2.2.4"
 HDF5_OBJECT_HEADER_LIMIT = 64512  # bytes; Keras splits larger attribute arrays into name0, name1, ...
 CONV_CLASSES = (
@@ -302,22 +294,12 @@ def keras2_model_config(config: ModelConfig) -> dict:
     skip connections are Add layers skip_conn_lvl2 and skip_conn_lvl1 of the Dropout outputs.
     """
 
-    def node(*sources):
-        return [[[s, 0, 0, {}] for s in sources]]
+    def entry(name, class_name, layer_config, *sources):
+        inbound = [[[s, 0, 0, {}] for s in sources]] if sources else []
+        return {"name": name, "class_name": class_name, "config": layer_config, "inbound_nodes": inbound}
 
-    entries = [
-        {
-            "name": "main_input",
-            "class_name": "InputLayer",
-            "config": {
-                "batch_input_shape": [None, None, None, None, 1],
-                "dtype": "float32",
-                "sparse": False,
-                "name": "main_input",
-            },
-            "inbound_nodes": [],
-        }
-    ]
+    shape = {"batch_input_shape": [None, None, None, None, 1], "dtype": "float32", "sparse": False}
+    entries = [entry("main_input", "InputLayer", {**shape, "name": "main_input"})]
     prev, outputs = "main_input", {}
     skips = {
         "up_3to2_conv": ("skip_conn_lvl2", "enc_lvl2_block2_conv"),
@@ -325,38 +307,18 @@ def keras2_model_config(config: ModelConfig) -> dict:
     }
     for layer in LAYERS:
         cls = "Conv3DTranspose" if layer.op == "up" else "Conv3D"
-        entries.append(
-            {
-                "name": layer.name,
-                "class_name": cls,
-                "config": _conv_config(layer.name, layer, config),
-                "inbound_nodes": node(prev),
-            }
-        )
+        entries.append(entry(layer.name, cls, _conv_config(layer.name, layer, config), prev))
         prev = layer.name
         if layer.name == "main_output":
             break
         rate = dropout_rate(layer.name, config)
         drop = layer.name.removesuffix("_conv") + "_dr"
-        entries.append(
-            {
-                "name": drop,
-                "class_name": "Dropout",
-                "config": {"name": drop, "trainable": True, "rate": rate, "noise_shape": None, "seed": None},
-                "inbound_nodes": node(prev),
-            }
-        )
+        dropout = {"name": drop, "trainable": True, "rate": rate, "noise_shape": None, "seed": None}
+        entries.append(entry(drop, "Dropout", dropout, prev))
         prev = outputs[layer.name] = drop
         if layer.name in skips:
             add, other = skips[layer.name]
-            entries.append(
-                {
-                    "name": add,
-                    "class_name": "Add",
-                    "config": {"name": add, "trainable": True},
-                    "inbound_nodes": node(outputs[other], prev),
-                }
-            )
+            entries.append(entry(add, "Add", {"name": add, "trainable": True}, outputs[other], prev))
             prev = add
     return {
         "class_name": "Model",

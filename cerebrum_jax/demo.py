@@ -31,9 +31,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from cerebrum_jax.data import DEMO_LABELS
 from cerebrum_jax.errors import InputError
-from cerebrum_jax.nifti import atomic_path, replace_dir, write_text
+from cerebrum_jax.fsafe import atomic_path, replace_dir, write_text
+from cerebrum_jax.labels import DEMO_LABELS
 
 VERSION = 2  # bump when the recipe changes: cohorts built by another version are rebuilt
 N_SUBJECTS = 4
@@ -57,41 +57,62 @@ def ensure_demo_cohort(
     """The demo cohort at ``root``: reused when its manifest matches these parameters and every file's
     sha256, else (re)built. Returns ``root``. A non-empty ``root`` without a manifest is not touched
     (InputError), so a real dataset is never overwritten."""
+    build = functools.partial(build_demo_cohort, n_subjects=n_subjects, voxel_mm=voxel_mm, seed=seed)
+    return ensure_cohort(root, _params(n_subjects, voxel_mm, seed), build, "a demo cohort")
+
+
+def ensure_cohort(root: str | os.PathLike, params: dict, build, what: str) -> Path:
+    """``root`` when it holds an intact generated cohort of ``params`` (manifest and every sha256), else
+    ``build(root)``'s; a non-empty ``root`` without a manifest is never overwritten (InputError saying it
+    is not ``what``)."""
     root = Path(root)
-    params = _params(n_subjects, voxel_mm, seed)
     if _is_intact(root, params):
         return root
     if root.exists() and any(root.iterdir()) and not (root / "manifest.json").exists():
-        raise InputError("exists and is not a demo cohort (no manifest.json); not overwriting it", root)
-    build_demo_cohort(root, n_subjects=n_subjects, voxel_mm=voxel_mm, seed=seed)
+        raise InputError(f"exists and is not {what} (no manifest.json); not overwriting it", root)
+    build(root)
     return root
 
 
 def ensure_pretrain_cohort(root: str | os.PathLike = "data/demo-pretrain", **kwargs) -> Path:
     """Pseudo-subjects for pretraining the demo's initial weights: same recipe, other seeds, so none of
-    them is a fine-tuning (or test) subject. Use with ``data.DEMO_PRETRAIN_LABELS``."""
+    them is a fine-tuning (or test) subject. Use with ``labels.DEMO_PRETRAIN_LABELS``."""
     return ensure_demo_cohort(root, seed=PRETRAIN_SEED, **kwargs)
 
 
 def build_demo_cohort(root, *, n_subjects=N_SUBJECTS, voxel_mm=VOXEL_MM, seed=SEED) -> Path:
-    """Build the cohort in a temporary folder beside ``root``, then swap it in (never half-written)."""
+    """Build the cohort at ``root`` (``write_cohort``: never half-written)."""
+
+    def subjects():
+        template = load_template(voxel_mm)
+        for index in range(1, n_subjects + 1):
+            yield (f"sub-{index:03d}", *make_subject(template, index, seed))
+
+    return write_cohort(root, _params(n_subjects, voxel_mm, seed), README, DEMO_LABELS, subjects())
+
+
+def write_cohort(root, params: dict, readme: str, label_map, subjects) -> Path:
+    """Write a generated cohort in the Schneider layout, checksummed: each (id, image, labels, affine) of
+    the iterable ``subjects`` (taken one at a time) as ``derivatives/<id>/unbiased/<id>_uni_unbiased.nii.gz``
+    (float32) and ``derivatives/<id>/labeled/<id>_labels_v01.nii.gz`` (uint8), then README.txt (``readme``),
+    dseg.tsv (of ``label_map``) and manifest.json ({"params": ``params``, "files": the sha256 of every
+    file}). Built in a temporary folder beside ``root``, then swapped in (never half-written)."""
     root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
-        template = load_template(voxel_mm)
-        files = {}
-        for index in range(1, n_subjects + 1):
-            sid = f"sub-{index:03d}"
-            image, labels, affine = make_subject(template, index, seed)
+        checksums = {}
+        for sid, image, labels, affine in subjects:
             base = Path("derivatives") / sid
-            files[str(base / "unbiased" / f"{sid}_uni_unbiased.nii.gz")] = (image.astype(np.float32), affine)
-            files[str(base / "labeled" / f"{sid}_labels_v01.nii.gz")] = (labels.astype(np.uint8), affine)
-        checksums = {rel: _write_nifti(tmp / rel, data, affine) for rel, (data, affine) in files.items()}
-        for name, text in (("README.txt", README), ("dseg.tsv", DEMO_LABELS.to_tsv())):
+            rel = str(base / "unbiased" / f"{sid}_uni_unbiased.nii.gz")
+            checksums[rel] = _write_nifti(tmp / rel, image.astype(np.float32), affine)
+            rel = str(base / "labeled" / f"{sid}_labels_v01.nii.gz")
+            checksums[rel] = _write_nifti(tmp / rel, labels.astype(np.uint8), affine)
+            del image, labels
+        for name, text in (("README.txt", readme), ("dseg.tsv", label_map.to_tsv())):
             write_text(tmp / name, text)
             checksums[name] = _sha256(tmp / name)
-        manifest = {"params": _params(n_subjects, voxel_mm, seed), "files": dict(sorted(checksums.items()))}
+        manifest = {"params": params, "files": dict(sorted(checksums.items()))}
         write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
         replace_dir(tmp, root)
     finally:

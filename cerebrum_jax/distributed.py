@@ -21,7 +21,6 @@ No process hangs.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
@@ -40,48 +39,18 @@ LAUNCH_KEYS = ("coordinator", "num_processes", "process_id")
 # Start-up
 
 
-def add_distributed_args(parser: argparse.ArgumentParser) -> None:
-    """Add --distributed, --coordinator, --num-processes, --process-id, --init-timeout and
-    --heartbeat-timeout to a subcommand's parser (see ``initialize``)."""
-    g = parser.add_argument_group("multi-process (several hosts or processes, jax.distributed)")
-    g.add_argument(
-        "--distributed",
-        action="store_true",
-        default=None,
-        help="join the other processes of this run (every process runs the same command); the cluster "
-        "(SLURM, Open MPI, Kubernetes) is detected by JAX unless --coordinator etc. are given",
-    )
-    g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 (implies --distributed)")
-    g.add_argument("--num-processes", type=int, metavar="N", help="number of processes (with --coordinator)")
-    g.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1 (with --coordinator)")
-    g.add_argument(
-        "--init-timeout",
-        type=int,
-        default=300,
-        metavar="S",
-        help="seconds to wait for every process to join (default 300)",
-    )
-    g.add_argument(
-        "--heartbeat-timeout",
-        type=int,
-        default=100,
-        metavar="S",
-        help="seconds without a heartbeat after which a process counts as dead and every process stops "
-        "(default 100)",
-    )
-
-
-def wanted(args: argparse.Namespace, config_value: bool = False) -> bool:
+def wanted(args, config_value: bool = False) -> bool:
     """Whether this run is distributed: --distributed, an explicit --coordinator, or the config's key."""
     return bool(getattr(args, "distributed", None) or getattr(args, "coordinator", None) or config_value)
 
 
-def initialize(args: argparse.Namespace) -> None:
-    """``jax.distributed.initialize`` with the launch options of ``args``; must run before any backend.
+def initialize(args) -> None:
+    """``jax.distributed.initialize`` with the launch options of ``args`` (attributes named as the options
+    of ``cli.options.add_distributed_args``: coordinator, num_processes, ...); must run before any backend.
 
-    Explicit launch: --coordinator, --num-processes and --process-id together; otherwise JAX detects
-    the cluster. Raises InputError (one line, exit 2) on incomplete options or when no cluster is found;
-    when not every process joins within --init-timeout, JAX aborts the process (DEADLINE_EXCEEDED).
+        Explicit launch: --coordinator, --num-processes and --process-id together; otherwise JAX detects
+        the cluster. Raises InputError (one line, exit 2) on incomplete options or when no cluster is found;
+        when not every process joins within --init-timeout, JAX aborts the process (DEADLINE_EXCEEDED).
     """
     given = {k: getattr(args, k, None) for k in LAUNCH_KEYS}
     if any(v is not None for v in given.values()) and any(v is None for v in given.values()):
@@ -317,7 +286,7 @@ def save_state(path: Path, state, extra_files: dict[str, str]) -> None:
     ``extra_files`` {name: text} written by process 0, then swapped into place by process 0."""
     import orbax.checkpoint as ocp
 
-    from cerebrum_jax import nifti
+    from cerebrum_jax import fsafe
 
     path = Path(path).absolute()
     if is_main():
@@ -329,7 +298,7 @@ def save_state(path: Path, state, extra_files: dict[str, str]) -> None:
     if is_main():
         for name, text in extra_files.items():
             (tmp / name).write_text(text)
-        nifti.replace_dir(tmp, path)
+        fsafe.replace_dir(tmp, path)
     barrier(f"saved {path}")
 
 

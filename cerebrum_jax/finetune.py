@@ -30,6 +30,7 @@ import numpy as np
 from cerebrum_jax import (
     bids,
     distributed,
+    fsafe,
     inputs,
     metrics,
     nifti,
@@ -178,7 +179,7 @@ def _start(cfg: TrainConfig, run: RunDir, prepared: PreparedFold, log: RunLog) -
     record = run_record(cfg, prepared)
     label_map = prepared.fold.label_map
     if distributed.is_main():
-        nifti.write_text(run.config_json, json.dumps(record.to_json(), indent=2, default=str) + "\n")
+        fsafe.write_text(run.config_json, json.dumps(record.to_json(), indent=2, default=str) + "\n")
         label_map.to_tsv(run.dseg_tsv)
     if distributed.is_running():
         log(f"distributed run, {distributed.describe()}; process 0 writes the run directory")
@@ -269,7 +270,7 @@ def _evaluate(cfg, run: RunDir, prepared, record: RunRecord, probs, grids, histo
             },
         }
     )
-    nifti.write_text(run.metrics_json, json.dumps(result, indent=2) + "\n")
+    fsafe.write_text(run.metrics_json, json.dumps(result, indent=2) + "\n")
     figures = report.fold_figures(run.root, history, grids, probs, names, prepared.k_prob)
     normalization = preprocess.describe_normalization(
         record.normalization, record.normalization_note, record.train_subjects, fold.grid
@@ -321,7 +322,7 @@ def run_cv(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True
         )
     summary = report.cv_summary([results[k] for k in sorted(results)])
     if distributed.is_main():
-        nifti.write_text(out / "cv_summary.json", json.dumps(summary, indent=2) + "\n")
-        nifti.write_text(out / "cv_summary.md", report.cv_summary_markdown(summary))
+        fsafe.write_text(out / "cv_summary.json", json.dumps(summary, indent=2) + "\n")
+        fsafe.write_text(out / "cv_summary.md", report.cv_summary_markdown(summary))
         results_page.cv_page(out, summary, [results[k] for k in sorted(results)])
     return summary

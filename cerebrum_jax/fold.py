@@ -21,6 +21,7 @@ from cerebrum_jax.checkpoint import Checkpoint, find_weights, load_checkpoint
 from cerebrum_jax.config import TrainConfig
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.inputs import PreparedSubject, Preprocessing
+from cerebrum_jax.labels import LabelMap, edit_label_map, get_label_map
 from cerebrum_jax.model import ModelConfig
 from cerebrum_jax.runguard import check_training_fits
 
@@ -34,7 +35,7 @@ class FoldData:
     test: ``PreparedSubject``s with their network input ``x``."""
 
     root: Path
-    label_map: D.LabelMap
+    label_map: LabelMap
     preprocessing: Preprocessing
     mask_note: str
     normalization: str
@@ -73,8 +74,8 @@ class PreparedFold:
         return str(Path(self.weights_path).absolute()), self.ckpt.meta.get("description", "")
 
 
-def label_map_of(cfg: TrainConfig) -> D.LabelMap:
-    return D.edit_label_map(D.get_label_map(cfg.labels), cfg.drop_labels, cfg.merge_labels)
+def label_map_of(cfg: TrainConfig) -> LabelMap:
+    return edit_label_map(get_label_map(cfg.labels), cfg.drop_labels, cfg.merge_labels)
 
 
 def fold_subjects(cfg: TrainConfig, log=print) -> tuple[Path, list[D.Subject]]:

@@ -1,5 +1,7 @@
-"""Output directories that one run at a time may write: an exclusive lock held for the run, and the
-checks of a directory's own files (no symbolic links, no temporary leftovers of a killed write).
+"""File-system safety: output directories that one run at a time may write (an exclusive lock held for the
+run; the checks of a directory's own files: no symbolic links, no temporary leftovers of a killed write),
+and atomic writes (``atomic_path``, ``write_text``, ``replace_dir``: a temporary name beside the target,
+renamed into place only once complete, so nothing is ever half-written).
 
 The lock is ``fcntl.flock`` on ``DIR/.cerebrum-jax.lock``, a file that names its holder (pid, host,
 command, start time). The kernel drops a flock when its process ends, however it ends, so a killed run
@@ -10,6 +12,7 @@ by a killed process is taken over).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -17,6 +20,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -142,7 +146,7 @@ TEMP_PATTERNS = (".last.*", ".best.*", ".*.old-*", ".*.tmp*")
 
 def remove_leftovers(directory: str | os.PathLike, patterns=TEMP_PATTERNS, log=None) -> list[Path]:
     """Remove the temporary files and directories of writes that were killed before their rename (names
-    as ``nifti.atomic_path``, ``nifti.replace_dir`` and the checkpoint savers make them) anywhere under
+    as ``atomic_path``, ``replace_dir`` and the checkpoint savers make them) anywhere under
     ``directory``; call it only while holding the directory's lock. Returns what was removed."""
     removed = []
     for pattern in patterns:
@@ -191,3 +195,73 @@ def read_text(path: str | os.PathLike, what: str = "text file") -> str:
         ) from None
     except OSError as e:
         raise InputError(f"cannot read {what} ({e.strerror or type(e).__name__})", path) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes: a temporary name beside the target, renamed into place only when complete
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc/self/status)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: set and restore (briefly process-wide)
+    os.umask(mask)
+    return mask
+
+
+def set_default_mode(path: str | os.PathLike) -> None:
+    """Give ``path`` the mode a plain open()/mkdir() would: 0666 (files) or 0777 (dirs) minus the umask.
+
+    For outputs made through tempfile.mkstemp (0600) or mkdtemp (0700) before they are renamed into place.
+    """
+    base = 0o777 if Path(path).is_dir() else 0o666
+    os.chmod(path, base & ~current_umask())
+
+
+def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Rename the finished temporary directory ``src`` (from tempfile.mkdtemp) to ``dst`` with the umask's
+    default mode; an existing ``dst`` is moved aside first and removed after (never half-written).
+    """
+    src, dst = Path(src), Path(dst)
+    set_default_mode(src)  # mkdtemp made it 0700
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
+
+    The temporary name keeps the final suffixes (``.nii.gz``) so writers that look at the
+    extension behave the same. The result gets the umask's default permissions (not mkstemp's 0600).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory, not replaced by a file", str(path))
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        set_default_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path, text: str) -> Path:
+    """Write a text file atomically."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+    return Path(path)

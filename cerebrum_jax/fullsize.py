@@ -16,18 +16,13 @@ Reuses a cohort whose manifest matches (see ``demo.ensure_demo_cohort``).
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
 from cerebrum_jax import demo
-from cerebrum_jax.data import get_label_map
-from cerebrum_jax.errors import InputError
-from cerebrum_jax.nifti import replace_dir, write_text
+from cerebrum_jax.labels import SCHNEIDER_LABELS
 
 VOXEL_MM = 0.63  # the Schneider experiment's network grid spacing (0.63 x 0.625 x 0.625 mm)
 N_SUBJECTS = 4  # as the record: 4-fold leave-one-out
@@ -82,37 +77,22 @@ def upsample2(image: np.ndarray, labels: np.ndarray, affine: np.ndarray):
 
 
 def build(root, *, n_subjects: int = N_SUBJECTS, voxel_mm: float = VOXEL_MM, seed: int = SEED) -> Path:
-    """Build the cohort in a temporary folder beside ``root``, then swap it in (never half-written).
+    """Build the cohort at ``root`` (``demo.write_cohort``: never half-written).
 
     Subjects are made at 2 x ``voxel_mm`` (the demo's recipe costs ~3 CPU-minutes per subject at 0.63 mm,
     8x less at 1.26 mm) and split into 2 x 2 x 2 voxels (``upsample2``): the network grid is full size,
     the anatomy's detail is 1.26 mm's."""
-    root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+
+    def subjects():
         template = demo.load_template(2 * voxel_mm)
-        checksums = {}
         for index in range(1, n_subjects + 1):
-            sid = f"sub-{index:03d}"
             image, labels, affine = demo.make_subject(template, index, seed)
             labels = extra_labels(labels, 2 * voxel_mm, seed * 1000 + index)
-            image, labels, affine = upsample2(image, labels, affine)
-            base = Path("derivatives") / sid
-            rel = str(base / "unbiased" / f"{sid}_uni_unbiased.nii.gz")
-            checksums[rel] = demo._write_nifti(tmp / rel, image.astype(np.float32), affine)
-            rel = str(base / "labeled" / f"{sid}_labels_v01.nii.gz")
-            checksums[rel] = demo._write_nifti(tmp / rel, labels.astype(np.uint8), affine)
+            yield (f"sub-{index:03d}", *upsample2(image, labels, affine))
             del image, labels
-        for name, text in (("README.txt", README), ("dseg.tsv", get_label_map("schneider").to_tsv())):
-            write_text(tmp / name, text)
-            checksums[name] = demo._sha256(tmp / name)
-        manifest = {"params": _params(n_subjects, voxel_mm, seed), "files": dict(sorted(checksums.items()))}
-        write_text(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
-        replace_dir(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+
+    params = _params(n_subjects, voxel_mm, seed)
+    return demo.write_cohort(root, params, README, SCHNEIDER_LABELS, subjects())
 
 
 def _params(n_subjects, voxel_mm, seed) -> dict:
@@ -122,15 +102,10 @@ def _params(n_subjects, voxel_mm, seed) -> dict:
 def ensure(root="data/fullsize", **kwargs) -> Path:
     """The cohort at ``root``, reused when intact (manifest and checksums), else built; a non-empty
     ``root`` without a manifest is never overwritten (InputError)."""
-    root = Path(root)
     params = _params(
         kwargs.get("n_subjects", N_SUBJECTS), kwargs.get("voxel_mm", VOXEL_MM), kwargs.get("seed", SEED)
     )
-    if demo._is_intact(root, params):
-        return root
-    if root.exists() and any(root.iterdir()) and not (root / "manifest.json").exists():
-        raise InputError("exists and is not a generated cohort (no manifest.json); not overwriting it", root)
-    return build(root, **kwargs)
+    return demo.ensure_cohort(root, params, lambda r: build(r, **kwargs), "a generated cohort")
 
 
 if __name__ == "__main__":  # python -m cerebrum_jax.fullsize [ROOT]

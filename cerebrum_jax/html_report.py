@@ -12,7 +12,9 @@ import base64
 import html
 from pathlib import Path
 
-from cerebrum_jax.nifti import write_text
+from cerebrum_jax.fsafe import write_text
+from cerebrum_jax.report import flatten
+from cerebrum_jax.surfaces import distance_rows
 
 MIME = {".png": "image/png", ".gif": "image/gif", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 STYLE = """
@@ -75,16 +77,8 @@ def page(title: str, sections: list[str]) -> str:
     )
 
 
-def _flatten(d: dict, prefix: str = ""):
-    for key, value in d.items():
-        if isinstance(value, dict):
-            yield from _flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", (f"{value:.4g}" if isinstance(value, float) else str(value))
-
-
 def run_table(meta: dict) -> str:
-    rows = [[esc(k), esc(v)] for k, v in _flatten({k: v for k, v in meta.items() if k != "title"})]
+    rows = [[esc(k), esc(v)] for k, v in flatten({k: v for k, v in meta.items() if k != "title"})]
     return table(["", ""], rows, numeric_from=9)
 
 
@@ -103,21 +97,13 @@ def surfaces_section(records: list[dict], folder) -> str:
     """The surface distance table, each class's views (PNG) and turntable (GIF), and one line per class
     without a comparison."""
     folder = Path(folder)
-    rows, notes, figs = [], [], []
+    rows, notes = distance_rows(records)
+    rows = [[esc(cell) for cell in row] for row in rows]
+    notes = [f'<p class="note">{esc(name)}: {esc(note)}</p>' for name, note in notes]
+    figs = []
     for r in records:
         if r["distance_mm"] is None:
-            notes.append(f'<p class="note">{esc(r["class"])}: {esc(r["note"])}</p>')
             continue
-        d, f = r["distance_mm"], r["faces"]
-        rows.append(
-            [
-                esc(r["class"]),
-                f"{f['ref']} / {f['pred']}",
-                f"{d['mean']:+.2f}",
-                f"{d['mean_abs']:.2f}",
-                f"{d['p95_abs']:.2f}",
-            ]
-        )
         what = {"png": "manual | prediction from the left, the front and the top", "gif": "turntable"}
         pics = [figure(folder / r["files"][k], f"{r['class']}: {what[k]}") for k in what if k in r["files"]]
         gii = ", ".join(esc(r["files"][k]) for k in ("ref", "pred") if k in r["files"])

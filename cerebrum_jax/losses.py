@@ -1,4 +1,5 @@
-"""Losses and soft metrics of the fine-tuning recipe (REFERENCE.md, "Fine-tuning recipe of the original").
+"""Losses and soft metrics of the fine-tuning recipe of the original (github.com/rockNroll87q/cerebrum7t,
+fine_tuning.py; Svanera et al. 2021, doi:10.1002/hbm.25636; docs/DESIGN.md).
 
 All functions take logits (B, D, H, W, C) float and integer labels (B, D, H, W) holding class indices
 0..C-1, and return float32 scalars (or (C,) vectors). Probabilities are ``softmax(logits)``; the

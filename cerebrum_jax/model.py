@@ -10,14 +10,13 @@ space-to-depth (or depth-to-space) reshape plus one matrix product. XLA lowers a
 transposed convolution as an input-dilated convolution that multiplies mostly zeros; the reshape
 form does only the useful work.
 
-``probabilities_lean`` is the inference forward for CPUs: full-resolution layers in depth slabs (bounded
-memory for whole volumes) and 3x3x3 convolutions as 2-D ones; ``apply`` (training) is unchanged.
+``lean.probabilities_lean`` is the inference forward for CPUs (full-resolution layers in depth slabs, 3x3x3
+convolutions as 2-D ones), built from this module's layers.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -29,7 +28,8 @@ DIVISOR = 8  # two down-samplings, by 4 then by 2
 
 
 class Layer(NamedTuple):
-    """One row of the layer table of REFERENCE.md."""
+    """One row of the layer table: the original's ThreeLevelsConvUNetStridedConv (Svanera et al. 2021,
+    doi:10.1002/hbm.25636; github.com/rockNroll87q/cerebrum7t, model_definition.py); docs/DESIGN.md."""
 
     name: str
     op: str  # "conv" (3x3x3 or 1x1x1, stride 1), "down" / "up" (kernel == stride; up is transposed)
@@ -239,14 +239,15 @@ def _conv_fwd(x, kernel):
     return _conv_same(x, kernel), (x, kernel)
 
 
-def _kernel_grad(x: jax.Array, kernel: jax.Array, g: jax.Array, pad_depth: bool = True) -> jax.Array:
+def _kernel_grad(x, kernel, g, pad_depth: bool = True, low_memory: bool = False) -> jax.Array:
     """d loss / d kernel (k, k, k, Cin, Cout) of a 'same' conv from its input x and output cotangent g.
 
     XLA:CPU lowers the kernel gradient as a convolution over the whole volume, about 2x the forward's
     time; here it is k*k matrix products (N, k*Cin)^T (N, Cout) over the N voxels, one per (kd, kh) tap
     pair with the kw taps side by side in channels (a k*Cin-channel copy of x, one pair at a time).
     ``pad_depth`` False: x already carries its depth halo, (B, d + k - 1, H, W, Cin) for g (B, d, H, W,
-    Cout), as the depth slabs of ``streamed`` and ``conv3d_depth_taps`` do.
+    Cout), as the depth slabs of ``streamed`` and ``conv3d_depth_taps`` do. ``low_memory``: k, not k*k,
+    of those copies at a time (the D taps in a loop), for ``streamed``'s whole-volume slabs.
     """
     k, cin, cout = kernel.shape[0], kernel.shape[3], kernel.shape[4]
     _, d, h, w, _ = g.shape
@@ -254,12 +255,19 @@ def _kernel_grad(x: jax.Array, kernel: jax.Array, g: jax.Array, pad_depth: bool 
     rd = r if pad_depth else 0
     xp = jnp.pad(x, ((0, 0), (rd, rd), (r, r), (r, r), (0, 0)))
     g2 = g.reshape(-1, cout)
-    rows = []
-    for a in range(k):
+
+    def depth_tap(xa):  # xa (B, d, H + 2r, W + 2r, Cin): the rows of one D tap -> its (k, k, Cin, Cout)
+        rows = []
         for b in range(k):
-            cols = jnp.concatenate([xp[:, a : a + d, b : b + h, c : c + w] for c in range(k)], axis=-1)
+            cols = jnp.concatenate([xa[:, :, b : b + h, c : c + w] for c in range(k)], axis=-1)
             rows.append((cols.reshape(-1, k * cin).T @ g2).reshape(k, cin, cout))
-    return jnp.stack(rows).reshape(kernel.shape).astype(kernel.dtype)
+        return jnp.stack(rows)
+
+    if low_memory:  # XLA:CPU schedules all k*k copies at once unless the D taps are a loop (~10 % slower)
+        taps = jax.lax.map(lambda a: depth_tap(jax.lax.dynamic_slice_in_dim(xp, a, d, axis=1)), jnp.arange(k))
+    else:
+        taps = jnp.stack([depth_tap(xp[:, a : a + d]) for a in range(k)])
+    return taps.reshape(kernel.shape).astype(kernel.dtype)
 
 
 def _conv_bwd(res, g):
@@ -278,7 +286,7 @@ def conv3d_same(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     return _conv_same_fast_grad(x, kernel) + bias
 
 
-_OPS = {"conv": conv3d_same, "down": strided_conv, "up": strided_conv_transpose}
+OPS = {"conv": conv3d_same, "down": strided_conv, "up": strided_conv_transpose}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,7 +312,7 @@ class KerasLayer(nn.Module):
         # The 1x1x1 head stays float32 under bf16 compute: it is cheap and feeds the float32 softmax/loss.
         head = self.layer.activation == "softmax"
         dtype = jnp.dtype("float32" if head else self.config.compute_dtype)
-        return _OPS[self.layer.op](x.astype(dtype), kernel.astype(dtype), bias.astype(dtype))
+        return OPS[self.layer.op](x.astype(dtype), kernel.astype(dtype), bias.astype(dtype))
 
 
 class Cerebrum7T(nn.Module):
@@ -396,111 +404,6 @@ def apply(
 def probabilities(params: dict, config: ModelConfig, x: jax.Array) -> jax.Array:
     """Softmax probabilities (B, D, H, W, n_classes), float32, in inference mode."""
     return jax.nn.softmax(apply(params, config, x), axis=-1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Lean whole-volume inference
-# ---------------------------------------------------------------------------------------------
-
-# Default slab depth of probabilities_lean. Measured on a 2-core CPU (shared, loaded), 256x352x224 with 24
-# filters: slab 8: 11.7 s, 2.4 GB peak RSS; 16: 11.6 s, 2.9 GB; 32: 12.8 s, 3.8 GB. At 64x88x56 16 was
-# also faster than 32 or one slab (0.19 s vs 0.21 s and 0.23 s).
-LEAN_SLAB = 16
-
-
-def _layer_fn(params: dict, config: ModelConfig, name: str, x: jax.Array, valid_depth: bool = False):
-    """Layer ``name`` plus its activation, as ``Cerebrum7T`` computes it in inference mode (dtypes too).
-
-    The 3x3x3 convs run as ``conv3d_depth_taps``; ``valid_depth``: x carries its own one-row D halo (else
-    it is zero-padded along D here, which is 'same' padding).
-    """
-    layer = LAYERS[LAYER_NAMES.index(name)]
-    dtype = jnp.dtype("float32" if layer.activation == "softmax" else config.compute_dtype)
-    kernel, bias = params[name]["kernel"].astype(dtype), params[name]["bias"].astype(dtype)
-    x = x.astype(dtype)
-    if layer.op == "conv" and layer.kernel > 1:
-        r = 0 if valid_depth else layer.kernel // 2
-        y = conv3d_depth_taps(jnp.pad(x, ((0, 0), (r, r), (0, 0), (0, 0), (0, 0))), kernel) + bias
-    else:
-        y = _OPS[layer.op](x, kernel, bias)
-    act = {"enc": config.enc_activation, "dec": config.dec_activation}.get(layer.activation)
-    return y if act is None else ACTIVATIONS[act](y)
-
-
-def probabilities_lean(
-    params: dict, config: ModelConfig, x: jax.Array, *, slab: int = LEAN_SLAB
-) -> jax.Array:
-    """``probabilities(params, config, x)`` computed depth slab by depth slab at full resolution, so that no
-    whole-volume level-1 tensor (B, D, H, W, n_filters) ever exists; the inference forward on a CPU.
-
-    The same function as ``probabilities`` (no dropout; equal to float rounding, as its 3x3x3 convs run as
-    ``conv3d_depth_taps``, which XLA:CPU computes 2.5-3x faster), in three stages:
-      A. per slab of ``slab`` rows (a multiple of 8): enc_lvl1_block1_conv on the slab plus a one-row
-         halo of the input, then down_1to2_conv -> the slab's rows of the level-2 input;
-      B. levels 2 and 3 on the whole (small) level-2 volume -> dec_lvl2_block2_conv's output;
-      C. per slab: enc_lvl1_block1_conv again (slab + 2 rows), up_2to1_conv of the matching level-2 rows
-         (one extra each side, cut to slab + 2 rows), the skip sum (zero outside the volume, as 'same'
-         padding has it), dec_lvl1_block1_conv, main_output and the softmax -> the slab of the result.
-    Slabs run in ``lax.fori_loop``s writing into preallocated arrays, so one slab's intermediates are alive
-    at a time. D need not be a multiple of ``slab``: the last slab then starts at D - slab and rewrites
-    rows of the one before with the same values.
-    Returns (B, D, H, W, n_classes) float32.
-    """
-    check_input(x)
-    b, d, h, w, _ = x.shape
-    slab = int(slab)
-    if slab < DIVISOR or slab % DIVISOR:
-        raise ValueError(f"slab must be a positive multiple of {DIVISOR}, not {slab}")
-    slab = min(slab, d)
-    n_slabs = -(-d // slab)
-    f = functools.partial(_layer_fn, params, config)
-    dtype = jnp.dtype(config.compute_dtype)
-    q = LAYERS[LAYER_NAMES.index("down_1to2_conv")].kernel  # 4: level-1 rows per level-2 row
-
-    def start(i):  # a multiple of 8 (d and slab are), so level-2 rows line up
-        return jnp.minimum(i * slab, d - slab)
-
-    def depth_pad(v, r):
-        return jnp.pad(v, ((0, 0), (r, r), (0, 0), (0, 0), (0, 0)))
-
-    # A: level-1 encoder and down-sampling, slab by slab -> level-2 input (B, D/4, H/4, W/4, 2F).
-    xa = depth_pad(x, 1)
-
-    def encode(i, lvl2):
-        s = start(i)
-        e1 = f(
-            "enc_lvl1_block1_conv", jax.lax.dynamic_slice_in_dim(xa, s, slab + 2, axis=1), valid_depth=True
-        )
-        return jax.lax.dynamic_update_slice_in_dim(lvl2, f("down_1to2_conv", e1), s // q, axis=1)
-
-    width = config.channels(LAYERS[LAYER_NAMES.index("down_1to2_conv")])
-    v = jax.lax.fori_loop(0, n_slabs, encode, jnp.zeros((b, d // q, h // q, w // q, width), dtype))
-
-    # B: levels 2 and 3 on the whole level-2 volume.
-    lvl2 = f("enc_lvl2_block2_conv", f("enc_lvl2_block1_conv", v))
-    v = f("down_2to3_conv", lvl2)
-    for name in ("enc_lvl3_block1_conv", "enc_lvl3_block2_conv", "enc_lvl3_block3_conv"):
-        v = f(name, v)
-    v = f("up_3to2_conv", v) + lvl2  # skip_conn_lvl2
-    v = f("dec_lvl2_block2_conv", f("dec_lvl2_block1_conv", v))
-
-    # C: level-1 decoder, head and softmax, slab by slab.
-    xc, vc = depth_pad(x, 2), depth_pad(v, 1)
-    rows = jnp.arange(slab + 2)[None, :, None, None, None]
-
-    def decode(i, out):
-        s = start(i)  # the slab's skip sum covers rows s - 1 .. s + slab (one-row halo each side)
-        e1 = f(
-            "enc_lvl1_block1_conv", jax.lax.dynamic_slice_in_dim(xc, s, slab + 4, axis=1), valid_depth=True
-        )
-        up = f("up_2to1_conv", jax.lax.dynamic_slice_in_dim(vc, s // q, slab // q + 2, axis=1))
-        skip = up[:, q - 1 : q + slab + 1] + e1  # up covers rows s - 4 .. s + slab + 3
-        skip = jnp.where((s - 1 + rows >= 0) & (s - 1 + rows < d), skip, jnp.zeros((), skip.dtype))
-        logits = f("main_output", f("dec_lvl1_block1_conv", skip, valid_depth=True))
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-        return jax.lax.dynamic_update_slice_in_dim(out, probs, s, axis=1)
-
-    return jax.lax.fori_loop(0, n_slabs, decode, jnp.zeros((b, d, h, w, config.n_classes), jnp.float32))
 
 
 def count_params(params) -> int:

@@ -1,18 +1,15 @@
-"""NIfTI input and output with validation and atomic writes (temporary name, then rename)."""
+"""NIfTI input and output with validation; outputs are written atomically (``fsafe.atomic_path``)."""
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from cerebrum_jax.errors import InputError
+from cerebrum_jax.fsafe import atomic_path
 
 
 def load_nifti(path: str | os.PathLike, *, what: str = "image", allow_nonfinite: bool = False):
@@ -88,65 +85,6 @@ def _first_line(e: Exception) -> str:
     return text[0] if text else ""
 
 
-def current_umask() -> int:
-    """The process's umask, read without changing it where Linux shows it (/proc/self/status)."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    mask = os.umask(0o022)  # elsewhere: set and restore (briefly process-wide)
-    os.umask(mask)
-    return mask
-
-
-def set_default_mode(path: str | os.PathLike) -> None:
-    """Give ``path`` the mode a plain open()/mkdir() would: 0666 (files) or 0777 (dirs) minus the umask.
-
-    For outputs made through tempfile.mkstemp (0600) or mkdtemp (0700) before they are renamed into place.
-    """
-    base = 0o777 if Path(path).is_dir() else 0o666
-    os.chmod(path, base & ~current_umask())
-
-
-def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Rename the finished temporary directory ``src`` (from tempfile.mkdtemp) to ``dst`` with the umask's
-    default mode; an existing ``dst`` is moved aside first and removed after (never half-written).
-    """
-    src, dst = Path(src), Path(dst)
-    set_default_mode(src)  # mkdtemp made it 0700
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; rename it to ``path`` only if the block succeeds.
-
-    The temporary name keeps the final suffixes (``.nii.gz``) so writers that look at the
-    extension behave the same. The result gets the umask's default permissions (not mkstemp's 0600).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.is_dir():
-        raise IsADirectoryError(errno.EISDIR, "is a directory, not replaced by a file", str(path))
-    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        set_default_mode(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def save_nifti(path, data: np.ndarray, like: nib.Nifti1Image | None = None, affine=None, dtype=None) -> Path:
     """Write ``data`` as NIfTI atomically, keeping the affine and header of ``like`` when given.
 
@@ -168,11 +106,4 @@ def save_nifti(path, data: np.ndarray, like: nib.Nifti1Image | None = None, affi
         img.header.set_intent("vector")
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
-    return Path(path)
-
-
-def write_text(path, text: str) -> Path:
-    """Write a text file atomically."""
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(text)
     return Path(path)

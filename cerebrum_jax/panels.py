@@ -17,7 +17,7 @@ matplotlib.use("Agg")  # no display: figures go to files only
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cerebrum_jax.nifti import atomic_path  # noqa: E402
+from cerebrum_jax.fsafe import atomic_path  # noqa: E402
 
 
 def _save(fig, path, dpi: int = 80) -> Path:

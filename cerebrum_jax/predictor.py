@@ -21,7 +21,7 @@ import nibabel as nib
 import numpy as np
 from nibabel import processing
 
-from cerebrum_jax import bids, model, nifti
+from cerebrum_jax import bids, lean, model, nifti
 from cerebrum_jax.inputs import Preprocessing, of_checkpoint, prepare, resampled
 from cerebrum_jax.model import ModelConfig
 
@@ -45,7 +45,7 @@ def flip(x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
 def forward_fn(config: ModelConfig) -> Callable:
     """Jit-compiled ``(params, x (1, D, H, W, 1)) -> probabilities (1, D, H, W, n_classes)`` of ``config``.
 
-    On a CPU backend it is ``model.probabilities_lean`` (depth slabs at full resolution: a 256x352x224
+    On a CPU backend it is ``lean.probabilities_lean`` (depth slabs at full resolution: a 256x352x224
     volume within 3 GB instead of 11 GB, and about 3x faster at any size, as XLA:CPU's 2-D convolutions
     beat its 3-D ones); elsewhere ``model.probabilities``. The two agree to float rounding. Cached per
     (hashable, frozen) config so repeated calls on volumes of the same shape reuse one compilation.
@@ -53,7 +53,7 @@ def forward_fn(config: ModelConfig) -> Callable:
 
     def forward(params, x):
         if jax.default_backend() == "cpu":
-            return model.probabilities_lean(params, config, x)
+            return lean.probabilities_lean(params, config, x)
         return model.probabilities(params, config, x)
 
     return jax.jit(forward)

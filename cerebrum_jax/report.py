@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from cerebrum_jax.nifti import atomic_path, write_text  # noqa: E402
+from cerebrum_jax.fsafe import atomic_path, write_text  # noqa: E402
 
 AXIS_NAMES = ("axis 0", "axis 1", "axis 2")
 
@@ -186,7 +186,8 @@ def write_report(path, metrics: dict, figures: dict[str, str | os.PathLike], met
     """
     path = Path(path)
     lines = [f"# {meta.get('title', 'cerebrum-jax run report')}", "", "## Run", "", "| | |", "|---|---|"]
-    for key, value in _flatten({k: v for k, v in meta.items() if k != "title"}):
+    for key, value in flatten({k: v for k, v in meta.items() if k != "title"}):
+        value = value.replace("|", "\\|").replace("\n", " ")
         lines.append(f"| {key} | {value} |")
     lines += ["", "## Test-subject metrics", "", metrics_table(metrics), ""]
     if figures:
@@ -197,14 +198,14 @@ def write_report(path, metrics: dict, figures: dict[str, str | os.PathLike], met
     return write_text(path, "\n".join(lines))
 
 
-def _flatten(d: dict, prefix: str = ""):
+def flatten(d: dict, prefix: str = ""):
+    """(key, text) of every leaf of the nested dict ``d``: keys joined as ``key.sub``, floats as .4g, the
+    rest as str (the run table of report.md and report.html)."""
     for key, value in d.items():
         if isinstance(value, dict):
-            yield from _flatten(value, f"{prefix}{key}.")
+            yield from flatten(value, f"{prefix}{key}.")
         else:
-            if isinstance(value, float):
-                value = f"{value:.4g}"
-            yield f"{prefix}{key}", str(value).replace("|", "\\|").replace("\n", " ")
+            yield f"{prefix}{key}", (f"{value:.4g}" if isinstance(value, float) else str(value))
 
 
 def cv_summary(results: list[dict]) -> dict:

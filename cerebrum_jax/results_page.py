@@ -18,7 +18,7 @@ import numpy as np
 
 from cerebrum_jax import bids, html_report, panels, surfaces
 from cerebrum_jax.errors import InputError
-from cerebrum_jax.nifti import write_text
+from cerebrum_jax.fsafe import write_text
 from cerebrum_jax.rundir import RunDir
 
 

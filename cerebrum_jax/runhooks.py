@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cerebrum_jax import distributed, nifti
+from cerebrum_jax import distributed, fsafe
 from cerebrum_jax.checkpoint import load_checkpoint, state_digest
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.fsafe import deferred_interrupt
@@ -48,7 +48,7 @@ def save_last(path: Path, state: dict, loop: dict) -> None:
             ckptr.wait_until_finished()
         loop = {**loop, "state_sha256": state_digest(tmp / STATE)}  # checked on --resume (runguard)
         (tmp / LOOP_JSON).write_text(json.dumps(loop, indent=1) + "\n")
-        nifti.replace_dir(tmp, path)
+        fsafe.replace_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -105,5 +105,5 @@ class RunDirHooks(Hooks):
     def epoch_end(self, end: EpochEnd):
         if distributed.is_main():
             lines = "".join(json.dumps(h) + "\n" for h in end.history)
-            nifti.write_text(self.run.metrics_jsonl, lines)
+            fsafe.write_text(self.run.metrics_jsonl, lines)
         save_last(self.run.last, end.state, end.position())

@@ -4,7 +4,7 @@ prediction path (``predictor``) for parameters without a checkpoint's preprocess
 Volumes are (D, H, W) numpy arrays in the voxel order of their NIfTI file; the network sees them
 as (1, D', H', W', 1) with D', H', W' multiples of 8 (``preprocess.grid_for``), or, with voxelwise
 normalisation, on the grid of the mean/std volumes. The whole volume goes through the network at once,
-as in the original; on a CPU the full-resolution layers run in depth slabs (``model.probabilities_lean``,
+as in the original; on a CPU the full-resolution layers run in depth slabs (``lean.probabilities_lean``,
 the same function), which bounds memory and is faster there.
 """
 

@@ -4,15 +4,14 @@ A 2-D ``jax.sharding.Mesh`` with axes ("data", "space"): the batch is split alon
 every large activation (B, D, H, W, C) along its depth axis D over "space"; parameters and optimizer state
 are replicated. XLA (GSPMD) inserts the halo exchanges the 3x3x3 convolutions need at the slab borders.
 
-Options shared with the CLI (``add_performance_args``): ``--mesh`` (e.g. "1x4": 1 data x 4 space
-devices; default all devices on "space"), ``--remat`` (recompute full-resolution blocks in the backward
-pass) and ``--precision`` (float32, or bf16 compute with float32 parameters, optimizer state, softmax and
-loss).
+``configure`` applies the performance settings (the CLI's ``--mesh``, ``--remat``, ``--precision``, added
+by ``cli.options.add_performance_args``): a mesh spec such as "1x4" (1 data x 4 space devices; default all
+devices on "space"), recomputation of the full-resolution blocks in the backward pass, and float32 or
+bf16 compute (with float32 parameters, optimizer state, softmax and loss).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -148,46 +147,23 @@ def put_batch(batch: dict, mesh: Mesh) -> dict:
     return jax.device_put(batch, batch_shardings(batch, mesh))
 
 
-# ---------------------------------------------------------------------------------------------
-# Options for the config and the CLI
-# ---------------------------------------------------------------------------------------------
-
-
-def add_performance_args(parser: argparse.ArgumentParser) -> None:
-    """Add --mesh, --remat and --precision to a subcommand's parser (see ``apply_performance_args``)."""
-    g = parser.add_argument_group("performance")
-    g.add_argument(
-        "--mesh",
-        default=None,
-        metavar="DATAxSPACE",
-        help="device mesh, e.g. 1x4 (volumes split along depth over 4 devices); default: all devices "
-        "on the spatial axis",
-    )
-    g.add_argument(
-        "--remat",
-        action="store_true",
-        help="recompute the full-resolution blocks in the backward pass (less memory, more compute)",
-    )
-    g.add_argument(
-        "--precision",
-        choices=sorted(PRECISIONS),
-        default=None,
-        help="bf16: bfloat16 convolutions, float32 parameters/optimizer state/softmax/loss "
-        "(default: the model config's, float32)",
-    )
-
-
-def apply_performance_args(
-    args: argparse.Namespace, config: M.ModelConfig, devices=None
+def configure(
+    config: M.ModelConfig,
+    *,
+    mesh: str | None = None,
+    remat: bool = False,
+    precision: str | None = None,
+    devices=None,
 ) -> tuple[M.ModelConfig, Mesh]:
-    """The model config with ``remat`` / ``compute_dtype`` from ``args``, and the mesh of ``args.mesh``
-    over ``devices`` (default: all of jax.devices()).
+    """The model config with ``remat`` (or the config's own) and the compute dtype of ``precision`` (a
+    ``PRECISIONS`` name; None keeps the config's), and the mesh of spec ``mesh`` over ``devices``
+    (default: all of jax.devices()).
 
     Raises ValueError on a bad mesh spec (the CLI turns it into an InputError).
     """
     config = dataclasses.replace(
         config,
-        remat=bool(getattr(args, "remat", False)) or config.remat,
-        compute_dtype=PRECISIONS.get(getattr(args, "precision", None), config.compute_dtype),
+        remat=bool(remat) or config.remat,
+        compute_dtype=PRECISIONS.get(precision, config.compute_dtype),
     )
-    return config, make_mesh(getattr(args, "mesh", None), devices)
+    return config, make_mesh(mesh, devices)

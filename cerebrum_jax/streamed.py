@@ -3,7 +3,7 @@ of ``train.make_eval_step``) with the full-resolution layers streamed depth slab
 
 A training step of the plain model at 256 x 352 x 224 holds several whole level-1 tensors (B, D, H, W, F)
 from the forward into the backward pass (XLA:CPU asked for 94 GB). Here the level-1 layers never exist
-whole; the loss is computed in three stages (the slab geometry of ``model.probabilities_lean``):
+whole; the loss is computed in three stages (the slab geometry of ``lean.probabilities_lean``):
 
   A. per slab of ``slab`` rows (a multiple of 4): enc_lvl1_block1_conv on the slab plus a one-row input
      halo, then down_1to2_conv -> the slab's rows of the level-2 input (B, slab/4, H/4, W/4, 2F);
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.extend.random import threefry2x32_p
 
-from cerebrum_jax import losses, model
+from cerebrum_jax import lean, losses, model
 from cerebrum_jax.losses import LossConfig
 from cerebrum_jax.model import LAYER_NAMES, LAYERS, ModelConfig
 
@@ -41,7 +41,7 @@ Q = LAYERS[LAYER_NAMES.index("down_1to2_conv")].kernel  # 4: level-1 rows per le
 # The automatic slab_rows: 0 (the plain step) up to AUTO_MAX_VOXELS voxels per volume, AUTO_SLAB above.
 # The plain step needs about 4.7 KB per voxel on XLA:CPU (94 GB at 256x352x224), so 2 M voxels ~ 9 GB.
 AUTO_MAX_VOXELS = 1 << 21
-AUTO_SLAB = 16
+AUTO_SLAB = 8  # compiled temp at 256x352x224: 3.7 GB (16 rows: 4.7 GB, 4 rows: 3.2 GB)
 
 
 def auto_slab_rows(grid) -> int:
@@ -103,16 +103,20 @@ def _dropout_rows(y: jax.Array, key, rate: float, depth: int, row0) -> jax.Array
     if str(jax.random.key_impl(key)) != "threefry2x32" or not jax.config.jax_threefry_partitionable:
         raise ValueError("streamed dropout needs JAX's partitionable threefry PRNG (the default)")
     plane = h * w * f
-    rows = (row0 + jnp.arange(n)).astype(jnp.uint32)
-    base = (jnp.arange(b, dtype=jnp.uint32)[:, None] * jnp.uint32(depth) + rows[None, :]) * jnp.uint32(plane)
-    idx = (base[:, :, None] + jnp.arange(plane, dtype=jnp.uint32)[None, None, :]).reshape(y.shape)
     kd = jax.random.key_data(key)
-    k0, k1 = (jnp.broadcast_to(kd[j], y.shape) for j in (0, 1))
-    b1, b2 = threefry2x32_p.bind(k0, k1, jnp.zeros_like(idx), idx)
-    bits = (b1 ^ b2) >> jnp.uint32(9) | jnp.uint32(0x3F800000)
-    uniform = jax.lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(1.0)
     keep = 1.0 - rate
-    return jax.lax.select(uniform < jnp.float32(keep), y / keep, jnp.zeros_like(y))
+
+    def row_keep(row):  # one row at a time: threefry's uint32 temporaries are a row's, not the slab's
+        base = jnp.arange(b, dtype=jnp.uint32) * jnp.uint32(depth) + row  # (B,)
+        offsets = jnp.arange(plane, dtype=jnp.uint32).reshape(h, w, f)
+        idx = base[:, None, None, None] * jnp.uint32(plane) + offsets
+        k0, k1 = (jnp.broadcast_to(kd[j], idx.shape) for j in (0, 1))
+        b1, b2 = threefry2x32_p.bind(k0, k1, jnp.zeros_like(idx), idx)
+        bits = (b1 ^ b2) >> jnp.uint32(9) | jnp.uint32(0x3F800000)
+        return jax.lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(1.0) < jnp.float32(keep)
+
+    mask = jnp.moveaxis(jax.lax.map(row_keep, (row0 + jnp.arange(n)).astype(jnp.uint32)), 0, 1)
+    return jax.lax.select(mask, y / keep, jnp.zeros_like(y))
 
 
 @jax.custom_vjp
@@ -125,20 +129,31 @@ def _conv_fwd(x, kernel):
     return model.conv3d_depth_taps(x, kernel), (x, kernel)
 
 
+def _input_grad(kernel: jax.Array, g: jax.Array) -> jax.Array:
+    """d loss / d x (B, d + k - 1, H, W, Cin) of ``conv3d_depth_taps(x, kernel)`` from its output cotangent
+    g (B, d, H, W, Cout): the same kind of convolution on g zero-padded by k - 1 rows along D, with the
+    kernel flipped along D, H, W and its channels swapped. Written out because XLA:CPU emits the transposed
+    2-D convolutions of ``jax.vjp`` inside a ``lax.map`` body as a naive loop (about 10x the forward conv's
+    time: 3.7 s vs 0.35 s CPU for dec_lvl1 at 64x88x56), while this forward form stays on its fast path."""
+    k = kernel.shape[0]
+    flipped = jnp.swapaxes(kernel[::-1, ::-1, ::-1], 3, 4)
+    return model.conv3d_depth_taps(jnp.pad(g, ((0, 0), (k - 1, k - 1), (0, 0), (0, 0), (0, 0))), flipped)
+
+
 def _conv_bwd(res, g):
     x, kernel = res
-    _, input_grad = jax.vjp(lambda v: model.conv3d_depth_taps(v, kernel), x)
-    return input_grad(g)[0], model._kernel_grad(x, kernel, g, pad_depth=False)
+    kernel_grad = model._kernel_grad(x, kernel, g, pad_depth=False, low_memory=True)
+    return _input_grad(kernel, g).astype(x.dtype), kernel_grad
 
 
 _conv_valid_depth.defvjp(_conv_fwd, _conv_bwd)
 
 
 def _layer(params, config: ModelConfig, name: str, x: jax.Array, valid_depth: bool = False) -> jax.Array:
-    """``model._layer_fn``, with the matmul kernel gradient for 3x3x3 convs whose input has its D halo."""
+    """``lean.layer_fn``, with the matmul kernel gradient for 3x3x3 convs whose input has its D halo."""
     layer = LAYERS[LAYER_NAMES.index(name)]
     if not (valid_depth and layer.op == "conv" and layer.kernel > 1):
-        return model._layer_fn(params, config, name, x, valid_depth)
+        return lean.layer_fn(params, config, name, x, valid_depth)
     dtype = jnp.dtype(config.compute_dtype)
     kernel, bias = params[name]["kernel"].astype(dtype), params[name]["bias"].astype(dtype)
     y = _conv_valid_depth(x.astype(dtype), kernel) + bias
@@ -174,7 +189,7 @@ def _levels23(params, config: ModelConfig, v: jax.Array, keys: dict) -> jax.Arra
     output (B, D/4, H/4, W/4, 2F)."""
 
     def g(name, x):
-        y = model._layer_fn(params, config, name, x)
+        y = lean.layer_fn(params, config, name, x)
         return _dropout(y, keys[name], model.dropout_rate(name, config)) if name in keys else y
 
     lvl2 = g("enc_lvl2_block2_conv", g("enc_lvl2_block1_conv", v))

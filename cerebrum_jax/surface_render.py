@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from cerebrum_jax.nifti import atomic_path  # noqa: E402
+from cerebrum_jax.fsafe import atomic_path  # noqa: E402
 
 # (direction from the centre to the camera, screen-up) in RAS+ world axes
 VIEWS = {

@@ -32,7 +32,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 from skimage.measure import marching_cubes
 
-from cerebrum_jax.nifti import atomic_path, write_text
+from cerebrum_jax.fsafe import atomic_path, write_text
 
 DEFAULT_CLASSES = ("white matter", "grey matter", "vessels")
 SMOOTH_SIGMA_VOX = 0.6  # Gaussian sigma (voxels) on the class mask before marching cubes
@@ -294,20 +294,35 @@ def write_class_surfaces(
     return records
 
 
-def surfaces_markdown(records: list[dict]) -> str:
-    """A Markdown table of the per-class surface distances; a class without comparison gets its one line."""
-    rows = [
-        "| class | faces ref / pred | mean signed (mm) | mean abs (mm) | 95th pct abs (mm) |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    notes = []
+def distance_rows(records: list[dict]) -> tuple[list[list[str]], list[tuple[str, str]]]:
+    """The per-class surface distance table of ``write_class_surfaces``'s records, as plain text for the
+    Markdown and the HTML reports: (rows [class, faces ref / pred, mean signed, mean abs, 95th pct abs],
+    (class, note) of each class without a comparison)."""
+    rows, notes = [], []
     for r in records:
         if r["distance_mm"] is None:
-            notes.append(f"- {r['class']}: {r['note']}")
+            notes.append((r["class"], r["note"]))
             continue
         d, f = r["distance_mm"], r["faces"]
         rows.append(
-            f"| {r['class']} | {f['ref']} / {f['pred']} | {d['mean']:+.2f} | {d['mean_abs']:.2f} | "
-            f"{d['p95_abs']:.2f} |"
+            [
+                r["class"],
+                f"{f['ref']} / {f['pred']}",
+                f"{d['mean']:+.2f}",
+                f"{d['mean_abs']:.2f}",
+                f"{d['p95_abs']:.2f}",
+            ]
         )
-    return "\n".join(rows + ([""] + notes if notes else [])) + "\n"
+    return rows, notes
+
+
+def surfaces_markdown(records: list[dict]) -> str:
+    """A Markdown table of the per-class surface distances; a class without comparison gets its one line."""
+    rows, notes = distance_rows(records)
+    lines = [
+        "| class | faces ref / pred | mean signed (mm) | mean abs (mm) | 95th pct abs (mm) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += [""] + [f"- {name}: {note}" for name, note in notes] if notes else []
+    return "\n".join(lines) + "\n"

@@ -50,7 +50,7 @@ interleaved in one process are more reliable than absolute times.
 | `--xla_cpu_enable_fast_math=true` | no change | no |
 | bf16 head kept float32 (`main_output` 1x1x1 conv) under `--precision bf16` | float32 softmax/loss | yes |
 | remat of the level-1 blocks (jax.checkpoint, nothing_saveable) | same compiled footprint on CPU: XLA:CPU merges the recomputation back (CSE) | yes (for GPU) |
-| whole volume slab by slab (`model.probabilities_lean`, segment's CPU forward): level-1 layers per 16-row depth slab with halos in `lax.fori_loop`s writing into preallocated outputs, levels 2-3 whole | 256x352x224 peak RSS 11.1 -> 2.5-2.9 GB; with 3-D convs still 58 s vs 61 s (loaded machine, load ~4) | yes |
+| whole volume slab by slab (`lean.probabilities_lean`, segment's CPU forward): level-1 layers per 16-row depth slab with halos in `lax.fori_loop`s writing into preallocated outputs, levels 2-3 whole | 256x352x224 peak RSS 11.1 -> 2.5-2.9 GB; with 3-D convs still 58 s vs 61 s (loaded machine, load ~4) | yes |
 | 3x3x3 convs as three 2-D convs over (H, W), one per D tap with the D rows as the batch, summed (`model.conv3d_depth_taps`) | XLA:CPU 2.5-3x faster per conv (dec_lvl1 16-row slab 2.94 -> 1.02 s); forward 64x88x56 0.73 -> 0.19 s, 256x352x224 61 -> 11.7 s (peer 16.5 s under the same load); loaded machine | yes: in the lean inference path and (35a9382) in `model.apply`'s 'same' convs on XLA:CPU, training included: forward 64x88x56 0.117 s vs peer 0.219 s, train step 0.658 s vs peer 0.621 s (quiet machine, interleaved, median of 5) |
 | kernel gradient of the 3x3x3 convs, `dec_lvl1_block1_conv` at 64x88x56 (quiet): 9 matmuls with 3 w-taps side by side (kept) / 27 dot_generals on slices / voxel axis split in 4 / per-D-tap 9 taps in one matmul / vjp of the 2-D convs | 0.312 / 0.555 / 0.628 / 0.458 / 0.510 s (input gradient 0.098 s, forward 0.095 s): the kernel gradient is the largest part of the train step | first kept |
 
@@ -64,7 +64,7 @@ interleaved in one process are more reliable than absolute times.
   quiet for our side of that case. What is left is the kernel gradient of the
   3x3x3 convolutions (9 matmuls over all voxels, about 3x the forward conv's time for dec_lvl1): none of
   the variants measured above was faster; a blocked direct kernel (as oneDNN's) is what remains.
-- whole-volume forward: ours is segment's CPU forward, `model.probabilities_lean`: the full-resolution
+- whole-volume forward: ours is segment's CPU forward, `lean.probabilities_lean`: the full-resolution
   layers (enc_lvl1 + down, then enc_lvl1 again + up + skip + dec_lvl1 + head + softmax) run per 16-row
   depth slab with halos, so no (256, 352, 224, 24) tensor is ever whole, and with 2-D convolutions.
   Before it (model.probabilities with D-slab 3-D convs): 30.4 s, 10.7 GB in the run of 85f13d2.
@@ -142,7 +142,7 @@ def volume(shape, seed: int = 0):
 
 
 def our_inference_forward(cfg):
-    """What ``cerebrum-jax segment`` runs: on a CPU model.probabilities_lean (depth slabs, 2-D convs)."""
+    """What ``cerebrum-jax segment`` runs: on a CPU lean.probabilities_lean (depth slabs, 2-D convs)."""
     from cerebrum_jax.segment import forward_fn
 
     return forward_fn(cfg)
@@ -431,9 +431,9 @@ def write_report(path: str, info: dict, par: dict, results: dict) -> None:
         f"(augment {ARGS.aug_repeats}); warm-up call excluded; ours and peer interleaved",
         "- network: n_filters 24, 7 classes, random glorot weights shared by both sides; float32",
         f"- parity (64x88x56 probabilities): max abs diff {par['model']:.2e} (model.probabilities), "
-        f"{par['segment']:.2e} (segment's forward, model.probabilities_lean on a CPU); limit 1e-4",
+        f"{par['segment']:.2e} (segment's forward, lean.probabilities_lean on a CPU); limit 1e-4",
         "- ours: forward and train step call model.probabilities / model.apply; the whole volume runs "
-        "segment's forward (on a CPU model.probabilities_lean: depth slabs of 16, 2-D convolutions)",
+        "segment's forward (on a CPU lean.probabilities_lean: depth slabs of 16, 2-D convolutions)",
         "",
         "## CPU results",
         "",
@@ -482,7 +482,7 @@ def main(argv=None) -> int:
     p.add_argument("--aug-repeats", type=int, default=5)
     p.add_argument("--whole-rounds", type=int, default=2, help="alternating subprocess rounds per side")
     p.add_argument("--wholetrain-repeats", type=int, default=3, help="timed whole-volume training steps")
-    p.add_argument("--slab-rows", type=int, default=16, help="slab depth of the streamed whole-volume step")
+    p.add_argument("--slab-rows", type=int, default=8, help="slab depth of the streamed whole-volume step")
     p.add_argument("--train-runs", type=int, default=3, help="interleaved runs of the train case (median)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--worker", choices=("ours", "peer"), help=argparse.SUPPRESS)
@@ -515,7 +515,7 @@ def main(argv=None) -> int:
 
 
 ARGS = argparse.Namespace(
-    threads=2, repeats=5, aug_repeats=5, whole_rounds=2, wholetrain_repeats=3, slab_rows=16, train_runs=3
+    threads=2, repeats=5, aug_repeats=5, whole_rounds=2, wholetrain_repeats=3, slab_rows=8, train_runs=3
 )
 
 if __name__ == "__main__":

@@ -189,7 +189,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--side", choices=SIDES, help="run one side and print its JSON (default: all)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--slab-rows", type=int, default=16)
+    p.add_argument("--slab-rows", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     cpus = sorted(os.sched_getaffinity(0))

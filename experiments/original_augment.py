@@ -1,6 +1,7 @@
 """The original CEREBRUM-7T augmentation pipeline in numpy/scipy + elasticdeform, for benchmarking.
 
-Follows REFERENCE.md ("Augmentation of the original"): offline, one geometric op (translation by
+Follows the original code (github.com/rockNroll87q/cerebrum7t; docs/DESIGN.md): offline, one
+geometric op (translation by
 integer voxels, mirror, or rotation by an integer angle in a random pair of axes: cubic spline +
 mirror for the image, nearest + constant 0 for labels) with probability 1/2 each, then always an
 elastic deformation (elasticdeform, 3 or 4 control points per axis, sigma 2 or 3 voxels, spline order

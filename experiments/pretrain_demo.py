@@ -4,7 +4,7 @@
 
 Random (glorot-normal, seed 0) init -> trained on the demo's PRETRAINING cohort (data/demo-pretrain:
 4 pseudo-subjects with other random seeds than the fine-tuning cohort, so no fine-tuning or test subject
-is seen) with the label set data.DEMO_PRETRAIN_LABELS (background / white matter / grey matter + CSF),
+is seen) with the label set labels.DEMO_PRETRAIN_LABELS (background / white matter / grey matter + CSF),
 all 4 subjects for training, augmented views, Adam, ce+dice loss. The label set differs from the demo's
 fine-tuning task (background / WM / GM / CSF) as Glasgow's differs from Schneider's. cerebrum.json records
 all of this (meta "description", "pretraining"). Runtime: 11.4 min on the 2-core CPU while other jobs
@@ -27,6 +27,7 @@ from cerebrum_jax.checkpoint import save_checkpoint
 from cerebrum_jax.config import LoopConfig
 from cerebrum_jax.demo import ensure_pretrain_cohort
 from cerebrum_jax.inputs import Preprocessing, load_subject
+from cerebrum_jax.labels import DEMO_PRETRAIN_LABELS
 from cerebrum_jax.losses import LossConfig
 
 GRID = (56, 72, 64)  # the demo's brain boxes (3 mm voxels) rounded up to multiples of 8
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     root = ensure_pretrain_cohort(args.data)
-    labels = data.DEMO_PRETRAIN_LABELS
+    labels = DEMO_PRETRAIN_LABELS
     subjects = data.find_subjects(root)
     pre = Preprocessing(mask="labels", crop="box", grid=GRID)  # as the demo weights were trained
     vols = [load_subject(s, labels, pre) for s in subjects]

@@ -2,7 +2,7 @@
 
 Layouts: cerebrum_jax (like Keras) stores Conv3D kernels as (d, h, w, in, out) -> torch Conv3d weight
 (out, in, d, h, w); Conv3DTranspose kernels as (d, h, w, out, in) -> torch ConvTranspose3d weight
-(in, out, d, h, w), i.e. ``K.transpose(4, 3, 0, 1, 2)`` (REFERENCE.md: reproduces Keras to 1e-7).
+(in, out, d, h, w), i.e. ``K.transpose(4, 3, 0, 1, 2)`` (checked numerically: reproduces Keras to 1e-7).
 Tensors here are (B, C, D, H, W); ``forward_probabilities`` takes and returns channels-last numpy arrays
 (B, D, H, W, C) so it can be compared with ``cerebrum_jax.model.probabilities`` directly.
 """

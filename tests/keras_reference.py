@@ -1,6 +1,7 @@
-"""Test-only: the CEREBRUM-7T network of REFERENCE.md built with real Keras 3 (JAX backend).
+"""Test-only: the CEREBRUM-7T network (docs/DESIGN.md, the layer table) built with real Keras 3 (JAX backend).
 
-Layer names, order, kernels, strides and activations follow REFERENCE.md's layer table, so an .h5
+Layer names, order, kernels, strides and activations follow the layer table of the original code
+(github.com/rockNroll87q/cerebrum7t), so an .h5
 written by this model has the layout of the original ThreeLevelsConvUNetStridedConv. Keras is a
 test-only dependency of cerebrum-jax; import this module only from tests.
 """

@@ -8,7 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cerebrum_jax import bids, checkpoint, data
+from cerebrum_jax import bids, checkpoint
+from cerebrum_jax import labels as L
 from cerebrum_jax.cli import main
 from cerebrum_jax.model import ModelConfig, init_params
 
@@ -103,10 +104,10 @@ def test_validator_finds_what_breaks_the_rules(tmp_path):
 def test_label_tables_without_a_row_for_zero(tmp_path):
     tsv = tmp_path / "dseg.tsv"
     tsv.write_text("index\tname\n1\twhite matter\n2\tgrey matter\n")  # as fMRIPrep writes them
-    lm = data.get_label_map(tsv)
+    lm = L.get_label_map(tsv)
     assert lm.names == ("background", "white matter", "grey matter") and lm.apply(np.array([0, 2]))[1] == 2
-    assert bids.with_background({1: "a"}) == {0: "background", 1: "a"}
-    assert bids.with_background({1: "background"}) == {0: "0", 1: "background"}
+    assert L.with_background({1: "a"}) == {0: "background", 1: "a"}
+    assert L.with_background({1: "background"}) == {0: "0", 1: "background"}
     labels = np.zeros((6, 6, 6), np.uint8)
     labels[1:4, 1:4, 1:4] = 1
     labels[3:5, 3:5, 3:5] = 2

@@ -74,3 +74,24 @@ def test_help_texts_name_no_missing_subcommand(capsys):
         build_parser().parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "make bench" in text and "benchmark against PyTorch." not in text
+
+
+def test_shared_options_take_their_help_as_keywords():
+    """cli.options: a subcommand words the shared options its own way, without argparse internals; the
+    library's configure gets the parsed values."""
+    import argparse
+
+    from cerebrum_jax import sharding
+    from cerebrum_jax.cli import options
+
+    sub = argparse.ArgumentParser(prog="x").add_subparsers()
+    p = options.command(sub, "demo", lambda args: 0, help="h", description="d")
+    options.add_performance_args(p, mesh_help="MESH-HELP", remat_help="REMAT-HELP")
+    options.add_distributed_args(p)
+    text = " ".join(p.format_help().split())
+    assert "MESH-HELP" in text and "REMAT-HELP" in text and options.PRECISION_HELP in text
+    args = p.parse_args(["--precision", "bf16", "--remat", "--coordinator", "h:1"])
+    assert args.func(args) == 0 and args.coordinator == "h:1" and args.init_timeout == 300
+    config, mesh = options.performance_options(args, CONFIG, jax.devices()[:1])
+    assert (config.compute_dtype, config.remat, mesh.shape["space"]) == ("bfloat16", True, 1)
+    assert sharding.configure(CONFIG, devices=jax.devices()[:1])[0] == CONFIG

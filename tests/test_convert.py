@@ -17,6 +17,7 @@ from keras.src.legacy.saving import legacy_h5_format
 from cerebrum_jax import convert, model
 from cerebrum_jax.checkpoint import load_checkpoint
 from cerebrum_jax.cli import main
+from cerebrum_jax.labels import GLASGOW_CLASSES
 
 SHAPE = (16, 16, 16)
 SIZES = [(24, 7), (4, 3), (6, 9)]  # (n_filters, n_classes)
@@ -273,7 +274,7 @@ def test_cli_normalization_volumes_and_class_file(small, tmp_path):
 def test_glasgow_class_names_by_default_for_7_classes(tmp_path_factory, tmp_path):
     path = keras_case(tmp_path_factory, 24, 7)[0]
     assert main(["convert", str(path), str(tmp_path / "ckpt")]) == 0
-    assert load_checkpoint(tmp_path / "ckpt").classes == list(convert.GLASGOW_CLASSES)
+    assert load_checkpoint(tmp_path / "ckpt").classes == list(GLASGOW_CLASSES)
 
 
 # ---------------------------------------------------------------------------------------------

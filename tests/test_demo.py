@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from cerebrum_jax import demo
-from cerebrum_jax.data import DEMO_LABELS, DEMO_PRETRAIN_LABELS, find_subjects
+from cerebrum_jax.data import find_subjects
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.inputs import Preprocessing, load_subject
+from cerebrum_jax.labels import DEMO_LABELS, DEMO_PRETRAIN_LABELS
 from cerebrum_jax.nifti import load_nifti
 
 SMALL = {"n_subjects": 2, "voxel_mm": 6.0}

@@ -7,9 +7,10 @@ import pytest
 from scipy import ndimage
 
 from cerebrum_jax import inputs
-from cerebrum_jax.data import DEMO_LABELS, SCHNEIDER_LABELS, Subject
+from cerebrum_jax.data import Subject
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.inputs import Preprocessing
+from cerebrum_jax.labels import DEMO_LABELS, SCHNEIDER_LABELS
 
 RNG = np.random.default_rng(0)
 

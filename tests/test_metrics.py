@@ -11,7 +11,6 @@ from scipy.spatial.distance import cdist
 
 from cerebrum_jax import metrics
 from cerebrum_jax.cli import main
-from cerebrum_jax.cli.evaluate import read_dseg_tsv
 
 
 def blob(shape, seed, threshold=0.0):
@@ -205,10 +204,3 @@ def test_evaluate_cli_accepts_affine_within_tolerance(tmp_path, capsys):
     nib.save(nib.Nifti1Image(ref.astype(np.uint8), affine), str(tmp_path / "pred.nii.gz"))
     assert main(["evaluate", str(tmp_path / "pred.nii.gz"), str(tmp_path / "ref.nii.gz")]) == 0
     assert "affine" not in capsys.readouterr().err
-
-
-def test_read_dseg_tsv_round_trip(tmp_path):
-    names = {0: "background", 1: "grey matter", 4: "ventricles"}
-    path = tmp_path / "dseg.tsv"
-    path.write_text("index\tname\n" + "".join(f"{k}\t{v}\n" for k, v in names.items()))
-    assert read_dseg_tsv(path) == names

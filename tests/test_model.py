@@ -20,7 +20,7 @@ def params():
 
 
 def expected_param_count(f: int, n: int) -> int:
-    """Sum of k^3 * in * out + out over the layer table of REFERENCE.md, written out by hand."""
+    """Sum of k^3 * in * out + out over the layer table (docs/DESIGN.md), written out by hand."""
     layers = [  # (kernel, in, out)
         (3, 1, f), (4, f, 2 * f), (3, 2 * f, 2 * f), (3, 2 * f, 2 * f), (2, 2 * f, 4 * f),
         (3, 4 * f, 4 * f), (3, 4 * f, 4 * f), (3, 4 * f, 4 * f), (2, 4 * f, 2 * f),
@@ -107,7 +107,8 @@ def test_strided_conv_matches_lax(s, cin, cout):
 
 @pytest.mark.parametrize("s,cin,cout", [(2, 3, 4), (4, 2, 5)])
 def test_strided_conv_transpose_matches_definition(s, cin, cout):
-    """out[s*i + a, s*j + b, s*l + c] = sum_ch x[i, j, l, ch] * K[a, b, c, :, ch] + bias (REFERENCE.md)."""
+    """out[s*i + a, s*j + b, s*l + c] = sum_ch x[i, j, l, ch] * K[a, b, c, :, ch] + bias (Keras's
+    Conv3DTranspose: no spatial flip)."""
     k1, k2, k3 = jax.random.split(jax.random.key(10), 3)
     x = np.asarray(jax.random.normal(k1, (1, 2, 3, 2, cin)))
     kernel = np.asarray(jax.random.normal(k2, (s, s, s, cout, cin)))
@@ -131,7 +132,7 @@ def _intermediates(params, config, x, key):
 
 def test_dropout_placement_follows_the_original(params):
     """The original's Dropout after down_1to2_conv has the level-1 rate (0); the one after up_2to1_conv
-    the level-2 rate: REFERENCE.md and model_definition.py's '<layer>_dr' naming."""
+    the level-2 rate: the original model_definition.py's '<layer>_dr' naming."""
     config = model.ModelConfig(n_filters=2, n_classes=3, dropout_rate=0.5)
     x = jax.random.normal(jax.random.key(3), (1, 8, 16, 8, 1))
     a, b = (_intermediates(params, config, x, jax.random.key(k)) for k in (4, 5))
@@ -175,65 +176,6 @@ def test_package_exports_and_cheap_import():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "[]", r.stdout
-
-
-# ---------------------------------------------------------------------------------------------
-# Lean (slab by slab) inference
-# ---------------------------------------------------------------------------------------------
-
-lean = jax.jit(model.probabilities_lean, static_argnames=("config", "slab"))
-probabilities = jax.jit(model.probabilities, static_argnames=("config",))
-
-
-def lean_params(config: model.ModelConfig) -> dict:
-    """Glorot kernels and random (non-zero) biases: zero biases would hide a wrong halo at the borders."""
-    p = init(config, jax.random.key(11))
-    keys = iter(jax.random.split(jax.random.key(12), len(p)))
-    return {
-        name: {"kernel": v["kernel"], "bias": 0.3 * jax.random.normal(next(keys), v["bias"].shape)}
-        for name, v in p.items()
-    }
-
-
-@pytest.mark.parametrize(
-    "acts,n_classes", [(("relu", "relu"), 3), (("elu", "tanh"), 7)], ids=["relu-3", "elu-tanh-7"]
-)
-@pytest.mark.parametrize(
-    "shape,slab",
-    [
-        ((1, 32, 16, 24), 8),
-        ((1, 32, 16, 24), 16),
-        ((1, 32, 16, 24), 24),  # 32 = 24 + 8: the last slab overlaps the first
-        ((1, 32, 16, 24), 64),  # one slab (slab > D is cut to D)
-        ((2, 40, 8, 16), 16),  # batch 2; 40 = 2 * 16 + 8
-    ],
-)
-def test_lean_forward_equals_probabilities(acts, n_classes, shape, slab):
-    config = model.ModelConfig(
-        n_filters=4, n_classes=n_classes, enc_activation=acts[0], dec_activation=acts[1]
-    )
-    params = lean_params(config)
-    x = jax.random.normal(jax.random.key(13), (*shape, 1))
-    ref = np.asarray(probabilities(params, config, x))
-    out = np.asarray(lean(params, config, x, slab=slab))
-    assert out.shape == ref.shape and out.dtype == np.float32
-    assert ref.std() > 0.05  # probabilities that vary, so the comparison means something
-    np.testing.assert_allclose(out, ref, atol=1e-5)
-
-
-def test_lean_forward_bf16_and_bad_slab():
-    config = model.ModelConfig(n_filters=4, n_classes=3, compute_dtype="bfloat16")
-    params = lean_params(config)
-    x = jax.random.normal(jax.random.key(14), (1, 16, 8, 16, 1))
-    out = np.asarray(lean(params, config, x, slab=8))
-    assert out.dtype == np.float32
-    np.testing.assert_allclose(out.sum(-1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(out, probabilities(params, config, x), atol=0.05)
-    for slab in (0, 12):
-        with pytest.raises(ValueError, match="multiple of 8"):
-            model.probabilities_lean(params, config, x, slab=slab)
-    with pytest.raises(ValueError, match="multiples of 8"):
-        model.probabilities_lean(params, config, jnp.zeros((1, 12, 8, 8, 1)))
 
 
 def test_conv3d_depth_taps_matches_lax():

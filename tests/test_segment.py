@@ -281,7 +281,7 @@ def test_outputs_get_umask_permissions(tmp_path, ckpt):
 
 
 def test_cpu_forward_is_the_lean_one(params):
-    """On a CPU, forward_fn runs model.probabilities_lean (slab loops), equal to model.probabilities."""
+    """On a CPU, forward_fn runs lean.probabilities_lean (slab loops), equal to model.probabilities."""
     x = jax.random.normal(jax.random.key(2), (1, 40, 16, 8, 1))
     f = forward_fn(CONFIG)
     jaxpr = str(jax.make_jaxpr(f)(params, x))

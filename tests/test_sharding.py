@@ -21,6 +21,7 @@ import pytest
 
 from cerebrum_jax import model as M
 from cerebrum_jax import sharding as S
+from cerebrum_jax.cli import options
 
 CFG = M.ModelConfig(n_filters=2, n_classes=3, dropout_rate=0.0)
 SHAPE = (32, 16, 16)
@@ -196,8 +197,8 @@ def test_bf16_runs_and_is_close():
 )
 def test_performance_args(argv, remat, dtype, mesh):
     parser = argparse.ArgumentParser()
-    S.add_performance_args(parser)
-    cfg, m = S.apply_performance_args(parser.parse_args(argv), CFG)
+    options.add_performance_args(parser)
+    cfg, m = options.performance_options(parser.parse_args(argv), CFG)
     assert (cfg.remat, cfg.compute_dtype, (m.shape["data"], m.shape["space"])) == (remat, dtype, mesh)
 
 

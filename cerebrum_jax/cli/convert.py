@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import urllib.error
@@ -12,8 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from cerebrum_jax import convert
+from cerebrum_jax.cli.options import command
 from cerebrum_jax.errors import InputError
-from cerebrum_jax.fsafe import read_text
+from cerebrum_jax.labels import read_class_names
 from cerebrum_jax.model import DIVISOR
 
 DESCRIPTION = """\
@@ -29,11 +29,13 @@ weights-only .h5; n_filters, n_classes and activations come from its model_confi
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
+    p = command(
+        sub,
         "convert",
+        run,
         help="convert Keras .h5 weights to an Orbax checkpoint and back; download the published model",
         description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        raw_description=True,
     )
     p.add_argument("source", metavar="SOURCE", nargs="?", help="MODEL.h5 (or CKPT_DIR with --to-keras)")
     p.add_argument(
@@ -76,7 +78,6 @@ def add_parser(sub) -> None:
         "or 'index<TAB>name' lines (default: the Glasgow names when there are 7 classes, else class_<i>)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing output directory or .h5 file")
-    p.set_defaults(func=run)
 
 
 def run(args) -> int:
@@ -123,23 +124,6 @@ def _to_keras(args) -> int:
     return 0
 
 
-def _read_classes(spec: str | None, n_classes: int) -> list[str]:
-    """Class names from --classes (comma list or file), else the Glasgow names for 7 classes."""
-    if spec is None:
-        if n_classes == len(convert.GLASGOW_CLASSES):
-            return list(convert.GLASGOW_CLASSES)
-        return [f"class_{i}" for i in range(n_classes)]
-    path = Path(spec)
-    if path.is_file():
-        lines = [ln.strip() for ln in read_text(path, "classes file").splitlines() if ln.strip()]
-        names = [ln.split("\t", 1)[-1].strip() for ln in lines if not ln.lower().startswith("index\t")]
-    else:
-        names = [n.strip() for n in spec.split(",")]
-    if len(names) != n_classes or not all(names):
-        raise InputError(f"{len(names)} class names given for a model with {n_classes} classes", spec)
-    return names
-
-
 def _norm_volumes(args) -> tuple[str, dict | None]:
     """('voxelwise', {"mean", "std"} float32 (X, Y, Z)) from --mean/--std, else ('zscore', None)."""
     if not (args.mean or args.std):
@@ -169,7 +153,7 @@ def _to_orbax(source: Path, dest: Path, args, meta: dict) -> int:
 
     _check_dest(dest, args.force)
     params, config, info = convert.read_keras_h5(source)
-    classes = _read_classes(args.classes, config.n_classes)
+    classes = read_class_names(args.classes, config.n_classes)
     normalization, volumes = _norm_volumes(args)
     meta = {
         "source": str(source),

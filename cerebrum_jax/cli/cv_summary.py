@@ -12,13 +12,16 @@ import json
 import sys
 from pathlib import Path
 
+from cerebrum_jax.cli.options import command
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.rundir import RunDir
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
+    p = command(
+        sub,
         "cv-summary",
+        run,
         help="build the cross-validation summary from finished fold directories (RUN_DIR/fold-K)",
         description=(
             "Read RUN_DIR/fold-K/metrics.json of every finished fold and write RUN_DIR/cv_summary.json and "
@@ -33,7 +36,6 @@ def add_parser(sub) -> None:
         metavar="N",
         help="exit with status 2, writing nothing, unless N folds are finished",
     )
-    p.set_defaults(func=run)
 
 
 fold_number = RunDir.fold_number  # K of a directory named fold-K (None for any other name)
@@ -67,7 +69,7 @@ def collect(run_dir: Path) -> tuple[list[dict], list[Path]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cerebrum_jax import nifti, report
+    from cerebrum_jax import fsafe, report
 
     run_dir = Path(args.run_dir)
     results, unfinished = collect(run_dir)
@@ -79,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
         names = ", ".join(d.name for d in unfinished)
         print(f"cerebrum-jax cv-summary: left out (no metrics.json, not finished): {names}", file=sys.stderr)
     summary = report.cv_summary(results)
-    nifti.write_text(run_dir / "cv_summary.json", json.dumps(summary, indent=2) + "\n")
-    nifti.write_text(run_dir / "cv_summary.md", report.cv_summary_markdown(summary))
+    fsafe.write_text(run_dir / "cv_summary.json", json.dumps(summary, indent=2) + "\n")
+    fsafe.write_text(run_dir / "cv_summary.md", report.cv_summary_markdown(summary))
     mean = summary["mean_dice"]["mean"]
     print(
         f"cross-validation over folds {summary['folds']}: mean Dice {mean:.4f} -> {run_dir / 'cv_summary.md'}"

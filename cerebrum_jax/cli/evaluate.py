@@ -8,18 +8,20 @@ from pathlib import Path
 
 import numpy as np
 
-from cerebrum_jax import nifti
-from cerebrum_jax.bids import with_background
+from cerebrum_jax import fsafe, nifti
+from cerebrum_jax.cli.options import add_label_pair_args, command
 from cerebrum_jax.errors import InputError
-from cerebrum_jax.fsafe import read_text
+from cerebrum_jax.labels import read_dseg
 from cerebrum_jax.metrics import evaluate, format_table
 
 AFFINE_TOL_MM = 1e-3  # largest accepted difference of any entry of the two voxel-to-mm affines
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
+    p = command(
+        sub,
         "evaluate",
+        run,
         help="compare a predicted label volume with a reference (Dice, HD95, VS)",
         description=(
             "Per-class Dice, symmetric 95th-percentile Hausdorff distance in mm (voxel spacing from the "
@@ -30,40 +32,18 @@ def add_parser(sub) -> None:
             "label 0 (background)."
         ),
     )
-    p.add_argument("pred", metavar="PRED.nii.gz", help="predicted labels (integer values)")
-    p.add_argument("ref", metavar="REF.nii.gz", help="reference labels on the same grid")
-    p.add_argument(
-        "--labels",
-        metavar="DSEG.tsv",
-        help="BIDS dseg.tsv (columns index, name) naming the label values; values found in the files "
+    add_label_pair_args(
+        p,
+        labels_help="BIDS dseg.tsv (columns index, name) naming the label values; values found in the files "
         "but missing from it are an error (default: every value present, named by its number)",
     )
     p.add_argument("--json", metavar="OUT.json", help="also write the results as JSON")
-    p.set_defaults(func=run)
 
 
-def read_dseg_tsv(path: str | Path) -> dict[int, str]:
-    """{label value: name} from a dseg.tsv with a header line containing 'index' and 'name' columns.
-
-    A table without a row for 0 (as fMRIPrep writes them) gets 0 as the background (``bids.with_background``).
-    """
-    path = Path(path)
-    lines = [line.rstrip("\r\n") for line in read_text(path, "label table").splitlines() if line.strip()]
-    header = lines[0].split("\t") if lines else []
-    if "index" not in header or "name" not in header:
-        raise InputError("label table needs a tab-separated header with 'index' and 'name'", path)
-    i_col, n_col = header.index("index"), header.index("name")
-    labels: dict[int, str] = {}
-    for number, line in enumerate(lines[1:], start=2):
-        cells = line.split("\t")
-        try:
-            value, name = int(cells[i_col]), cells[n_col].strip()
-        except (IndexError, ValueError):
-            raise InputError(f"line {number} is not '<integer index>\\t<name>'", path) from None
-        if value in labels or name in labels.values() or not name:
-            raise InputError(f"line {number}: duplicate or empty index/name", path)
-        labels[value] = name
-    return with_background(labels)
+def label_names(tsv: str | Path | None, present: list[int]) -> dict[int, str]:
+    """{label value: name} of the dseg.tsv ``tsv`` (``labels.read_dseg``), or of every value ``present``
+    named by its number when there is none."""
+    return read_dseg(tsv) if tsv is not None else {v: str(v) for v in present}
 
 
 def load_labels(path: str | Path, what: str) -> tuple[np.ndarray, object]:
@@ -98,18 +78,16 @@ def run(args: argparse.Namespace) -> int:
     pred, ref, ref_img = load_pair(args.pred, args.ref)
     spacing = tuple(float(z) for z in ref_img.header.get_zooms()[:3])
     present = sorted(set(np.unique(pred).tolist()) | set(np.unique(ref).tolist()))
+    labels = label_names(args.labels, present)
     if args.labels:
-        labels = read_dseg_tsv(args.labels)
         for path, data in ((args.pred, pred), (args.ref, ref)):
             outside = sorted(set(np.unique(data).tolist()) - set(labels))
             if outside:
                 raise InputError(f"label values {outside} are not in {args.labels}", path)
-    else:
-        labels = {v: str(v) for v in present}
     result = evaluate(pred, ref, spacing, labels)
     print(format_table(result))
     if args.json:
         text = json.dumps(result, indent=2, allow_nan=False)
-        nifti.write_text(args.json, text + "\n")
+        fsafe.write_text(args.json, text + "\n")
         print(f"wrote {args.json}")
     return 0

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from cerebrum_jax import distributed
+from cerebrum_jax.cli.options import add_distributed_args, add_performance_args, command
 from cerebrum_jax.config import apply_sets, find_config, load_config
 from cerebrum_jax.errors import InputError, NonFiniteLoss
 from cerebrum_jax.rundir import RunDir
@@ -32,25 +33,30 @@ DIRECT = {
     "slab_rows": "slab_rows",
 }
 
+DESCRIPTION = (
+    "Leave-one-out fine-tuning as in CEREBRUM-7T: fold K tests subject K (sorted ids) and trains on "
+    "the others. Warm-up with the copied layers frozen, then fine-tuning of all layers; writes "
+    "OUT/fold-K/ (config, log, metrics.jsonl, checkpoints, predictions, metrics.json, report.md, "
+    "figures). With --fold all, every fold and OUT/cv_summary.{json,md}."
+)
+EPILOG = (
+    "Every input (data, labels, weights, options; with --fold all, every fold's) is checked before "
+    "OUT/fold-K is created: bad input prints one line and exits with status 2, leaving nothing to "
+    "clean up. A NaN/inf loss stops the run with exit status 1 and a message (also in "
+    "OUT/fold-K/log.txt) naming the checkpoints left (checkpoints/best, checkpoints/last) or saying "
+    "that none was written yet. Exit status 0: done; checkpoints/best holds the parameters the "
+    "test subject was predicted with."
+)
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
+    p = command(
+        sub,
         "finetune",
+        run,
         help="fine-tune a checkpoint on one fold (or all folds) and evaluate the test subject",
-        description=(
-            "Leave-one-out fine-tuning as in CEREBRUM-7T: fold K tests subject K (sorted ids) and trains on "
-            "the others. Warm-up with the copied layers frozen, then fine-tuning of all layers; writes "
-            "OUT/fold-K/ (config, log, metrics.jsonl, checkpoints, predictions, metrics.json, report.md, "
-            "figures). With --fold all, every fold and OUT/cv_summary.{json,md}."
-        ),
-        epilog=(
-            "Every input (data, labels, weights, options; with --fold all, every fold's) is checked before "
-            "OUT/fold-K is created: bad input prints one line and exits with status 2, leaving nothing to "
-            "clean up. A NaN/inf loss stops the run with exit status 1 and a message (also in "
-            "OUT/fold-K/log.txt) naming the checkpoints left (checkpoints/best, checkpoints/last) or saying "
-            "that none was written yet. Exit status 0: done; checkpoints/best holds the parameters the "
-            "test subject was predicted with."
-        ),
+        description=DESCRIPTION,
+        epilog=EPILOG,
     )
     p.add_argument("--config", default="demo", help="experiment: experiments/NAME.py, or a .py/.json file")
     p.add_argument("--fold", default=None, help="fold K (1..N subjects) or 'all' (default: the config's)")
@@ -68,6 +74,12 @@ def add_parser(sub) -> None:
         "(unmasked, cropped to each head's foreground box), labels (the manual labels > 0, the paper's "
         "protocol: optimistic for new subjects); default auto: file when every subject has one, else none",
     )
+    _add_training_options(p)
+    _add_run_options(p)
+
+
+def _add_training_options(p) -> None:
+    """Grid, epochs, views, seed, label map, validation subject, data, layers, loss and batch size."""
     p.add_argument("--grid", help="network grid D,H,W (multiples of 8), or 'auto' (the brain boxes)")
     p.add_argument("--epochs", type=int, help="max epochs of both phases")
     p.add_argument("--epochs-warmup", type=int, help="max epochs of the warm-up phase")
@@ -104,6 +116,10 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--batch-size", type=int, help="augmented views per training step (default: 1, as the original)"
     )
+
+
+def _add_run_options(p) -> None:
+    """--set, --slab-rows, --resume, --no-progress, and the shared performance and multi-process options."""
     p.add_argument(
         "--set",
         action="append",
@@ -118,7 +134,7 @@ def add_parser(sub) -> None:
         metavar="N",
         help="train and validate the full-resolution layers in depth slabs of N rows (a multiple of 4): the "
         "same loss in bounded memory; 0 = the plain whole-volume step; default: automatic from the grid "
-        "(slabs of 16 above 2 M voxels). Not with --mesh",
+        "(slabs of 8 above 2 M voxels). Not with --mesh",
     )
     p.add_argument(
         "--resume",
@@ -128,17 +144,12 @@ def add_parser(sub) -> None:
         "and --distributed",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from cerebrum_jax.sharding import add_performance_args
-
-    add_performance_args(p)  # --mesh, --remat, --precision
-    distributed.add_distributed_args(p)  # --distributed, --coordinator, ...
-    for action in p._actions:  # finetune's default differs from segment's: no mesh unless asked
-        if action.dest == "mesh":
-            action.help = (
-                "device mesh DATAxSPACE, e.g. 1x4 (volumes and activations split along depth over 4 "
-                "devices); default: the config's mesh key, None = one device, no sharding"
-            )
-    p.set_defaults(func=run)
+    add_performance_args(  # finetune's default differs from segment's: no mesh unless asked
+        p,
+        mesh_help="device mesh DATAxSPACE, e.g. 1x4 (volumes and activations split along depth over 4 "
+        "devices); default: the config's mesh key, None = one device, no sharding",
+    )
+    add_distributed_args(p)  # --distributed, --coordinator, ...
 
 
 def _grid(text: str):

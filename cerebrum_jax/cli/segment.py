@@ -10,36 +10,42 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from cerebrum_jax import bids, distributed, inputs, nifti, predictor, preprocess, sharding
+from cerebrum_jax import bids, distributed, inputs, labels, nifti, predictor, preprocess, sharding
 from cerebrum_jax.checkpoint import find_weights as resolve_weights
 from cerebrum_jax.checkpoint import load_checkpoint
+from cerebrum_jax.cli import options
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.fsafe import dir_lock
 from cerebrum_jax.inputs import NORMALIZATIONS, Preprocessing, of_checkpoint
 
+DESCRIPTION = (
+    "Segment each input volume with one forward pass of the network over the whole volume and "
+    "write OUT/<prefix>_desc-cerebrum_dseg.nii.gz (uint8 labels), "
+    "OUT/<prefix>_desc-cerebrum_probseg.nii.gz (float32, classes on the 4th axis) and OUT/dseg.tsv, "
+    "with the input's affine and header, as a BIDS derivative dataset (dataset_description.json, "
+    "a JSON sidecar per file); <prefix> is the input's BIDS entities (or its name without "
+    "extension) and space-orig, e.g. sub-01_space-orig for sub-01_T1w.nii.gz. A fine-tuned "
+    "checkpoint prepares each input exactly as its training volumes were (brain mask, crop, grid, "
+    "voxel size, normalisation: recorded in its cerebrum.json), through the same predictor as the "
+    "fold's own test prediction. All inputs are checked before any work starts."
+)
+EPILOG = (
+    "Brain masks: a model fine-tuned on brain-masked inputs (test_mask file or labels) needs "
+    "--mask, one mask per input in the same order (e.g. from your skull-stripping tool); without "
+    "it segment stops with one line rather than segment an unmasked head it never saw. Ensembles: "
+    "--weights A B C D averages the probabilities of the four fold models. --tta averages mirrored "
+    "copies (default: along the left-right axis)."
+)
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
+    p = options.command(
+        sub,
         "segment",
+        run,
         help="segment whole NIfTI volumes (labels, probabilities, dseg.tsv)",
-        description=(
-            "Segment each input volume with one forward pass of the network over the whole volume and "
-            "write OUT/<prefix>_desc-cerebrum_dseg.nii.gz (uint8 labels), "
-            "OUT/<prefix>_desc-cerebrum_probseg.nii.gz (float32, classes on the 4th axis) and OUT/dseg.tsv, "
-            "with the input's affine and header, as a BIDS derivative dataset (dataset_description.json, "
-            "a JSON sidecar per file); <prefix> is the input's BIDS entities (or its name without "
-            "extension) and space-orig, e.g. sub-01_space-orig for sub-01_T1w.nii.gz. A fine-tuned "
-            "checkpoint prepares each input exactly as its training volumes were (brain mask, crop, grid, "
-            "voxel size, normalisation: recorded in its cerebrum.json), through the same predictor as the "
-            "fold's own test prediction. All inputs are checked before any work starts."
-        ),
-        epilog=(
-            "Brain masks: a model fine-tuned on brain-masked inputs (test_mask file or labels) needs "
-            "--mask, one mask per input in the same order (e.g. from your skull-stripping tool); without "
-            "it segment stops with one line rather than segment an unmasked head it never saw. Ensembles: "
-            "--weights A B C D averages the probabilities of the four fold models. --tta averages mirrored "
-            "copies (default: along the left-right axis)."
-        ),
+        description=DESCRIPTION,
+        epilog=EPILOG,
     )
     p.add_argument(
         "inputs",
@@ -78,19 +84,14 @@ def add_parser(sub) -> None:
         "default), all, or voxel axes such as 0,2 (every combination is averaged: 2^n passes)",
     )
     p.add_argument("--no-probseg", action="store_true", help="do not write the probability maps")
-    sharding.add_performance_args(p)  # --mesh, --remat, --precision
-    distributed.add_distributed_args(p)  # --distributed: the inputs split across processes
-    for action in p._actions:  # segment's meanings of the shared options
-        if action.dest == "mesh":
-            action.help = (
-                "device mesh DATAxSPACE, e.g. 1x4: each volume split along depth over 4 devices (its grid "
-                "depth / 8 must divide by SPACE); default: one device, no sharding"
-            )
-        elif action.dest == "remat":
-            action.help = "ignored by segment (there is no backward pass); accepted for finetune's options"
-        elif action.dest == "precision":
-            action.help = "bf16: bfloat16 convolutions with float32 parameters and softmax (default float32)"
-    p.set_defaults(func=run)
+    options.add_performance_args(  # segment's meanings of the shared options
+        p,
+        mesh_help="device mesh DATAxSPACE, e.g. 1x4: each volume split along depth over 4 devices (its grid "
+        "depth / 8 must divide by SPACE); default: one device, no sharding",
+        remat_help="ignored by segment (there is no backward pass); accepted for finetune's options",
+        precision_help="bf16: bfloat16 convolutions with float32 parameters and softmax (default float32)",
+    )
+    options.add_distributed_args(p)  # --distributed: the inputs split across processes
 
 
 def output_stem(path: Path) -> str:
@@ -145,17 +146,12 @@ def performance_options(args: argparse.Namespace, config):
     """
     try:
         local = jax.local_devices() if distributed.is_running() else None  # each process: its own devices
-        config, mesh = sharding.apply_performance_args(args, config, local)
+        config, mesh = options.performance_options(args, config, local)
     except ValueError as e:
         raise InputError(str(e), "--mesh") from None
     if args.mesh is not None and mesh.shape["data"] != 1:
         raise InputError(f"segment splits one volume at a time: use 1xN, not {args.mesh}", "--mesh")
     return dataclasses.replace(config, remat=False), (mesh if args.mesh is not None else None)
-
-
-def dseg_tsv(classes: list[str]) -> str:
-    """BIDS dseg.tsv text: a header ``index<TAB>name`` and one row per class."""
-    return "index\tname\n" + "".join(f"{i}\t{name}\n" for i, name in enumerate(classes))
 
 
 def load_models(args: argparse.Namespace, n_inputs: int):
@@ -247,6 +243,27 @@ def split_inputs(args: argparse.Namespace) -> list[Path]:
     return [Path(p) for p in args.inputs]
 
 
+def segment_one(
+    args: argparse.Namespace, models, mesh, out: Path, path: Path, mask_path: Path | None
+) -> None:
+    """Segment the input ``path`` (with its brain mask ``mask_path``) and write its files into ``out``."""
+    start = time.perf_counter()
+    data, img = nifti.load_nifti(path)
+    mask = None if mask_path is None else nifti.load_nifti(mask_path, what="mask")[0] > 0.5
+    tta = predictor.mirror_axes(args.tta_axes, img.affine) if args.tta else ()
+    probs = predictor.ensemble([m for _, _, m in models], data, img.affine, mask, tta_axes=tta, mesh=mesh)
+    seconds = time.perf_counter() - start
+    stem = output_stem(path)
+    predictor.write_segmentation(
+        out, stem, probs, img, probseg=not args.no_probseg, sidecar=sidecar_fields(models, path, mask)
+    )
+    note = f" (mirrored along axes {tta}, {2 ** len(tta)} passes per model)" if tta else ""
+    print(
+        f"{path}: shape {data.shape}, segmented in {seconds:.1f} s{note} -> {out / stem}_desc-cerebrum_*",
+        flush=True,
+    )
+
+
 @distributed.guarded("segment")
 def run(args: argparse.Namespace) -> int:
     """Check the checkpoints, options and every input first; then segment; dseg.tsv is written last.
@@ -286,28 +303,10 @@ def run(args: argparse.Namespace) -> int:
     lock = dir_lock(out, "segment")  # one run at a time into OUT (InputError naming the other's pid)
     try:
         for i in mine:
-            path = paths[i]
-            start = time.perf_counter()
-            data, img = nifti.load_nifti(path)
-            mask = None if masks is None else nifti.load_nifti(masks[i], what="mask")[0] > 0.5
-            tta = predictor.mirror_axes(args.tta_axes, img.affine) if args.tta else ()
-            probs = predictor.ensemble(
-                [m for _, _, m in models], data, img.affine, mask, tta_axes=tta, mesh=mesh
-            )
-            seconds = time.perf_counter() - start
-            stem = output_stem(path)
-            predictor.write_segmentation(
-                out, stem, probs, img, probseg=not args.no_probseg, sidecar=sidecar_fields(models, path, mask)
-            )
-            note = f" (mirrored along axes {tta}, {2 ** len(tta)} passes per model)" if tta else ""
-            print(
-                f"{path}: shape {data.shape}, segmented in {seconds:.1f} s{note} -> "
-                f"{out / stem}_desc-cerebrum_*",
-                flush=True,
-            )
+            segment_one(args, models, mesh, out, paths[i], None if masks is None else masks[i])
         distributed.barrier("segmented")
         if distributed.is_main():
-            nifti.write_text(out / "dseg.tsv", dseg_tsv(models[0][1].classes))
+            labels.write_dseg(out / "dseg.tsv", models[0][1].classes)
             bids.write_segment_description(out, paths)
     except BaseException:
         lock.release()

@@ -7,14 +7,17 @@ from pathlib import Path
 
 import numpy as np
 
-from cerebrum_jax import bids, nifti, surfaces
-from cerebrum_jax.cli.evaluate import load_pair, read_dseg_tsv
+from cerebrum_jax import bids, fsafe, surfaces
+from cerebrum_jax.cli.evaluate import label_names, load_pair
+from cerebrum_jax.cli.options import add_label_pair_args, command
 from cerebrum_jax.errors import InputError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
+    p = command(
+        sub,
         "surfaces",
+        run,
         help="3-D surfaces (GIfTI), renderings and surface distances of a prediction against a reference",
         description=(
             "For each chosen class, the surfaces of REF (manual) and PRED by marching cubes, in world mm "
@@ -24,13 +27,11 @@ def add_parser(sub) -> None:
             "OUT/surfaces.json, surfaces.md and report.html. PRED and REF must share one grid."
         ),
     )
-    p.add_argument("pred", metavar="PRED.nii.gz", help="predicted labels (integer values)")
-    p.add_argument("ref", metavar="REF.nii.gz", help="reference labels on the same grid")
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="output directory (created if needed)")
-    p.add_argument(
-        "--labels",
-        metavar="DSEG.tsv",
-        help="dseg.tsv naming the label values (default: the dseg.tsv beside PRED if any, else numbers)",
+    add_label_pair_args(
+        p,
+        labels_help="dseg.tsv naming the label values "
+        "(default: the dseg.tsv beside PRED if any, else numbers)",
     )
     p.add_argument(
         "--classes",
@@ -42,14 +43,12 @@ def add_parser(sub) -> None:
     p.add_argument("--max-faces", type=int, default=surfaces.MAX_FACES, help="triangles per GIfTI surface")
     p.add_argument("--frames", type=int, default=12, help="frames of the turntable GIF")
     p.add_argument("--no-render", action="store_true", help="only the GIfTI surfaces and distances")
-    p.set_defaults(func=run)
 
 
-def label_names(args, pred_path: Path, present: list[int]) -> dict[int, str]:
-    tsv = Path(args.labels) if args.labels else pred_path.parent / "dseg.tsv"
-    if args.labels or tsv.is_file():
-        return read_dseg_tsv(tsv)
-    return {v: str(v) for v in present}
+def labels_table(args, pred_path: Path) -> Path | None:
+    """--labels, else the dseg.tsv beside PRED when there is one, else None (label values as names)."""
+    beside = pred_path.parent / "dseg.tsv"
+    return Path(args.labels) if args.labels else (beside if beside.is_file() else None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("exists and is not a directory", out)
     pred, ref, ref_img = load_pair(args.pred, args.ref)
     present = sorted(set(np.unique(pred).tolist()) | set(np.unique(ref).tolist()))
-    names = label_names(args, Path(args.pred), present)
+    names = label_names(labels_table(args, Path(args.pred)), present)
     requested = [c for item in args.classes or [] for c in item.split(",") if c.strip()]
     try:
         classes = surfaces.resolve_classes(requested or None, names, present)
@@ -83,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from cerebrum_jax import html_report
 
     html_report.write_surfaces_html(out / "report.html", records, out, f"surfaces of {Path(args.pred).name}")
-    nifti.write_text(out / "surfaces.md", f"# Surfaces: {args.pred} against {args.ref}\n\n{text}")
+    fsafe.write_text(out / "surfaces.md", f"# Surfaces: {args.pred} against {args.ref}\n\n{text}")
     print(text, end="")
     print(f"wrote {len(records)} class(es) to {out}")
     return 0

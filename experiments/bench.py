@@ -73,6 +73,72 @@ interleaved in one process are more reliable than absolute times.
   elasticdeform wheel is built against NumPy 1.x.
 """  # noqa: E501
 
+MEMORY_NOTES = """## Memory of a training step (the estimate `finetune` checks a grid against)
+
+`cerebrum_jax/memory.py` refuses, before loading data, a grid whose training step cannot fit (issue 8).
+Its CPU figure comes from XLA:CPU's own accounting of the compiled step
+(`jax.jit(train.make_train_step(...), donate_argnums=0).lower(...).compile().memory_analysis()`:
+arguments + outputs + temporaries; float32, batch 1, n_filters 24, 8 classes, no remat; 2-core CPU
+shared with 3 other agents, which changes nothing in these byte counts):
+
+| grid | bytes per voxel |
+|---|---|
+| 32x32x32 | 5,472 |
+| 64x32x32 | 4,919 |
+| 64x64x32 | 4,659 |
+| 256x352x224 (remat; the RESOURCE_EXHAUSTED above) | 4,657 |
+
+The estimate, 150 B x n_filters + 40 B x n_classes per voxel (3,920 B for this model, 84 % of the
+measured), stays on the low side so that only steps that cannot fit are refused: 79 GB for the
+whole-volume step, 526 GB for 512x512x512, 1 GB for the demo's 56x72x64 with 4 classes. On a GPU the
+figure is a lower bound (16 B x n_filters + 12 B x n_classes, 9.7 GB for the whole-volume step), to be
+replaced by a measurement when a GPU is lent. The streamed step (below) is checked with 240 B per voxel
+of the grid (the low side of the 261 B of the whole full-size fold's peak RSS, 5.27 GB at 256x352x224),
+whatever the filters and classes: 4.8 GB for the whole volume, 32 GB (refused on this 24 GB machine)
+for 512x512x512.
+"""  # noqa: E501
+
+WHOLE_NOTES = """## Whole-volume training: the full-size fold and where the memory went (measured by hand)
+
+The full-size fold, from a generated cohort (`python -m cerebrum_jax.fullsize data/fullsize`: 4 pseudo-
+subjects at 0.63 mm, all 7 Schneider labels; 2.9 min wall) at commit 35b43080:
+
+    cerebrum-jax finetune --config schneider19 --data data/fullsize --grid 256,352,224 --epochs 1 \\
+        --augment-views 1 --fold 3 --out runs/fullsize
+
+ran end to end on the 2-core CPU: warm-up (3 streamed steps, slabs of 8), its validation, fine-tuning
+(3 steps), validation, the test subject's prediction (lean forward), metrics (HD95 on 20 M voxels),
+surfaces, report.md and report.html. **Peak RSS 5.27 GB** (`/usr/bin/time -v`, the whole fold; goal
+<= 12 GB: met). Wall time 29.6 min, 2,024 CPU-s (114 % of one core: it shared the 2 cores with the test
+suite and another engineer's work); steps took 135-250 s of wall each under that load, augmentation
+and data included. Its Dice (mean 0.04) means nothing: one epoch of 3 views from the demo's 4-class
+weights, on pseudo-data.
+
+One epoch of the original recipe (3 training volumes x 30 views = 90 streamed steps, plus 3 validation
+passes) therefore costs on this CPU about 90 x the streamed step of the table above plus 90 augmented
+views (under 1 s each): well over an hour per epoch, so 110 + 110 epochs are a GPU job. On a GPU: not
+measured (no device was lent to this task); the streamed step's compiled temporaries (3.7 GB, below)
+are what a GPU has to hold besides parameters, Adam state and one volume.
+
+What the streamed step's memory was, and what changed it (XLA:CPU's compiled memory analysis of
+`train.make_train_step(..., slab_rows=8)` at 256x352x224, 8 classes, float32; buffer assignment read
+from `XLA_FLAGS=--xla_dump_to`):
+
+| change | compiled temp | where it was |
+|---|---|---|
+| before (end of the previous stop) | 5.01 GB (6.67 GB peak RSS) | 9 im2col copies of the kernel gradient live at once (9 x 182 MB), threefry's uint32 temporaries of a whole dropout slab (~10 x 76 MB) |
+| kernel gradient one D tap at a time (`model._kernel_grad(..., low_memory=True)`, a `lax.map` over the 3 D taps) | 4.02 GB | 3 copies live; ~10 % slower kernel gradient, so only the streamed step uses it |
+| dropout bits one row at a time (`streamed._dropout_rows`, bit for bit the same mask) | 3.73 GB | |
+| slabs of 16 / 4 rows instead of 8 | 4.71 / 3.24 GB | about 2.75 GB does not scale with the slab: the input and labels padded (2 x 82 MB), the levels 2-3 activations kept for their backward pass (62 MB each at level 2) |
+
+The automatic `slab_rows` is now 8 (was 16). And the step's time: XLA:CPU emitted the transposed 2-D
+convolutions of `jax.vjp` (the input gradient of the 3x3x3 convs) inside a `lax.map` body as a naive loop
+(`outer_dimension_partitions`), ~10x the forward conv's time; written out as a forward convolution of
+the flipped kernel (`streamed._input_grad`), the streamed gradient at 64x88x56 went from 10.5 to 2.75
+CPU-s (the plain step's: 2.55 CPU-s; loaded machine). Equality with the plain step is tested as before
+(`tests/test_streamed.py`).
+"""  # noqa: E501
+
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -466,7 +532,7 @@ def write_report(path: str, info: dict, par: dict, results: dict) -> None:
             "(goal <= 0.25 s on an H100), peak device memory (goal <= 24 GB) and augmentation per view",
             "(goal <= 50 ms).",
         ]
-    lines += ["", NOTES]
+    lines += ["", NOTES, MEMORY_NOTES, WHOLE_NOTES]
     with open(path + ".tmp", "w") as fh:
         fh.write("\n".join(lines) + "\n")
     os.replace(path + ".tmp", path)

@@ -438,13 +438,30 @@ def test_memory_estimate_matches_its_calibration():
 # 11. Ctrl-C during training: one line, exit 130, no Orbax traceback, no wait at exit
 
 
+def _ctrl_c_default():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def ctrl_c_handler():
+    """Python's own SIGINT handler for the test, as under a terminal (a shell's background job, e.g.
+    ``make test &``, starts with SIGINT ignored, and Python then installs none)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 @pytest.mark.slow
 def test_ctrl_c_during_training(files, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     argv = finetune_args(files, out, "--epochs", "500")
     p = subprocess.Popen(
-        [sys.executable, "-m", "cerebrum_jax", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+        [sys.executable, "-m", "cerebrum_jax", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        preexec_fn=_ctrl_c_default,  # a shell's background job inherits SIGINT ignored; a terminal's does not
     )
     log = out / "fold-1" / "log.txt"
     while not (log.is_file() and "warmup epoch 3:" in log.read_text()):
@@ -491,7 +508,7 @@ class _CtrlC:
         return "pressed"
 
 
-def test_ctrl_c_during_a_checkpoint_save_finishes_the_save_first(files, tmp_path):
+def test_ctrl_c_during_a_checkpoint_save_finishes_the_save_first(files, tmp_path, ctrl_c_handler):
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save_checkpoint(tmp_path / "ck", files["params"], CONFIG, meta={"note": _CtrlC()})
     loaded = checkpoint.load_checkpoint(tmp_path / "ck")  # complete, digest and all

@@ -12,7 +12,7 @@ from cerebrum_jax.errors import InputError
 # Bytes per voxel of a batch of one: (per level-1 filter, per class), by backend. See train_step_bytes.
 BYTES_PER_VOXEL = {"cpu": (150.0, 40.0), "gpu": (16.0, 12.0)}
 # The streamed step (``streamed``, level-1 layers in depth slabs) keeps only the volume, its labels and
-# the 64x smaller levels 2-3 whole: a whole 256x352x224 fold (slabs of 8) peaked at 5.27 GB RSS (261 B per
+# the 64x smaller levels 2-3 whole: a whole 256x352x224 fold (slabs of 8) peaked at 5.02 GiB RSS (267 B per
 # voxel; the step's compiled temporaries are 3.7 GB of it); the low side of that (see train_step_bytes).
 STREAMED_BYTES_PER_VOXEL = 240.0
 SKIP_ENV = "CEREBRUM_JAX_NO_MEMORY_CHECK"
@@ -49,7 +49,7 @@ def train_step_bytes(
     a GPU is refused only a grid that certainly cannot fit; measure and raise it when a GPU is available.
     ``streamed``: the step that streams the full-resolution layers in depth slabs (``streamed``) keeps
     the input, labels, augmentation buffers and the levels 2-3 whole (1/64 and 1/512 of the voxels):
-    ``STREAMED_BYTES_PER_VOXEL`` (240 B, 4.8 GB for 256x352x224, where a whole fold peaked at 5.27 GB RSS
+    ``STREAMED_BYTES_PER_VOXEL`` (240 B, 4.8 GB for 256x352x224, where a whole fold peaked at 5.02 GiB RSS
     on the 2-core CPU with slabs of 8), whatever the filters and classes.
     """
     voxels = 1

@@ -93,7 +93,7 @@ measured), stays on the low side so that only steps that cannot fit are refused:
 whole-volume step, 526 GB for 512x512x512, 1 GB for the demo's 56x72x64 with 4 classes. On a GPU the
 figure is a lower bound (16 B x n_filters + 12 B x n_classes, 9.7 GB for the whole-volume step), to be
 replaced by a measurement when a GPU is lent. The streamed step (below) is checked with 240 B per voxel
-of the grid (the low side of the 261 B of the whole full-size fold's peak RSS, 5.27 GB at 256x352x224),
+of the grid (the low side of the 267 B of the whole full-size fold's peak RSS, 5.02 GiB at 256x352x224),
 whatever the filters and classes: 4.8 GB for the whole volume, 32 GB (refused on this 24 GB machine)
 for 512x512x512.
 """  # noqa: E501
@@ -108,7 +108,7 @@ subjects at 0.63 mm, all 7 Schneider labels; 2.9 min wall) at commit 35b43080:
 
 ran end to end on the 2-core CPU: warm-up (3 streamed steps, slabs of 8), its validation, fine-tuning
 (3 steps), validation, the test subject's prediction (lean forward), metrics (HD95 on 20 M voxels),
-surfaces, report.md and report.html. **Peak RSS 5.27 GB** (`/usr/bin/time -v`, the whole fold; goal
+surfaces, report.md and report.html. **Peak RSS 5.02 GiB (5.39 GB)** (`/usr/bin/time -v`, the whole fold; goal
 <= 12 GB: met). Wall time 29.6 min, 2,024 CPU-s (114 % of one core: it shared the 2 cores with the test
 suite and another engineer's work); steps took 135-250 s of wall each under that load, augmentation
 and data included. Its Dice (mean 0.04) means nothing: one epoch of 3 views from the demo's 4-class

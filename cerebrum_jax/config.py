@@ -7,11 +7,13 @@ so is a value of the wrong type or out of range (checked from the field annotati
 naming the key).
 
 The keys stay flat (they are the file format: config.json, ``--set KEY=VALUE``, the ``--resume``
-comparison of ``runguard``), and each part of a fold gets only its typed section, built and checked once
-when the config is: ``loss_config`` (``losses.LossConfig``), ``augment_config`` (``augment.AugmentConfig``),
-``loop`` (``LoopConfig``, the epoch loop's schedule), ``phase("warmup" | "finetune")`` (``PhaseConfig``:
-learning rate and epochs), ``dropout_rate``. The shared vocabularies (normalisations, precisions) are in
-``choices``.
+comparison of ``runguard``), and each part of a fold gets only its typed section, checked once when the
+config is built: ``data_config`` (``DataConfig``: dataset, fold, preparation), ``init_config``
+(``InitConfig``: the initial network), ``loss_config`` (``losses.LossConfig``), ``augment_config``
+(``augment.AugmentConfig``), ``phase("warmup" | "finetune")`` (``PhaseConfig``: learning rate and
+epochs), ``loop`` (``LoopConfig``, the epoch loop's schedule), ``runtime_config`` (``RuntimeConfig``: how
+to compute), ``output_config`` (``OutputConfig``: what the report draws). Every key
+belongs to one section (tested); the shared vocabularies (normalisations, precisions) are in ``choices``.
 """
 
 from __future__ import annotations
@@ -73,6 +75,68 @@ class LoopConfig:
     min_lr: float = 1e-7
     seed: int = 0
     slab_rows: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Which subjects a fold reads and how it prepares them (``fold.load_fold``): the data keys of
+    ``TrainConfig``, whose docstring says what each means."""
+
+    data: str | None
+    demo_root: str
+    layout: str
+    contrast: str
+    seg_name: str
+    mask_name: str | None
+    labels: str
+    drop_labels: tuple[str, ...]
+    merge_labels: tuple[str, ...]
+    grid: tuple[int, int, int] | None
+    voxel_mm: float | None
+    margin: int
+    fold: int
+    val_subject: str | None
+    test_mask: str
+
+
+@dataclasses.dataclass(frozen=True)
+class InitConfig:
+    """The network a fold starts from (``fold.prepare_fold``): initial weights, the width of a random
+    init, dropout, how many last layers get new weights, and the requested input normalisation (resolved
+    against the initial checkpoint's)."""
+
+    weights: str | None
+    n_filters: int
+    dropout: bool
+    last_layer: int
+    normalization: str
+
+    @property
+    def dropout_rate(self) -> float:
+        """The network's dropout rate: the original's (``ModelConfig.dropout_rate``) when dropout, else 0."""
+        from cerebrum_jax.model import ModelConfig  # imported late: it imports jax
+
+        return ModelConfig.dropout_rate if self.dropout else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """How a fold computes, not what (``sharding``, ``streamed``, ``memory``, ``distributed``): the keys a
+    ``--resume`` may change (``runguard.PERFORMANCE_KEYS``). slab_rows None = automatic from the grid."""
+
+    mesh: str | None
+    remat: bool
+    precision: str
+    slab_rows: int | None
+    distributed: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputConfig:
+    """What the fold's report draws (``results_page``): the probability-map class, the surface classes."""
+
+    prob_class: str | None
+    surface_classes: tuple[str, ...] | None
 
 
 class PhaseConfig(typing.NamedTuple):
@@ -244,6 +308,29 @@ class TrainConfig:
         """The ``augment.AugmentConfig`` section (the ``augment`` overrides), built once."""
         return self._augment
 
+    def _section(self, cls):
+        return cls(**{f.name: getattr(self, f.name) for f in dataclasses.fields(cls)})
+
+    @property
+    def data_config(self) -> DataConfig:
+        """The ``DataConfig`` section: the dataset, the fold and how its subjects are prepared."""
+        return self._section(DataConfig)
+
+    @property
+    def init_config(self) -> InitConfig:
+        """The ``InitConfig`` section: the initial network."""
+        return self._section(InitConfig)
+
+    @property
+    def runtime_config(self) -> RuntimeConfig:
+        """The ``RuntimeConfig`` section: the device mesh, remat, precision, slabs, distributed."""
+        return self._section(RuntimeConfig)
+
+    @property
+    def output_config(self) -> OutputConfig:
+        """The ``OutputConfig`` section: what the report draws."""
+        return self._section(OutputConfig)
+
     @property
     def loop(self) -> LoopConfig:
         """The ``LoopConfig`` section (slab_rows None, automatic, as 0: ``finetune`` resolves it first)."""
@@ -263,13 +350,6 @@ class TrainConfig:
         if name not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, not {name!r}")
         return PhaseConfig(getattr(self, f"lr_{name}"), getattr(self, f"epochs_{name}"))
-
-    @property
-    def dropout_rate(self) -> float:
-        """The network's dropout rate: the original's (``ModelConfig.dropout_rate``) when dropout, else 0."""
-        from cerebrum_jax.model import ModelConfig
-
-        return ModelConfig.dropout_rate if self.dropout else 0.0
 
     def override(self, where: str = "config", **values: Any) -> TrainConfig:
         """A copy with ``values`` replaced; an unknown key raises InputError naming ``where``."""

@@ -273,7 +273,7 @@ def _evaluate(cfg, run: RunDir, prepared, record: RunRecord, probs, grids, histo
     fsafe.write_text(run.metrics_json, json.dumps(result, indent=2) + "\n")
     figures = report.fold_figures(run.root, history, grids, probs, names, prepared.k_prob)
     normalization = preprocess.describe_normalization(
-        record.normalization, record.normalization_note, record.train_subjects, fold.grid
+        record.normalization, record.normalization_note, record.train_subjects, fold.grid, pre.mask
     )
     rows = record.report_rows(normalization, MASK_WORDS[pre.mask], pre.describe())
     rows.update({"epochs": result["epochs"], "timings (s)": result["timings_s"]})
@@ -289,7 +289,7 @@ def _evaluate(cfg, run: RunDir, prepared, record: RunRecord, probs, grids, histo
 
 
 def n_subjects(cfg: TrainConfig) -> int:
-    return len(fold_subjects(cfg, log=lambda _: None)[1])
+    return len(fold_subjects(cfg.data_config, log=lambda _: None)[1])
 
 
 def run_cv(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True) -> dict:
@@ -300,7 +300,7 @@ def run_cv(cfg: TrainConfig, out, *, resume: bool = False, progress: bool = True
     all the same for every fold); InputError otherwise, with nothing written.
     """
     out = Path(out)
-    _, subjects = fold_subjects(cfg, log=lambda _: None)
+    _, subjects = fold_subjects(cfg.data_config, log=lambda _: None)
     todo, results = [], {}
     for k in range(1, len(subjects) + 1):
         D.split_fold(subjects, k, cfg.val_subject)

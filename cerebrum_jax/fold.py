@@ -18,12 +18,12 @@ import numpy as np
 from cerebrum_jax import data as D
 from cerebrum_jax import distributed, inputs, preprocess, results_page, sharding, train
 from cerebrum_jax.checkpoint import Checkpoint, find_weights, load_checkpoint
-from cerebrum_jax.config import TrainConfig
+from cerebrum_jax.config import DataConfig, InitConfig, OutputConfig, RuntimeConfig, TrainConfig
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.inputs import PreparedSubject, Preprocessing
 from cerebrum_jax.labels import LabelMap, edit_label_map, get_label_map
+from cerebrum_jax.memory import check_training_fits
 from cerebrum_jax.model import ModelConfig
-from cerebrum_jax.runguard import check_training_fits
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -74,21 +74,22 @@ class PreparedFold:
         return str(Path(self.weights_path).absolute()), self.ckpt.meta.get("description", "")
 
 
-def label_map_of(cfg: TrainConfig) -> LabelMap:
-    return edit_label_map(get_label_map(cfg.labels), cfg.drop_labels, cfg.merge_labels)
+def label_map_of(data: DataConfig) -> LabelMap:
+    """The fold's label map: ``data.labels`` with its drop / merge edits."""
+    return edit_label_map(get_label_map(data.labels), data.drop_labels, data.merge_labels)
 
 
-def fold_subjects(cfg: TrainConfig, log=print) -> tuple[Path, list[D.Subject]]:
-    """(dataset root, its subjects in sorted order): ``cfg.data`` read with the config's layout, contrast,
+def fold_subjects(data: DataConfig, log=print) -> tuple[Path, list[D.Subject]]:
+    """(dataset root, its subjects in sorted order): ``data.data`` read with the section's layout, contrast,
     seg_name and mask_name, or the offline demo cohort (built on first use) when data is None."""
-    if cfg.data is None:
+    if data.data is None:
         from cerebrum_jax.demo import ensure_demo_cohort
 
-        root = distributed.main_first(ensure_demo_cohort, cfg.demo_root)  # built once, by process 0
+        root = distributed.main_first(ensure_demo_cohort, data.demo_root)  # built once, by process 0
         log(f"data: the offline demo cohort at {root} (template-derived, not 7T data)")
     else:
-        root = Path(cfg.data)
-    return root, D.find_subjects(root, cfg.layout, cfg.contrast, cfg.seg_name, cfg.mask_name)
+        root = Path(data.data)
+    return root, D.find_subjects(root, data.layout, data.contrast, data.seg_name, data.mask_name)
 
 
 def resolve_test_mask(requested: str, subjects: list[D.Subject]) -> tuple[str, str]:
@@ -113,8 +114,9 @@ def resolve_test_mask(requested: str, subjects: list[D.Subject]) -> tuple[str, s
     return requested, "set in the config"
 
 
-def load_fold(cfg: TrainConfig, log=print, normalization: str = "zscore") -> FoldData:
-    """Subjects of fold ``cfg.fold`` read and prepared (all input checks happen here, before training).
+def load_fold(cfg: DataConfig, log=print, normalization: str = "zscore") -> FoldData:
+    """Subjects of fold ``cfg.fold`` read and prepared (all input checks happen here, before training);
+    ``cfg`` is the data section (``TrainConfig.data_config``).
 
     Every subject, the test subject too, is prepared by ``inputs.load_subject`` with one
     ``inputs.Preprocessing`` (mask kind ``resolve_test_mask``, crop to a box + margin, the grid,
@@ -141,20 +143,21 @@ def load_fold(cfg: TrainConfig, log=print, normalization: str = "zscore") -> Fol
     )
 
 
-def fold_mesh(cfg: TrainConfig, grid) -> jax.sharding.Mesh | None:
-    """The device mesh of ``cfg.mesh`` (None: one device, no sharding; distributed: all devices on "space"),
-    checked against the batch size and ``grid`` before any training (InputError otherwise)."""
-    if cfg.mesh is None and not distributed.is_running():
+def fold_mesh(runtime: RuntimeConfig, batch_size: int, grid) -> jax.sharding.Mesh | None:
+    """The device mesh of ``runtime.mesh`` (None: one device, no sharding; distributed: all devices on
+    "space"), checked against ``batch_size`` and ``grid`` before any training (InputError otherwise)."""
+    if runtime.mesh is None and not distributed.is_running():
         return None
     try:
-        mesh = sharding.make_mesh(cfg.mesh)
-        sharding.check_divisible((cfg.batch_size, *grid), mesh)
+        mesh = sharding.make_mesh(runtime.mesh)
+        sharding.check_divisible((batch_size, *grid), mesh)
     except ValueError as e:
         raise InputError(str(e), "--mesh") from None
     return mesh
 
 
-def prob_class_index(cfg: TrainConfig, names: tuple[str, ...]) -> int:
+def prob_class_index(cfg: OutputConfig, names: tuple[str, ...]) -> int:
+    """The index of the class whose probability map the report draws (``cfg.prob_class`` or the default)."""
     if cfg.prob_class is not None:
         if cfg.prob_class not in names:
             raise InputError(f"prob_class {cfg.prob_class!r} is not a class: {list(names)}", "prob_class")
@@ -162,22 +165,20 @@ def prob_class_index(cfg: TrainConfig, names: tuple[str, ...]) -> int:
     return names.index("vessels") if "vessels" in names else len(names) - 1
 
 
-def _initial_network(cfg: TrainConfig, n_classes: int, log):
+def _initial_network(cfg: InitConfig, n_classes: int, seed: int, log):
     """(weights_path, ckpt, model_config, params, frozen, normalization, why): the initial checkpoint's
     network with ``n_classes`` outputs (or, for weights "none", a random init: from scratch)."""
-    key = jax.random.key(cfg.seed)
+    key = jax.random.key(seed)
     if cfg.weights == "none":  # from scratch: random init of the config's width, nothing frozen
         model_config = ModelConfig(
             n_filters=cfg.n_filters, n_classes=n_classes, dropout_rate=cfg.dropout_rate
         )
-        check_training_fits(cfg, cfg.grid, n_classes, cfg.n_filters)
         params, frozen = train.init_from_scratch(model_config, key)
         log(f"training from scratch: random initialisation, n_filters {cfg.n_filters}, no warm-up phase")
         normalization, why = preprocess.resolve_normalization(cfg.normalization, "zscore")
         return None, None, model_config, params, frozen, normalization, why
     weights_path = find_weights(cfg.weights, log)
     ckpt = load_checkpoint(weights_path)
-    check_training_fits(cfg, cfg.grid, n_classes, ckpt.config.n_filters)
     model_config = train.finetune_model_config(ckpt, n_classes, cfg.dropout_rate)
     params, frozen = train.load_finetune_init(ckpt, n_classes, cfg.last_layer, key)
     normalization, why = preprocess.resolve_normalization(cfg.normalization, ckpt.normalization)
@@ -187,29 +188,32 @@ def _initial_network(cfg: TrainConfig, n_classes: int, log):
 def prepare_fold(cfg: TrainConfig, log=print) -> PreparedFold:
     """Every input check and load of fold ``cfg.fold``, writing nothing (InputError on bad input).
 
-    The cheap checks first (the loss and augmentation sections were checked when ``cfg`` was built): the
+    Each step gets only its section of ``cfg`` (data, init, runtime, output; ``config``). The cheap checks
+    first (the loss and augmentation sections were checked when ``cfg`` was built): the
     label map, the class whose probability map is drawn, the surface classes, slab streaming against a
     mesh; then the initial network, the normalisation (``preprocess.resolve_normalization``), the
     subjects (``load_fold``), the memory and the device mesh against the grid.
     """
     t0 = time.perf_counter()
-    label_map = label_map_of(cfg)
-    k_prob = prob_class_index(cfg, label_map.names)
-    results_page.surface_classes(cfg.surface_classes, label_map.names)
-    if cfg.mesh is not None and cfg.slab_rows:
+    data, runtime, output, batch = cfg.data_config, cfg.runtime_config, cfg.output_config, cfg.batch_size
+    label_map = label_map_of(data)
+    k_prob = prob_class_index(output, label_map.names)
+    results_page.surface_classes(output.surface_classes, label_map.names)
+    if runtime.mesh is not None and runtime.slab_rows:
         raise InputError(
             "slab streaming cannot be combined with --mesh (use one or the other)", "--slab-rows"
         )
-    if cfg.grid is not None:
-        fold_mesh(cfg, cfg.grid)
+    if data.grid is not None:
+        fold_mesh(runtime, batch, data.grid)
     weights_path, ckpt, model_config, params, frozen, normalization, why = _initial_network(
-        cfg, label_map.n_classes, log
+        cfg.init_config, label_map.n_classes, cfg.seed, log
     )
+    check_training_fits(runtime, batch, data.grid, label_map.n_classes, model_config.n_filters)
     log(f"input normalisation: {normalization} ({why})")
-    fold = load_fold(cfg, log, normalization)
-    check_training_fits(cfg, fold.grid, label_map.n_classes, model_config.n_filters)
+    fold = load_fold(data, log, normalization)
+    check_training_fits(runtime, batch, fold.grid, label_map.n_classes, model_config.n_filters)
     log(f"brain mask: {fold.preprocessing.mask} ({fold.mask_note})")
-    mesh = fold_mesh(cfg, fold.grid)
+    mesh = fold_mesh(runtime, batch, fold.grid)
     return PreparedFold(
         weights_path, ckpt, fold, why, k_prob, mesh, model_config, params, frozen, time.perf_counter() - t0
     )

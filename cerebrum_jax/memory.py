@@ -88,24 +88,27 @@ def mesh_devices(mesh: str | None) -> int:
     return n
 
 
-def check_training_fits(cfg, grid, n_classes: int, n_filters: int, *, bytes_per_voxel=None) -> float | None:
-    """InputError naming --grid when ``train_step_bytes`` for ``cfg`` (batch_size, mesh) on ``grid`` exceeds
-    ``device_memory_bytes``; returns the estimate (None when ``grid`` is None, i.e. not known yet, or when
-    the environment variable CEREBRUM_JAX_NO_MEMORY_CHECK is set to skip the check)."""
+def check_training_fits(
+    runtime, batch_size: int, grid, n_classes: int, n_filters: int, *, bytes_per_voxel=None
+) -> float | None:
+    """InputError naming --grid when ``train_step_bytes`` for ``runtime`` (``config.RuntimeConfig``: mesh,
+    slab_rows) and ``batch_size`` on ``grid`` exceeds ``device_memory_bytes``; returns the estimate (None
+    when ``grid`` is None, i.e. not known yet, or when the environment variable CEREBRUM_JAX_NO_MEMORY_CHECK
+    is set to skip the check)."""
     if grid is None or os.environ.get(SKIP_ENV):
         return None
     have, what, backend = device_memory_bytes()
-    slab_rows = getattr(cfg, "slab_rows", 0)
+    slab_rows = runtime.slab_rows
     if slab_rows is None:  # automatic (``streamed.auto_slab_rows``), as finetune resolves it
         from cerebrum_jax.streamed import auto_slab_rows
 
-        slab_rows = 0 if getattr(cfg, "mesh", None) else auto_slab_rows(tuple(grid))
+        slab_rows = 0 if runtime.mesh else auto_slab_rows(tuple(grid))
     need = train_step_bytes(
         grid,
         n_classes,
         n_filters,
-        cfg.batch_size,
-        n_devices=mesh_devices(getattr(cfg, "mesh", None)),
+        batch_size,
+        n_devices=mesh_devices(runtime.mesh),
         backend=backend,
         bytes_per_voxel=bytes_per_voxel,
         streamed=slab_rows > 0,
@@ -114,7 +117,7 @@ def check_training_fits(cfg, grid, n_classes: int, n_filters: int, *, bytes_per_
     if have is not None and need > have:
         raise InputError(
             f"{'x'.join(map(str, grid))}: a training step needs about {need / 1e9:.1f} GB "
-            f"(estimate for {n_classes} classes, n_filters {n_filters}, batch {cfg.batch_size}, {step}), "
+            f"(estimate for {n_classes} classes, n_filters {n_filters}, batch {batch_size}, {step}), "
             "more than "
             f"{what} ({have / 1e9:.1f} GB); use a smaller grid or a coarser --set voxel_mm "
             f"(set {SKIP_ENV}=1 to try anyway)",

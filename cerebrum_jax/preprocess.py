@@ -240,10 +240,14 @@ def normalise_fold(subjects: list[dict], train: list[dict], kind: str) -> dict |
     return {"mean": mean, "std": std}
 
 
-def describe_normalization(kind: str, why: str, train_ids, grid) -> str:
-    """A fold's input normalisation in words (for its report): kind, what it is computed from, why."""
+def describe_normalization(kind: str, why: str, train_ids, grid, mask: str = "file") -> str:
+    """A fold's input normalisation in words (for its report): kind, what it is computed from, why.
+    ``mask``: the fold's mask kind (``inputs.Preprocessing.mask``); "none" z-scores inside the head
+    foreground of a box crop (``inputs.foreground``), not a brain mask."""
     if kind == "voxelwise":
         what = f"mean/std volumes of {', '.join(train_ids)} on the {'x'.join(map(str, grid))} grid"
+    elif mask == "none":
+        what = "per volume, inside its head foreground (no brain mask)"
     else:
         what = "per volume, inside its brain mask"
     return f"{kind} ({what}; {why})"

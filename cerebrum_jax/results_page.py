@@ -65,7 +65,11 @@ def run_meta(info: dict, result: dict) -> dict:
         "test subject": info["test_subject"],
         "training subjects": ", ".join(info["train_subjects"]),
         "input normalisation": describe_normalization(
-            info["normalization"], info["normalization_note"], info["train_subjects"], tuple(info["grid"])
+            info["normalization"],
+            info["normalization_note"],
+            info["train_subjects"],
+            tuple(info["grid"]),
+            info["preprocessing"].get("mask", "file"),
         ),
         "initial weights": info["initial_weights"],
         "initial weights note": info["initial_weights_note"],

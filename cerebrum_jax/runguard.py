@@ -16,20 +16,21 @@ and removes the temporary leftovers of a save that was killed before its rename 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
 from pathlib import Path
 
-from cerebrum_jax import fsafe, memory
+from cerebrum_jax import fsafe
 from cerebrum_jax.checkpoint import state_digest
+from cerebrum_jax.config import RuntimeConfig
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.rundir import RunDir
 
 LOCK_NAME = fsafe.LOCK_NAME  # for the callers' emptiness checks
-check_training_fits = memory.check_training_fits  # the memory guard, with the others here
 
-PERFORMANCE_KEYS = ("mesh", "remat", "precision", "slab_rows", "distributed")
+PERFORMANCE_KEYS = tuple(f.name for f in dataclasses.fields(RuntimeConfig))  # how to compute, not what
 LOOP_KEYS = {"phase": int, "next_epoch": int, "best": (int, float), "history": list}
 NO_RESUME = "the run cannot be resumed"
 CONTROLLER_KEYS = ("lr", "best", "wait", "plateau_best", "plateau_wait", "stop")

@@ -136,7 +136,15 @@ def test_typed_sections_each_part_gets_one():
         batch_size=1, augment_views=4, patience=15, plateau_factor=0.25, plateau_patience=6, min_lr=1e-7
     )
     assert cfg.phase("warmup") == (1e-3, 3) and cfg.phase("finetune").epochs == 100
-    assert cfg.dropout_rate == ModelConfig.dropout_rate and cfg.override(dropout=False).dropout_rate == 0.0
+    init = cfg.init_config
+    assert (
+        init.dropout_rate == ModelConfig.dropout_rate
+        and cfg.override(dropout=False).init_config.dropout_rate == 0
+    )
+    assert (init.weights, init.n_filters, init.last_layer) == (cfg.weights, cfg.n_filters, cfg.last_layer)
+    assert cfg.override(fold=3, grid=(16, 24, 16)).data_config.fold == 3
+    assert cfg.override(mesh="1x4").runtime_config.mesh == "1x4" and cfg.runtime_config.slab_rows is None
+    assert cfg.override(prob_class="wm").output_config.prob_class == "wm"
     assert TrainConfig().loop == LoopConfig()  # one set of defaults: the loop's are the config's
     assert "_loss" not in cfg.to_dict() and "loss_config" not in cfg.to_dict()  # config.json: the flat keys
 
@@ -148,3 +156,31 @@ def test_one_home_for_the_vocabularies():
     assert inputs.NORMALIZATIONS is checkpoint.NORMALIZATIONS is choices.NORMALIZATIONS
     assert preprocess.FOLD_NORMALIZATIONS is choices.FOLD_NORMALIZATIONS
     assert config.NORMALIZATIONS == ("auto", *choices.FOLD_NORMALIZATIONS)
+
+
+def test_every_key_belongs_to_one_section():
+    """The flat keys (the file format) and the typed sections stay one set: a new key must be given a
+    section, or no part of a fold would be handed it."""
+    import dataclasses
+
+    from cerebrum_jax import runguard
+    from cerebrum_jax.config import DataConfig, InitConfig, OutputConfig, RuntimeConfig
+
+    names = lambda cls: {f.name for f in dataclasses.fields(cls)}  # noqa: E731
+    sections = {
+        "data": names(DataConfig),
+        "init": names(InitConfig),
+        "loss": {"loss", "class_weights"},
+        "augment": {"augment"},
+        "phases": {f"{k}_{p}" for k in ("lr", "epochs") for p in ("warmup", "finetune")},
+        "loop": names(LoopConfig) - {"slab_rows"},  # slab_rows: runtime's, resolved into the loop's
+        "runtime": names(RuntimeConfig),
+        "output": names(OutputConfig),
+    }
+    owners = {}
+    for section, keys in sections.items():
+        for key in keys:
+            owners.setdefault(key, []).append(section)
+    assert {k: v for k, v in owners.items() if len(v) > 1} == {}
+    assert set(owners) == names(TrainConfig)
+    assert runguard.PERFORMANCE_KEYS == tuple(f.name for f in dataclasses.fields(RuntimeConfig))

@@ -122,9 +122,10 @@ def test_one_fold_end_to_end(dataset, weights, tmp_path, capsys, monkeypatch):
     seg = nib.load(tmp_path / "seg" / "sub-002_space-orig_desc-cerebrum_dseg.nii.gz")
     np.testing.assert_array_equal(np.asarray(seg.dataobj), np.asarray(dseg.dataobj))
     np.testing.assert_allclose(seg.affine, dseg.affine)
+    report_md = (fold / "report.md").read_text()
+    assert "| brain mask (all subjects, the test subject too) | none: unmasked" in report_md
     assert (
-        "| brain mask (all subjects, the test subject too) | none: unmasked"
-        in (fold / "report.md").read_text()
+        "| input normalisation | zscore (per volume, inside its head foreground (no brain mask)" in report_md
     )
     # the results page (issue 10): report.html, surfaces, the class panel, a BIDS derivative run directory
     sidecar = "predictions/sub-002_space-orig_desc-cerebrum_dseg.json"
@@ -250,11 +251,11 @@ def test_test_subject_is_prepared_without_its_labels(dataset, tmp_path):
     cfgs = [
         config.load_config("demo").override(data=str(d), fold=2, grid=(16, 16, 16)) for d in (dataset, other)
     ]
-    a, b = (load_fold(c, log=lambda _: None) for c in cfgs)
+    a, b = (load_fold(c.data_config, log=lambda _: None) for c in cfgs)
     np.testing.assert_array_equal(a.test[0].x, b.test[0].x)
     assert not np.array_equal(a.test[0].labels, b.test[0].labels)
     paper = [c.override(test_mask="labels") for c in cfgs]  # the paper's protocol does read them
-    a, b = (load_fold(c, log=lambda _: None) for c in paper)
+    a, b = (load_fold(c.data_config, log=lambda _: None) for c in paper)
     assert not np.array_equal(a.test[0].x, b.test[0].x)
 
 
@@ -484,9 +485,9 @@ def test_json_config_round_trip(tmp_path, good):
 def test_shipped_experiments_load(name):
     cfg = config.load_config(name)
     assert cfg.grid is not None and all(g % 8 == 0 for g in cfg.grid)
-    n = label_map_of(cfg).n_classes
+    n = label_map_of(cfg.data_config).n_classes
     assert n == {"demo": 4, "schneider19": 8, "fewlabel": 8}[name]
-    reduced = label_map_of(cfg.override(labels="schneider-reduced")).n_classes
+    reduced = label_map_of(cfg.override(labels="schneider-reduced").data_config).n_classes
     assert reduced == 7
 
 

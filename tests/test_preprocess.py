@@ -156,3 +156,5 @@ def test_normalise_fold_voxelwise_uses_the_training_subjects_only():
         pp.normalise_fold([test], train, "auto")
     words = pp.describe_normalization("voxelwise", "set in the config", ["sub-1", "sub-2"], (8, 8, 8))
     assert "sub-1, sub-2" in words and "8x8x8" in words
+    for mask, region in (("file", "brain mask"), ("labels", "brain mask"), ("none", "head foreground")):
+        assert region in pp.describe_normalization("zscore", "auto", [], (8, 8, 8), mask)

@@ -242,10 +242,52 @@ def local_bounds(global_shape: tuple[int, ...], sharding) -> tuple[slice, ...]:
     return tuple(slice(lo, hi) for lo, hi in zip(starts, stops, strict=True))
 
 
-def from_local(local: np.ndarray, sharding, global_shape: tuple[int, ...]) -> jax.Array:
-    """A global array of ``global_shape`` from this process's part ``local`` (its ``local_bounds`` box)
-    on every process: ``jax.make_array_from_process_local_data``; nothing else crosses hosts."""
-    return jax.make_array_from_process_local_data(sharding, np.asarray(local), tuple(global_shape))
+def from_local(local, sharding, global_shape: tuple[int, ...]) -> jax.Array:
+    """A global array of ``global_shape`` from this process's part ``local`` (its ``local_bounds`` box;
+    numpy, or a jax array on a local device) on every process: ``jax.make_array_from_process_local_data``;
+    nothing else crosses hosts."""
+    local = local if isinstance(local, jax.Array) else np.asarray(local)
+    return jax.make_array_from_process_local_data(sharding, local, tuple(global_shape))
+
+
+def local_rows(batch_size: int, mesh) -> slice:
+    """The rows of a global batch of ``batch_size`` (B over the mesh's "data" axis) that this process's
+    devices hold: all of them in one process, or when "data" does not span processes."""
+    from cerebrum_jax import sharding
+
+    space = mesh.shape["space"]
+    return local_bounds((batch_size, space, 1, 1, 1), sharding.volume_sharding(mesh))[0]
+
+
+def local_part(rows, sharding, global_shape: tuple[int, ...]):
+    """What this process hands JAX of a (B, D, ...) batch array: ``rows`` (its ``local_rows``, already
+    picked) cut to the depth box of ``local_bounds``; shape (rows, box depth, H, W[, 1])."""
+    box = local_bounds(tuple(global_shape), sharding)
+    return rows[(slice(None), *box[1:])]
+
+
+def put_batch(local: dict, mesh, batch_size: int) -> dict:
+    """Global arrays of a training or validation batch on ``mesh`` from this process's part only.
+
+    local: {"image" (b, D, H, W, 1), "labels" (b, D, H, W), "class_weights" (C,)}, the b rows
+    ``local_rows(batch_size, mesh)`` of the global batch (numpy or on a local device).
+    Of image and labels each process hands JAX only the depth box its own devices hold
+    (``local_part`` -> ``from_local``); the class weights are replicated. One process:
+    ``sharding.put_batch`` of the whole batch (there b == batch_size).
+    """
+    from cerebrum_jax import sharding
+
+    if process_count() == 1:
+        return sharding.put_batch(local, mesh)
+    sharding.check_divisible((batch_size, *local["image"].shape[1:]), mesh)
+    shardings, out = sharding.batch_shardings(local, mesh), {}
+    for name, x in local.items():
+        if name in ("image", "labels"):
+            shape = (batch_size, *x.shape[1:])
+            out[name] = from_local(local_part(x, shardings[name], shape), shardings[name], shape)
+        else:
+            out[name] = to_global(np.asarray(x), shardings[name])
+    return out
 
 
 def to_global(host: np.ndarray, sharding) -> jax.Array:

@@ -210,6 +210,13 @@ def prepare_fold(cfg: TrainConfig, log=print) -> PreparedFold:
     check_training_fits(cfg, fold.grid, label_map.n_classes, model_config.n_filters)
     log(f"brain mask: {fold.preprocessing.mask} ({fold.mask_note})")
     mesh = fold_mesh(cfg, fold.grid)
+    views = len(fold.train) * max(cfg.augment_views, 1)  # per epoch; the last batch may be short
+    if mesh is not None and views % cfg.batch_size % mesh.shape["data"]:
+        raise InputError(
+            f"the last batch of each epoch has {views % cfg.batch_size} of {views} views, not divisible by "
+            f"the mesh's data axis ({mesh.shape['data']}): change --batch-size or --augment-views",
+            "--batch-size",
+        )
     return PreparedFold(
         weights_path, ckpt, fold, why, k_prob, mesh, model_config, params, frozen, time.perf_counter() - t0
     )

@@ -1,7 +1,8 @@
 """Multi-process runs on 127.0.0.1: real processes, CPU backend, 2 CPU devices each, gloo collectives.
 
 Every subprocess has a timeout (a hang fails the test). The reference results come from this pytest
-process, which has 4 virtual CPU devices (conftest.py), or from one child process with 4 devices.
+process (4 virtual CPU devices, conftest.py) or, where they need a compile, from one child process
+with 4 devices launched beside the others.
 
 Cost: compiling is what these tests spend their time on (the model is tiny), so the children
 (``process_env``) compile with LLVM's optimisation off (a third of the compile time on CPU; results
@@ -101,6 +102,30 @@ def test_launch_options_checked():
     assert distributed.share(list("abcde"), 0, 2) == ["a", "c", "e"]
 
 
+def test_kubernetes_launch_options_without_a_cluster(tmp_path):
+    """An Indexed Job's pod index is the process id of an explicit launch (an explicit --process-id wins;
+    a bad index is one line); where JAX finds no cluster on Kubernetes (no kubernetes package here) a
+    real process exits 2 with one line saying what JAX needs or what to give instead."""
+    ns = argparse.Namespace(coordinator="job-0.job:1234", num_processes=4, process_id=None)
+    k8s = {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "JOB_COMPLETION_INDEX": "3"}
+    assert distributed.launch_options(ns, k8s)["process_id"] == 3
+    assert distributed.launch_options(ns, {})["process_id"] is None
+    assert (
+        distributed.launch_options(argparse.Namespace(coordinator="h:1", process_id=1), k8s)["process_id"]
+        == 1
+    )
+    with pytest.raises(InputError, match="JOB_COMPLETION_INDEX='x' is not an integer"):
+        distributed.launch_options(ns, {"JOB_COMPLETION_INDEX": "x"})
+    assert "jax[k8s]" in distributed.launch_hint(k8s) and "jax[k8s]" not in distributed.launch_hint({})
+    env = {**process_env(tmp_path / "cache"), **k8s}
+    argv = [sys.executable, "-m", "cerebrum_jax", "segment", "in.nii.gz", "--weights", "w", "--out", "o"]
+    argv.append("--distributed")
+    r = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    lines = [x for x in r.stderr.splitlines() if x.startswith("cerebrum-jax")]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert "cannot start the distributed run" in lines[0] and "JOB_COMPLETION_INDEX" in lines[0]
+
+
 def test_local_bounds_and_from_local_on_one_process():
     mesh = S.make_mesh("1x4")
     vol = S.volume_sharding(mesh)
@@ -114,65 +139,55 @@ def test_local_bounds_and_from_local_on_one_process():
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_four_devices(tmp_path, jax_cache):
     """One launch of 2 processes x 2 CPU devices. On a global 1x4 mesh, a sharded forward and training step,
-    each process handing JAX only its own depth slab, equal this process's 4-device run. On a 2x2 mesh
-    ("data" across the processes) each puts only its batch row, and the whole batch comes back."""
+    each process handing JAX only its own depth slab, equal one process's 4-device run (a third child,
+    launched beside them). On a 2x2 mesh ("data" across the processes) each puts only its batch row, and
+    the whole batch comes back."""
     params, batch, cfg = dist_worker.reference_problem()
     (tmp_path / "problem.pkl").write_bytes(pickle.dumps((params, batch, cfg)))
     port, worker = free_port(), str(REPO / "tests" / "dist_worker.py")
     argvs = [[sys.executable, worker, str(port), str(i), "2", "problem.pkl", str(tmp_path)] for i in range(2)]
     procs = start(argvs, tmp_path, tmp_path / "logs", jax_cache)
-    one = {k: (v[:1] if k != "class_weights" else v) for k, v in batch.items()}
-    mesh = S.make_mesh("1x4")  # the reference, computed while the processes run
-    probs = np.asarray(S.sharded_forward(params, cfg, one["image"], mesh))
-    cut = one["image"].copy()
-    cut[:, 16:] = 0  # process 1's half of the depth
-    alone = np.asarray(S.sharded_forward(params, cfg, cut, mesh))
-    step, state = dist_worker.train_step_of(cfg, params)
-    state = jax.device_put(state, S.state_shardings(state, mesh))
-    placed = S.put_batch(one, mesh)
-    new_state, metrics = S.jit_train_step(step, mesh, state, placed)(state, placed, jax.random.key(0))
+    reference = [[sys.executable, worker, "0", "0", "1", "problem.pkl", str(tmp_path)]]
+    procs += start(reference, tmp_path, tmp_path / "logs-one", jax_cache, devices=4)
     codes = finish(procs)
-    logs = [(tmp_path / "logs" / f"p-{i}.txt").read_text() for i in range(2)]
-    assert codes == [0, 0], logs
+    logs = [(tmp_path / name / "p-0.txt").read_text() for name in ("logs", "logs-one")]
+    assert codes == [0, 0, 0], logs + [(tmp_path / "logs" / "p-1.txt").read_text()]
     got = [np.load(tmp_path / f"result-{i}.npz") for i in range(2)]
-    assert int(got[0]["devices"]) == 4
+    want = np.load(tmp_path / "reference.npz")
+    assert int(got[0]["devices"]) == 4 and int(want["devices"]) == 4
     for i in range(2):  # what each process handed JAX: its depth half on 1x4, its row on 2x2
         assert got[i]["part_1x4"].tolist() == [1, 16, 8, 8, 1]
         assert got[i]["rows_2x2"].tolist() == [i, i + 1] and got[i]["part_2x2"].tolist() == [1, 32, 8, 8, 1]
         np.testing.assert_array_equal(got[i]["image_2x2"], batch["image"])  # the other row came across
+    assert want["part_1x4"].tolist() == [1, 32, 8, 8, 1]  # one process hands JAX the whole batch
     got = got[0]
-    np.testing.assert_allclose(got["probs"], probs, atol=2e-5)
+    np.testing.assert_allclose(got["probs"], want["probs"], atol=2e-5)
     # process 1's half mattered: without it (zeros there) the probabilities in process 0's half differ
-    assert np.abs(alone[:, :16] - got["probs"][:, :16]).max() > 1e-3
-    assert float(got["loss"]) == pytest.approx(float(metrics["loss"]), rel=1e-5)
-    leaves = jax.tree_util.tree_leaves(new_state["params"])
-    for i, leaf in enumerate(leaves):
-        np.testing.assert_allclose(got[f"p{i}"], np.asarray(leaf), atol=1e-5)
+    assert np.abs(want["alone"][:, :16] - got["probs"][:, :16]).max() > 1e-3
+    assert float(got["loss"]) == pytest.approx(float(want["loss"]), rel=1e-5)
+    for i in range(len(jax.tree_util.tree_leaves(params))):
+        np.testing.assert_allclose(got[f"p{i}"], want[f"p{i}"], atol=1e-5)
 
 
-def _fold_dataset(tmp_path):
-    """2 subjects of 16x16x16 (depth 16: 2 slabs per process on a 2x2 mesh) and a tiny checkpoint."""
+def _fold_dataset(tmp_path) -> Path:
+    """2 subjects of 16x16x16 (depth 16: 2 slabs per process on a 2x2 mesh)."""
     from test_finetune import _subject
-
-    from cerebrum_jax import checkpoint
-    from cerebrum_jax.model import ModelConfig, init_params
 
     root = tmp_path / "data"
     for i in range(2):
         _subject(root, f"sub-{i + 1:03d}", i, shape=(16, 16, 16))
-    cfg = ModelConfig(n_filters=2, n_classes=3)
-    checkpoint.save_checkpoint(tmp_path / "w", init_params(cfg, jax.random.key(3)), cfg)
-    return root, tmp_path / "w"
+    return root
 
 
-def _finetune_argv(root, weights, out, *extra) -> list[str]:
-    """finetune on a 2x2 mesh with batches of 2 views of the one training subject: "data" spans the two
-    processes (each augments its own view), "space" their two devices."""
+def _finetune_argv(root, out, *extra) -> list[str]:
+    """finetune from scratch (a tiny network: one phase, one training step to compile) on a 2x2 mesh with
+    batches of 2 views of the one training subject: "data" spans the two processes (each augments its
+    own view), "space" their two devices."""
     return [
         sys.executable,
-        *("-m", "cerebrum_jax", "finetune", "--config", "demo", "--data", str(root)),
-        *("--weights", str(weights), "--out", str(out), "--grid", "16,16,16", "--augment-views", "2"),
-        *("--batch-size", "2", "--no-progress", "--set", "dropout=false", "--mesh", "2x2"),
+        *("-m", "cerebrum_jax", "finetune", "--config", "demo", "--data", str(root), "--weights", "none"),
+        *("--out", str(out), "--grid", "16,16,16", "--augment-views", "2", "--batch-size", "2"),
+        *("--no-progress", "--set", "dropout=false", "--set", "n_filters=2", "--mesh", "2x2"),
         *extra,
     ]
 
@@ -203,14 +218,14 @@ def _history(run: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_finetune_all_folds_distributed_two_processes(tmp_path, jax_cache):
-    """finetune --fold all --distributed (run_cv), 2 processes x 2 devices on a 2x2 mesh, 1 epoch per
-    phase: process 0 wrote the run directory, process 1 nothing but its logs (and its part of the Orbax
+    """finetune --fold all --distributed (run_cv), 2 processes x 2 devices on a 2x2 mesh, 1 epoch:
+    process 0 wrote the run directory, process 1 nothing but its logs (and its part of the Orbax
     checkpoints/last); each process augmented and handed JAX only its own batch row; every fold's
     metrics and the summary equal one process with 4 devices."""
-    root, weights = _fold_dataset(tmp_path)
-    argv = [*_finetune_argv(root, weights, tmp_path / "multi", "--epochs", "1"), "--fold", "all"]
+    root = _fold_dataset(tmp_path)
+    argv = [*_finetune_argv(root, tmp_path / "multi", "--epochs", "1"), "--fold", "all"]
     procs = _launch_finetune(tmp_path, argv, "logs", jax_cache)
-    one = [*_finetune_argv(root, weights, tmp_path / "one", "--epochs", "1"), "--fold", "all"]
+    one = [*_finetune_argv(root, tmp_path / "one", "--epochs", "1"), "--fold", "all"]
     procs += start([one], tmp_path, tmp_path / "logs-one", jax_cache, devices=4)
     codes = finish(procs)
     out = [(tmp_path / name / "p-0.txt").read_text() for name in ("logs", "logs", "logs-one")]
@@ -224,7 +239,7 @@ def test_finetune_all_folds_distributed_two_processes(tmp_path, jax_cache):
         assert "process 1 of 2, 2 local / 4 global devices" in log1
         assert "batches (2, 16, 16, 16): this process augments rows 1:2 and hands JAX depth 0:16" in log1
         hist = [_history(r / f"fold-{k}") for r in (multi, one)]
-        assert [h["phase"] for h in hist[0]] == ["warmup", "finetune"]
+        assert [h["phase"] for h in hist[0]] == ["finetune"]
         for a, b in zip(*hist, strict=True):
             assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
             assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
@@ -238,17 +253,18 @@ def test_finetune_all_folds_distributed_two_processes(tmp_path, jax_cache):
 
 @pytest.mark.slow
 def test_a_dead_process_stops_the_other_and_the_run_resumes(tmp_path, jax_cache):
-    """SIGKILL process 1 in warm-up epoch 2: process 0 exits with an error within the heartbeat timeout.
-    The 2-process checkpoints/last of epoch 1 then resumes in one process with 4 devices."""
+    """SIGKILL process 1 after epoch 2: process 0 exits with an error within the heartbeat timeout. The
+    2-process checkpoints/last then resumes in one process with 4 devices (the programs of the test
+    above: loaded from the compilation cache)."""
     import time
 
-    root, weights = _fold_dataset(tmp_path)
+    root = _fold_dataset(tmp_path)
     run = tmp_path / "run"
-    argv = _finetune_argv(root, weights, run, "--epochs", "3", "--fold", "2")  # --resume: the same config
+    argv = _finetune_argv(root, run, "--epochs", "4", "--fold", "2")  # --resume: the same config
     procs = _launch_finetune(tmp_path, argv, "logs", jax_cache)
     log1 = run / "fold-2" / "log.process-1.txt"
     deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline and "warmup epoch 2:" not in (
+    while time.monotonic() < deadline and "finetune epoch 2:" not in (
         log1.read_text() if log1.exists() else ""
     ):
         assert procs[0].poll() is None and procs[1].poll() is None, "a process ended before the kill"
@@ -266,8 +282,8 @@ def test_a_dead_process_stops_the_other_and_the_run_resumes(tmp_path, jax_cache)
     codes = finish(start([[*argv, "--resume"]], tmp_path, tmp_path / "logs-resume", jax_cache, devices=4))
     assert codes == [0], (tmp_path / "logs-resume" / "p-0.txt").read_text()[-3000:]
     log = (run / "fold-2" / "log.txt").read_text()
-    assert "resuming at phase warmup, epoch 3" in log or "resuming at phase warmup, epoch 2" in log
-    assert json.loads((run / "fold-2" / "metrics.json").read_text())["epochs"]["finetune"] == 3
+    assert "resuming at phase finetune, epoch 3" in log or "resuming at phase finetune, epoch 2" in log
+    assert json.loads((run / "fold-2" / "metrics.json").read_text())["epochs"]["finetune"] == 4
 
 
 @pytest.mark.slow
@@ -277,10 +293,10 @@ def test_segment_distributed_splits_the_inputs(tmp_path, jax_cache):
     import nibabel as nib
 
     from cerebrum_jax import checkpoint, segment
-    from cerebrum_jax.model import ModelConfig, init_params
+    from cerebrum_jax.model import ModelConfig
 
     cfg = ModelConfig(n_filters=2, n_classes=3)
-    params = init_params(cfg, jax.random.key(5))
+    params = dist_worker.tiny_params(cfg, 5)
     checkpoint.save_checkpoint(tmp_path / "w", params, cfg)
     rng = np.random.default_rng(0)
     inputs = []

@@ -154,6 +154,17 @@ def fold_mesh(cfg: TrainConfig, grid) -> jax.sharding.Mesh | None:
     return mesh
 
 
+def check_last_batch(views: int, batch_size: int, data: int) -> None:
+    """InputError unless the last batch of an epoch (``views`` per epoch in batches of ``batch_size``;
+    it may be short) splits evenly over a mesh's ``data`` axis, as every batch must."""
+    if views % batch_size % data:
+        raise InputError(
+            f"the last batch of each epoch has {views % batch_size} of {views} views, not divisible by "
+            f"the mesh's data axis ({data}): change --batch-size or --augment-views",
+            "--batch-size",
+        )
+
+
 def prob_class_index(cfg: TrainConfig, names: tuple[str, ...]) -> int:
     if cfg.prob_class is not None:
         if cfg.prob_class not in names:
@@ -210,13 +221,8 @@ def prepare_fold(cfg: TrainConfig, log=print) -> PreparedFold:
     check_training_fits(cfg, fold.grid, label_map.n_classes, model_config.n_filters)
     log(f"brain mask: {fold.preprocessing.mask} ({fold.mask_note})")
     mesh = fold_mesh(cfg, fold.grid)
-    views = len(fold.train) * max(cfg.augment_views, 1)  # per epoch; the last batch may be short
-    if mesh is not None and views % cfg.batch_size % mesh.shape["data"]:
-        raise InputError(
-            f"the last batch of each epoch has {views % cfg.batch_size} of {views} views, not divisible by "
-            f"the mesh's data axis ({mesh.shape['data']}): change --batch-size or --augment-views",
-            "--batch-size",
-        )
+    if mesh is not None:
+        check_last_batch(len(fold.train) * max(cfg.augment_views, 1), cfg.batch_size, mesh.shape["data"])
     return PreparedFold(
         weights_path, ckpt, fold, why, k_prob, mesh, model_config, params, frozen, time.perf_counter() - t0
     )

@@ -126,6 +126,15 @@ def test_kubernetes_launch_options_without_a_cluster(tmp_path):
     assert "cannot start the distributed run" in lines[0] and "JOB_COMPLETION_INDEX" in lines[0]
 
 
+def test_last_batch_must_split_over_the_data_axis():
+    from cerebrum_jax.fold import check_last_batch
+
+    check_last_batch(4, 2, 2)  # two whole batches
+    check_last_batch(6, 4, 2)  # 4 + a short batch of 2
+    with pytest.raises(InputError, match="last batch of each epoch has 1 of 3 views"):
+        check_last_batch(3, 2, 2)
+
+
 def test_local_bounds_and_from_local_on_one_process():
     mesh = S.make_mesh("1x4")
     vol = S.volume_sharding(mesh)

@@ -7,6 +7,15 @@ backend exists, the cluster found by JAX itself (SLURM, Open MPI, Kubernetes and
 builds one ("data", "space") mesh over all of them, with the same meaning as on one machine. On CPU
 the processes exchange data through gloo collectives.
 
+Data: every process reads and prepares every subject of the fold, whole: the normalisation (voxelwise:
+the training subjects' mean/std volumes), the balanced class weights and an automatic grid need all
+training subjects, and the shuffled order of an epoch may draw any training subject into any batch row.
+What is process-local is what reaches the devices (``put_batch``): a process augments only the batch
+rows its devices hold (``local_rows``: all of them unless the mesh's "data" axis spans processes) and
+hands JAX only the depth box of them its devices hold (``local_part`` -> ``from_local``, i.e.
+``jax.make_array_from_process_local_data``); no batch crosses hosts. The test prediction runs on every
+process (the whole volume, for the figures and metrics of process 0) and is gathered where sharded.
+
 Roles: process 0 writes the run's files (logs, progress, metrics, figures, predictions, reports,
 ``checkpoints/best``); the others log to ``RUN/log.process-I.txt`` only. ``checkpoints/last`` is one
 Orbax multi-process checkpoint that every process saves and restores (``save_state``). The run
@@ -48,11 +57,13 @@ def initialize(args) -> None:
     """``jax.distributed.initialize`` with the launch options of ``args`` (attributes named as the options
     of ``cli.options.add_distributed_args``: coordinator, num_processes, ...); must run before any backend.
 
-        Explicit launch: --coordinator, --num-processes and --process-id together; otherwise JAX detects
-        the cluster. Raises InputError (one line, exit 2) on incomplete options or when no cluster is found;
-        when not every process joins within --init-timeout, JAX aborts the process (DEADLINE_EXCEEDED).
+        Explicit launch: --coordinator, --num-processes and --process-id together (in a Kubernetes
+        Indexed Job --process-id defaults to JOB_COMPLETION_INDEX: ``launch_options``); otherwise JAX
+        detects the cluster. Raises InputError (one line, exit 2) on incomplete options or when no
+        cluster is found; when not every process joins within --init-timeout, JAX aborts the process
+        (DEADLINE_EXCEEDED).
     """
-    given = {k: getattr(args, k, None) for k in LAUNCH_KEYS}
+    given = launch_options(args)
     if any(v is not None for v in given.values()) and any(v is None for v in given.values()):
         missing = [f"--{k.replace('_', '-')}" for k, v in given.items() if v is None]
         raise InputError(f"an explicit launch needs {', '.join(missing)} too", "--coordinator")
@@ -75,12 +86,37 @@ def initialize(args) -> None:
             shutdown_timeout_seconds=int(args.heartbeat_timeout),
         )
     except (RuntimeError, ValueError) as e:  # no cluster detected, coordinator unreachable, ...
-        hint = (
-            ""
-            if given["coordinator"]
-            else " (no cluster detected: give --coordinator, --num-processes, --process-id)"
-        )
+        hint = "" if given["coordinator"] else launch_hint()
         raise InputError(f"cannot start the distributed run: {one_line(e)}{hint}", "--distributed") from None
+
+
+def launch_options(args, env=None) -> dict:
+    """{coordinator, num_processes, process_id} from ``args``; in a Kubernetes Indexed Job
+    (``JOB_COMPLETION_INDEX`` in ``env``, default os.environ) an explicit launch without --process-id
+    takes the pod's index. InputError when that index is not an integer."""
+    env = os.environ if env is None else env
+    given = {k: getattr(args, k, None) for k in LAUNCH_KEYS}
+    index = env.get("JOB_COMPLETION_INDEX")
+    if given["coordinator"] is not None and given["process_id"] is None and index is not None:
+        try:
+            given["process_id"] = int(index)
+        except ValueError:
+            raise InputError(f"JOB_COMPLETION_INDEX={index!r} is not an integer", "--process-id") from None
+    return given
+
+
+def launch_hint(env=None) -> str:
+    """What to do when JAX found no cluster, for its error line: on Kubernetes (``KUBERNETES_SERVICE_HOST``
+    in ``env``) JAX detects the Job only with the ``kubernetes`` package and a service account that may
+    list the Job's pods; else, or anywhere, the explicit options."""
+    env = os.environ if env is None else env
+    if "KUBERNETES_SERVICE_HOST" in env:
+        return (
+            " (Kubernetes: JAX finds the Job's pods only with pip install 'jax[k8s]' and a service account "
+            "allowed to list them; else give --coordinator JOB-0.JOB:PORT --num-processes N, and the "
+            "process id comes from JOB_COMPLETION_INDEX)"
+        )
+    return " (no cluster detected: give --coordinator, --num-processes, --process-id)"
 
 
 def is_running() -> bool:
@@ -242,10 +278,52 @@ def local_bounds(global_shape: tuple[int, ...], sharding) -> tuple[slice, ...]:
     return tuple(slice(lo, hi) for lo, hi in zip(starts, stops, strict=True))
 
 
-def from_local(local: np.ndarray, sharding, global_shape: tuple[int, ...]) -> jax.Array:
-    """A global array of ``global_shape`` from this process's part ``local`` (its ``local_bounds`` box)
-    on every process: ``jax.make_array_from_process_local_data``; nothing else crosses hosts."""
-    return jax.make_array_from_process_local_data(sharding, np.asarray(local), tuple(global_shape))
+def from_local(local, sharding, global_shape: tuple[int, ...]) -> jax.Array:
+    """A global array of ``global_shape`` from this process's part ``local`` (its ``local_bounds`` box;
+    numpy, or a jax array on a local device) on every process: ``jax.make_array_from_process_local_data``;
+    nothing else crosses hosts."""
+    local = local if isinstance(local, jax.Array) else np.asarray(local)
+    return jax.make_array_from_process_local_data(sharding, local, tuple(global_shape))
+
+
+def local_rows(batch_size: int, mesh) -> slice:
+    """The rows of a global batch of ``batch_size`` (B over the mesh's "data" axis) that this process's
+    devices hold: all of them in one process, or when "data" does not span processes."""
+    from cerebrum_jax import sharding
+
+    space = mesh.shape["space"]
+    return local_bounds((batch_size, space, 1, 1, 1), sharding.volume_sharding(mesh))[0]
+
+
+def local_part(rows, sharding, global_shape: tuple[int, ...]):
+    """What this process hands JAX of a (B, D, ...) batch array: ``rows`` (its ``local_rows``, already
+    picked) cut to the depth box of ``local_bounds``; shape (rows, box depth, H, W[, 1])."""
+    box = local_bounds(tuple(global_shape), sharding)
+    return rows[(slice(None), *box[1:])]
+
+
+def put_batch(local: dict, mesh, batch_size: int) -> dict:
+    """Global arrays of a training or validation batch on ``mesh`` from this process's part only.
+
+    local: {"image" (b, D, H, W, 1), "labels" (b, D, H, W), "class_weights" (C,)}, the b rows
+    ``local_rows(batch_size, mesh)`` of the global batch (numpy or on a local device).
+    Of image and labels each process hands JAX only the depth box its own devices hold
+    (``local_part`` -> ``from_local``); the class weights are replicated. One process:
+    ``sharding.put_batch`` of the whole batch (there b == batch_size).
+    """
+    from cerebrum_jax import sharding
+
+    if process_count() == 1:
+        return sharding.put_batch(local, mesh)
+    sharding.check_divisible((batch_size, *local["image"].shape[1:]), mesh)
+    shardings, out = sharding.batch_shardings(local, mesh), {}
+    for name, x in local.items():
+        if name in ("image", "labels"):
+            shape = (batch_size, *x.shape[1:])
+            out[name] = from_local(local_part(x, shardings[name], shape), shardings[name], shape)
+        else:
+            out[name] = to_global(np.asarray(x), shardings[name])
+    return out
 
 
 def to_global(host: np.ndarray, sharding) -> jax.Array:

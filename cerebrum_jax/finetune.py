@@ -183,11 +183,24 @@ def _start(cfg: TrainConfig, run: RunDir, prepared: PreparedFold, log: RunLog) -
         label_map.to_tsv(run.dseg_tsv)
     if distributed.is_running():
         log(f"distributed run, {distributed.describe()}; process 0 writes the run directory")
+        log(batch_part(cfg.batch_size, prepared.fold.grid, prepared.mesh))
     log(
         f"fold {cfg.fold}: test {record.test_subject}, train {record.train_subjects}, grid "
         f"{prepared.fold.grid}, {label_map.n_classes} classes, initial weights {record.initial_weights}"
     )
     return record
+
+
+def batch_part(batch_size: int, grid, mesh) -> str:
+    """In words, the part of every (B, D, H, W) training batch that this process augments and hands JAX
+    (``distributed.put_batch``): its rows and depth box on ``mesh``."""
+    shape = (batch_size, *grid, 1)
+    rows = distributed.local_rows(batch_size, mesh)
+    depth = distributed.local_bounds(shape, sharding.volume_sharding(mesh))[1]
+    return (
+        f"batches {shape[:4]}: this process augments rows {rows.start}:{rows.stop} and hands JAX depth "
+        f"{depth.start}:{depth.stop} of them"
+    )
 
 
 @guarded  # the run directory's lock for the run; --resume checks

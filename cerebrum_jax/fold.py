@@ -156,6 +156,17 @@ def fold_mesh(runtime: RuntimeConfig, batch_size: int, grid) -> jax.sharding.Mes
     return mesh
 
 
+def check_last_batch(views: int, batch_size: int, data: int) -> None:
+    """InputError unless the last batch of an epoch (``views`` per epoch in batches of ``batch_size``;
+    it may be short) splits evenly over a mesh's ``data`` axis, as every batch must."""
+    if views % batch_size % data:
+        raise InputError(
+            f"the last batch of each epoch has {views % batch_size} of {views} views, not divisible by "
+            f"the mesh's data axis ({data}): change --batch-size or --augment-views",
+            "--batch-size",
+        )
+
+
 def prob_class_index(cfg: OutputConfig, names: tuple[str, ...]) -> int:
     """The index of the class whose probability map the report draws (``cfg.prob_class`` or the default)."""
     if cfg.prob_class is not None:
@@ -214,6 +225,8 @@ def prepare_fold(cfg: TrainConfig, log=print) -> PreparedFold:
     check_training_fits(runtime, batch, fold.grid, label_map.n_classes, model_config.n_filters)
     log(f"brain mask: {fold.preprocessing.mask} ({fold.mask_note})")
     mesh = fold_mesh(runtime, batch, fold.grid)
+    if mesh is not None:
+        check_last_batch(len(fold.train) * max(cfg.augment_views, 1), batch, mesh.shape["data"])
     return PreparedFold(
         weights_path, ckpt, fold, why, k_prob, mesh, model_config, params, frozen, time.perf_counter() - t0
     )

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from cerebrum_jax import losses, sharding
+from cerebrum_jax import distributed, losses, sharding
 from cerebrum_jax.augment import AugmentConfig, augment_batch, view_key
 from cerebrum_jax.config import LoopConfig
 from cerebrum_jax.errors import NonFiniteLoss
@@ -203,19 +203,29 @@ class _Run(NamedTuple):
 
 
 def _device_data(train, val, n_classes: int, mesh) -> _Data:
+    """The training volumes on this process's first device (every process holds them all: the shuffled
+    order draws any of them into its batch rows), the validation batches placed on ``mesh``.
+
+    On a mesh whose "data" axis is R > 1, a validation batch is its volume repeated R times (the same
+    loss; Dice differs only by the 1e-7 smoothing term), each process putting only its rows and depth box
+    (``distributed.put_batch``)."""
     weights = losses.balanced_class_weights([y for _, y in train], n_classes)
     images = jnp.asarray(np.stack([x for x, _ in train]))[..., None]
     labels = jnp.asarray(np.stack([y for _, y in train]))
+    copies = 1 if mesh is None else mesh.shape["data"]
+    mine = 1 if mesh is None else len(range(copies)[distributed.local_rows(copies, mesh)])
     batches = [
         {
-            "image": jnp.asarray(x[None, ..., None]),
-            "labels": jnp.asarray(y[None]),
-            "class_weights": jnp.asarray(weights),
+            "image": np.repeat(x[None, ..., None], mine, axis=0),
+            "labels": np.repeat(y[None], mine, axis=0),
+            "class_weights": weights,
         }
         for x, y in val
     ]
-    if mesh is not None:
-        batches = [sharding.put_batch(v, mesh) for v in batches]
+    if mesh is None:
+        batches = [jax.tree_util.tree_map(jnp.asarray, v) for v in batches]
+    else:
+        batches = [distributed.put_batch(v, mesh, copies) for v in batches]
     return _Data(images, labels, batches, weights)
 
 
@@ -312,6 +322,21 @@ def _validate(run: _Run, params, phase: Phase, epoch: int) -> tuple[float, np.nd
     return val_loss, nanmean([m["dice"] for m in vm])
 
 
+def _train_batch(run: _Run, chunk: np.ndarray, epoch_id: int) -> dict:
+    """The training batch of ``chunk`` ((subject, view) index pairs, (B, 2)): views augmented on this
+    process's first device. On a mesh a process augments only the rows its devices hold (``local_rows``:
+    all of them unless the "data" axis spans processes) and hands JAX only its depth box of them
+    (``distributed.put_batch``)."""
+    data, schedule = run.data, run.schedule
+    mine = chunk if run.mesh is None else chunk[distributed.local_rows(len(chunk), run.mesh)]
+    x, y = data.images[mine[:, 0]], data.labels[mine[:, 0]]
+    if schedule.augment_views > 0:
+        keys = jnp.stack([view_key(schedule.seed, epoch_id, int(s), int(v)) for s, v in mine])
+        x, y = augment_batch(keys, x, y, run.augment)
+    batch = {"image": x, "labels": y, "class_weights": jnp.asarray(data.weights)}
+    return batch if run.mesh is None else distributed.put_batch(batch, run.mesh, len(chunk))
+
+
 def _epoch(run: _Run, step, state, controller, best, p_index: int, phase: Phase, epoch: int):
     """One epoch of ``fit``: the training steps, validation, the controller; the new best (with the
     ``improved`` hooks called). Returns (state, record, controller, best)."""
@@ -325,14 +350,7 @@ def _epoch(run: _Run, step, state, controller, best, p_index: int, phase: Phase,
     train_losses = []
     for b in range(0, len(order), batch_size):
         chunk = order[b : b + batch_size]
-        x, y = data.images[chunk[:, 0]], data.labels[chunk[:, 0]]
-        if schedule.augment_views > 0:
-            epoch_id = p_index * 100_000 + epoch  # views never repeat across phases either
-            keys = jnp.stack([view_key(seed, epoch_id, int(s), int(v)) for s, v in chunk])
-            x, y = augment_batch(keys, x, y, run.augment)
-        batch = {"image": x, "labels": y, "class_weights": jnp.asarray(data.weights)}
-        if run.mesh is not None:
-            batch = sharding.put_batch(batch, run.mesh)
+        batch = _train_batch(run, chunk, p_index * 100_000 + epoch)  # views never repeat across phases
         state, m = step(state, batch, key)
         loss = float(m["loss"])
         if not np.isfinite(loss):

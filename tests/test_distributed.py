@@ -1,7 +1,14 @@
 """Multi-process runs on 127.0.0.1: real processes, CPU backend, 2 CPU devices each, gloo collectives.
 
 Every subprocess has a timeout (a hang fails the test). The reference results come from this pytest
-process, which has 4 virtual CPU devices (conftest.py).
+process (4 virtual CPU devices, conftest.py) or, where they need a compile, from one child process
+with 4 devices launched beside the others.
+
+Cost: compiling is what these tests spend their time on (the model is tiny), so the children
+(``process_env``) compile with LLVM's optimisation off (a third of the compile time on CPU; results
+differ from optimised code by float rounding only) and share one persistent JAX compilation cache per
+test module (a later launch of the same programs loads them). Not used: ``jax_share_binary_between_hosts``
+(one process compiles for all) left the other process waiting in a gloo context that never formed.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -33,20 +41,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def process_env() -> dict:
-    """This environment for a child process with 2 CPU devices (not conftest's 4) and the repo importable."""
+@pytest.fixture(scope="module")
+def jax_cache(tmp_path_factory) -> Path:
+    """One persistent compilation cache for every child process of this module."""
+    return tmp_path_factory.mktemp("jax-cache")
+
+
+def process_env(cache: Path, devices: int = 2) -> dict:
+    """This environment for a child process with ``devices`` CPU devices (not conftest's 4), the repo
+    importable, unoptimised compiles and the module's compilation cache (see the module docstring)."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2", PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}")
+    env.update(
+        JAX_PLATFORMS="cpu",
+        JAX_NUM_CPU_DEVICES=str(devices),
+        PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}",
+        XLA_FLAGS="--xla_backend_optimization_level=0",
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
     return env
 
 
-def start(argvs: list[list[str]], cwd, logs: Path) -> list[subprocess.Popen]:
+def start(argvs: list[list[str]], cwd, logs: Path, cache: Path, devices: int = 2) -> list[subprocess.Popen]:
     """One process per argv, stdout+stderr to logs/p-I.txt."""
     logs.mkdir(parents=True, exist_ok=True)
     procs = []
     for i, argv in enumerate(argvs):
         out = open(logs / f"p-{i}.txt", "w")  # noqa: SIM115 - closed with the process below
-        procs.append(subprocess.Popen(argv, cwd=cwd, env=process_env(), stdout=out, stderr=subprocess.STDOUT))
+        env = process_env(cache, devices)
+        procs.append(subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT))
         out.close()
     return procs
 
@@ -79,6 +102,39 @@ def test_launch_options_checked():
     assert distributed.share(list("abcde"), 0, 2) == ["a", "c", "e"]
 
 
+def test_kubernetes_launch_options_without_a_cluster(tmp_path):
+    """An Indexed Job's pod index is the process id of an explicit launch (an explicit --process-id wins;
+    a bad index is one line); where JAX finds no cluster on Kubernetes (no kubernetes package here) a
+    real process exits 2 with one line saying what JAX needs or what to give instead."""
+    ns = argparse.Namespace(coordinator="job-0.job:1234", num_processes=4, process_id=None)
+    k8s = {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "JOB_COMPLETION_INDEX": "3"}
+    assert distributed.launch_options(ns, k8s)["process_id"] == 3
+    assert distributed.launch_options(ns, {})["process_id"] is None
+    assert (
+        distributed.launch_options(argparse.Namespace(coordinator="h:1", process_id=1), k8s)["process_id"]
+        == 1
+    )
+    with pytest.raises(InputError, match="JOB_COMPLETION_INDEX='x' is not an integer"):
+        distributed.launch_options(ns, {"JOB_COMPLETION_INDEX": "x"})
+    assert "jax[k8s]" in distributed.launch_hint(k8s) and "jax[k8s]" not in distributed.launch_hint({})
+    env = {**process_env(tmp_path / "cache"), **k8s}
+    argv = [sys.executable, "-m", "cerebrum_jax", "segment", "in.nii.gz", "--weights", "w", "--out", "o"]
+    argv.append("--distributed")
+    r = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    lines = [x for x in r.stderr.splitlines() if x.startswith("cerebrum-jax")]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert "cannot start the distributed run" in lines[0] and "JOB_COMPLETION_INDEX" in lines[0]
+
+
+def test_last_batch_must_split_over_the_data_axis():
+    from cerebrum_jax.fold import check_last_batch
+
+    check_last_batch(4, 2, 2)  # two whole batches
+    check_last_batch(6, 4, 2)  # 4 + a short batch of 2
+    with pytest.raises(InputError, match="last batch of each epoch has 1 of 3 views"):
+        check_last_batch(3, 2, 2)
+
+
 def test_local_bounds_and_from_local_on_one_process():
     mesh = S.make_mesh("1x4")
     vol = S.volume_sharding(mesh)
@@ -90,133 +146,138 @@ def test_local_bounds_and_from_local_on_one_process():
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_process_with_four_devices(tmp_path):
-    """A sharded forward and training step over a global 1x4 mesh (2 processes x 2 CPU devices), each
-    process giving JAX only its own depth slab, equal this process's 4-device run on the whole batch."""
-    port, out = free_port(), tmp_path / "result.npz"
-    worker = str(REPO / "tests" / "dist_worker.py")
-    argvs = [[sys.executable, worker, str(port), str(i), "2", str(out)] for i in range(2)]
-    procs = start(argvs, tmp_path, tmp_path / "logs")
-    codes = finish(procs)
-    logs = [(tmp_path / "logs" / f"p-{i}.txt").read_text() for i in range(2)]
-    assert codes == [0, 0], logs
-    got = np.load(out)
-    assert int(got["devices"]) == 4 and int(got["local_depth"]) == 16  # each process held half the depth
-
+def test_two_processes_equal_one_process_with_four_devices(tmp_path, jax_cache):
+    """One launch of 2 processes x 2 CPU devices. On a global 1x4 mesh, a sharded forward and training step,
+    each process handing JAX only its own depth slab, equal one process's 4-device run (a third child,
+    launched beside them). On a 2x2 mesh ("data" across the processes) each puts only its batch row, and
+    the whole batch comes back."""
     params, batch, cfg = dist_worker.reference_problem()
-    mesh = S.make_mesh("1x4")
-    probs = np.asarray(S.sharded_forward(params, cfg, batch["image"], mesh))
-    np.testing.assert_allclose(got["probs"], probs, atol=2e-5)
+    (tmp_path / "problem.pkl").write_bytes(pickle.dumps((params, batch, cfg)))
+    port, worker = free_port(), str(REPO / "tests" / "dist_worker.py")
+    argvs = [[sys.executable, worker, str(port), str(i), "2", "problem.pkl", str(tmp_path)] for i in range(2)]
+    procs = start(argvs, tmp_path, tmp_path / "logs", jax_cache)
+    reference = [[sys.executable, worker, "0", "0", "1", "problem.pkl", str(tmp_path)]]
+    procs += start(reference, tmp_path, tmp_path / "logs-one", jax_cache, devices=4)
+    codes = finish(procs)
+    logs = [(tmp_path / name / "p-0.txt").read_text() for name in ("logs", "logs-one")]
+    assert codes == [0, 0, 0], logs + [(tmp_path / "logs" / "p-1.txt").read_text()]
+    got = [np.load(tmp_path / f"result-{i}.npz") for i in range(2)]
+    want = np.load(tmp_path / "reference.npz")
+    assert int(got[0]["devices"]) == 4 and int(want["devices"]) == 4
+    for i in range(2):  # what each process handed JAX: its depth half on 1x4, its row on 2x2
+        assert got[i]["part_1x4"].tolist() == [1, 16, 8, 8, 1]
+        assert got[i]["rows_2x2"].tolist() == [i, i + 1] and got[i]["part_2x2"].tolist() == [1, 32, 8, 8, 1]
+        np.testing.assert_array_equal(got[i]["image_2x2"], batch["image"])  # the other row came across
+    assert want["part_1x4"].tolist() == [1, 32, 8, 8, 1]  # one process hands JAX the whole batch
+    got = got[0]
+    np.testing.assert_allclose(got["probs"], want["probs"], atol=2e-5)
     # process 1's half mattered: without it (zeros there) the probabilities in process 0's half differ
-    cut = batch["image"].copy()
-    cut[:, 16:] = 0
-    alone = np.asarray(S.sharded_forward(params, cfg, cut, mesh))
-    assert np.abs(alone[:, :16] - got["probs"][:, :16]).max() > 1e-3
-    step, state = dist_worker.train_step_of(cfg, params)
-    state = jax.device_put(state, S.state_shardings(state, mesh))
-    placed = S.put_batch(batch, mesh)
-    new_state, metrics = S.jit_train_step(step, mesh, state, placed)(state, placed, jax.random.key(0))
-    assert float(got["loss"]) == pytest.approx(float(metrics["loss"]), rel=1e-5)
-    leaves = jax.tree_util.tree_leaves(new_state["params"])
-    for i, leaf in enumerate(leaves):
-        np.testing.assert_allclose(got[f"p{i}"], np.asarray(leaf), atol=1e-5)
+    assert np.abs(want["alone"][:, :16] - got["probs"][:, :16]).max() > 1e-3
+    assert float(got["loss"]) == pytest.approx(float(want["loss"]), rel=1e-5)
+    for i in range(len(jax.tree_util.tree_leaves(params))):
+        np.testing.assert_allclose(got[f"p{i}"], want[f"p{i}"], atol=1e-5)
 
 
-def _fold_dataset(tmp_path):
-    """2 subjects of 32x16x16 (depth 32: 4 slabs for a 1x4 mesh) and a tiny checkpoint."""
+def _fold_dataset(tmp_path) -> Path:
+    """2 subjects of 16x16x16 (depth 16: 2 slabs per process on a 2x2 mesh)."""
     from test_finetune import _subject
-
-    from cerebrum_jax import checkpoint
-    from cerebrum_jax.model import ModelConfig, init_params
 
     root = tmp_path / "data"
     for i in range(2):
-        _subject(root, f"sub-{i + 1:03d}", i, shape=(32, 16, 16))
-    cfg = ModelConfig(n_filters=2, n_classes=3)
-    checkpoint.save_checkpoint(tmp_path / "w", init_params(cfg, jax.random.key(3)), cfg)
-    return root, tmp_path / "w"
+        _subject(root, f"sub-{i + 1:03d}", i, shape=(16, 16, 16))
+    return root
 
 
-def _finetune_argv(root, weights, out, *extra) -> list[str]:
+def _finetune_argv(root, out, *extra) -> list[str]:
+    """finetune from scratch (a tiny network: one phase, one training step to compile) on a 2x2 mesh with
+    batches of 2 views of the one training subject: "data" spans the two processes (each augments its
+    own view), "space" their two devices."""
     return [
-        "finetune",
-        *("--config", "demo", "--data", str(root), "--weights", str(weights), "--out", str(out)),
-        *("--grid", "32,16,16", "--fold", "2", "--augment-views", "1", "--no-progress"),
-        *("--set", "dropout=false", "--mesh", "1x4"),
+        sys.executable,
+        *("-m", "cerebrum_jax", "finetune", "--config", "demo", "--data", str(root), "--weights", "none"),
+        *("--out", str(out), "--grid", "16,16,16", "--augment-views", "2", "--batch-size", "2"),
+        *("--no-progress", "--set", "dropout=false", "--set", "n_filters=2", "--mesh", "2x2"),
         *extra,
     ]
 
 
-def _launch_finetune(tmp_path, argv, name):
+def _launch_finetune(tmp_path, argv, name, cache):
     port = free_port()
     argvs = [
-        [sys.executable, "-m", "cerebrum_jax", *argv, "--distributed", "--coordinator", f"127.0.0.1:{port}"]
-        + ["--num-processes", "2", "--process-id", str(i), "--heartbeat-timeout", "20"]
+        [*argv, "--distributed", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+        + ["--process-id", str(i), "--heartbeat-timeout", "20"]
         for i in range(2)
     ]
-    return start(argvs, tmp_path, tmp_path / name)
+    return start(argvs, tmp_path, tmp_path / name, cache)
 
 
 def _files(run: Path) -> set[str]:
     """Paths under ``run`` except inside the Orbax state directories of checkpoints/best and last (file
     names there are random; checkpoints/last's state is written by every process)."""
-    states = [run / "checkpoints" / name / "state" for name in ("best", "last")]
-    return {
-        str(p.relative_to(run))
-        for p in run.rglob("*")
-        if p.is_file() and not any(state in p.parents for state in states)
-    }
+
+    def in_state(p: Path) -> bool:
+        return any(q.name == "state" and q.parent.parent.name == "checkpoints" for q in p.parents)
+
+    return {str(p.relative_to(run)) for p in run.rglob("*") if p.is_file() and not in_state(p)}
+
+
+def _history(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
-def test_finetune_distributed_two_processes(tmp_path):
-    """finetune --distributed, 2 processes x 2 devices, 1 epoch per phase: process 0 wrote the run
-    directory, process 1 nothing but its log (and its part of the Orbax checkpoints/last); the metrics
-    equal this process's single-process run on 4 devices."""
-    from cerebrum_jax.cli import main
-
-    root, weights = _fold_dataset(tmp_path)
-    procs = _launch_finetune(
-        tmp_path, _finetune_argv(root, weights, tmp_path / "multi", "--epochs", "1"), "logs"
-    )
-    assert main(_finetune_argv(root, weights, tmp_path / "one", "--epochs", "1")) == 0
+def test_finetune_all_folds_distributed_two_processes(tmp_path, jax_cache):
+    """finetune --fold all --distributed (run_cv), 2 processes x 2 devices on a 2x2 mesh, 1 epoch:
+    process 0 wrote the run directory, process 1 nothing but its logs (and its part of the Orbax
+    checkpoints/last); each process augmented and handed JAX only its own batch row; every fold's
+    metrics and the summary equal one process with 4 devices."""
+    root = _fold_dataset(tmp_path)
+    argv = [*_finetune_argv(root, tmp_path / "multi", "--epochs", "1"), "--fold", "all"]
+    procs = _launch_finetune(tmp_path, argv, "logs", jax_cache)
+    one = [*_finetune_argv(root, tmp_path / "one", "--epochs", "1"), "--fold", "all"]
+    procs += start([one], tmp_path, tmp_path / "logs-one", jax_cache, devices=4)
     codes = finish(procs)
-    out = [(tmp_path / "logs" / f"p-{i}.txt").read_text() for i in range(2)]
-    assert codes == [0, 0], out
-    assert "fold 2: mean Dice" in out[0] and "mean Dice" not in out[1]
-    multi, one = tmp_path / "multi" / "fold-2", tmp_path / "one" / "fold-2"
-    assert _files(multi) == _files(one) | {"log.process-1.txt"}
-    assert "process 1 of 2, 2 local / 4 global devices" in (multi / "log.process-1.txt").read_text()
-    hist = [[json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (multi, one)]
-    assert [h["phase"] for h in hist[0]] == ["warmup", "finetune"]
-    for a, b in zip(*hist, strict=True):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
-        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
-    m = [json.loads((r / "metrics.json").read_text()) for r in (multi, one)]
-    assert m[0]["mean_dice"] == pytest.approx(m[1]["mean_dice"], abs=1e-6)
-    config = json.loads((multi / "config.json").read_text())
-    assert config["mesh"] == {"data": 1, "space": 4} and len(config["devices"]) == 4
+    out = [(tmp_path / name / "p-0.txt").read_text() for name in ("logs", "logs", "logs-one")]
+    out[1] = (tmp_path / "logs" / "p-1.txt").read_text()
+    assert codes == [0, 0, 0], out
+    assert "cross-validation: mean Dice" in out[0] and "mean Dice" not in out[1]
+    multi, one = tmp_path / "multi", tmp_path / "one"
+    assert _files(multi) == _files(one) | {f"fold-{k}/log.process-1.txt" for k in (1, 2)}
+    for k in (1, 2):
+        log1 = (multi / f"fold-{k}" / "log.process-1.txt").read_text()
+        assert "process 1 of 2, 2 local / 4 global devices" in log1
+        assert "batches (2, 16, 16, 16): this process augments rows 1:2 and hands JAX depth 0:16" in log1
+        hist = [_history(r / f"fold-{k}") for r in (multi, one)]
+        assert [h["phase"] for h in hist[0]] == ["finetune"]
+        for a, b in zip(*hist, strict=True):
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+            assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+        m = [json.loads((r / f"fold-{k}" / "metrics.json").read_text()) for r in (multi, one)]
+        assert m[0]["mean_dice"] == pytest.approx(m[1]["mean_dice"], abs=1e-6)
+    config = json.loads((multi / "fold-1" / "config.json").read_text())
+    assert config["mesh"] == {"data": 2, "space": 2} and len(config["devices"]) == 4
+    summary = [json.loads((r / "cv_summary.json").read_text()) for r in (multi, one)]
+    assert summary[0]["mean_dice"]["mean"] == pytest.approx(summary[1]["mean_dice"]["mean"], abs=1e-6)
 
 
 @pytest.mark.slow
-def test_a_dead_process_stops_the_other_and_the_run_resumes(tmp_path):
-    """SIGKILL process 1 in warm-up epoch 2: process 0 exits with an error within the heartbeat timeout.
-    The 2-process checkpoints/last of epoch 1 then resumes in one process with 4 devices."""
+def test_a_dead_process_stops_the_other_and_the_run_resumes(tmp_path, jax_cache):
+    """SIGKILL process 1 after epoch 2: process 0 exits with an error within the heartbeat timeout. The
+    2-process checkpoints/last then resumes in one process with 4 devices (the programs of the test
+    above: loaded from the compilation cache)."""
     import time
 
-    from cerebrum_jax.cli import main
-
-    root, weights = _fold_dataset(tmp_path)
+    root = _fold_dataset(tmp_path)
     run = tmp_path / "run"
-    argv = _finetune_argv(root, weights, run, "--epochs", "3")  # --resume needs the very same config
-    procs = _launch_finetune(tmp_path, argv, "logs")
+    argv = _finetune_argv(root, run, "--epochs", "4", "--fold", "2")  # --resume: the same config
+    procs = _launch_finetune(tmp_path, argv, "logs", jax_cache)
     log1 = run / "fold-2" / "log.process-1.txt"
     deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline and "warmup epoch 2:" not in (
+    while time.monotonic() < deadline and "finetune epoch 2:" not in (
         log1.read_text() if log1.exists() else ""
     ):
         assert procs[0].poll() is None and procs[1].poll() is None, "a process ended before the kill"
-        time.sleep(0.5)
+        time.sleep(0.05)
     procs[1].kill()
     killed = time.monotonic()
     codes = finish(procs[:1], timeout=120)  # heartbeat timeout 20 s, with room for a loaded machine
@@ -227,23 +288,24 @@ def test_a_dead_process_stops_the_other_and_the_run_resumes(tmp_path):
     assert "error: process 0 of 2: lost another process" in text or "another task died" in text, text[-2000:]
     assert not (run / "fold-2" / "metrics.json").exists()
 
-    assert main([*argv, "--resume"]) == 0
+    codes = finish(start([[*argv, "--resume"]], tmp_path, tmp_path / "logs-resume", jax_cache, devices=4))
+    assert codes == [0], (tmp_path / "logs-resume" / "p-0.txt").read_text()[-3000:]
     log = (run / "fold-2" / "log.txt").read_text()
-    assert "resuming at phase warmup, epoch 3" in log or "resuming at phase warmup, epoch 2" in log
-    assert json.loads((run / "fold-2" / "metrics.json").read_text())["epochs"]["finetune"] == 3
+    assert "resuming at phase finetune, epoch 3" in log or "resuming at phase finetune, epoch 2" in log
+    assert json.loads((run / "fold-2" / "metrics.json").read_text())["epochs"]["finetune"] == 4
 
 
 @pytest.mark.slow
-def test_segment_distributed_splits_the_inputs(tmp_path):
+def test_segment_distributed_splits_the_inputs(tmp_path, jax_cache):
     """segment --distributed, 2 processes, 3 inputs: process 0 segments inputs 1 and 3, process 1 input 2,
     each on its own 2 devices (--mesh 1x2); the files equal a single-process segmentation."""
     import nibabel as nib
 
     from cerebrum_jax import checkpoint, segment
-    from cerebrum_jax.model import ModelConfig, init_params
+    from cerebrum_jax.model import ModelConfig
 
     cfg = ModelConfig(n_filters=2, n_classes=3)
-    params = init_params(cfg, jax.random.key(5))
+    params = dist_worker.tiny_params(cfg, 5)
     checkpoint.save_checkpoint(tmp_path / "w", params, cfg)
     rng = np.random.default_rng(0)
     inputs = []
@@ -257,18 +319,19 @@ def test_segment_distributed_splits_the_inputs(tmp_path):
         + ["--num-processes", "2", "--process-id", str(i), "--heartbeat-timeout", "20"]
         for i in range(2)
     ]
-    codes = finish(start(argvs, tmp_path, tmp_path / "logs"))
+    procs = start(argvs, tmp_path, tmp_path / "logs", jax_cache)
+    want = [segment(np.asarray(nib.load(path).dataobj, np.float32), params, cfg) for path in inputs]
+    codes = finish(procs)
     text = [(tmp_path / "logs" / f"p-{i}.txt").read_text() for i in range(2)]
     assert codes == [0, 0], text
     assert "sub-0_T1w" in text[0] and "sub-2_T1w" in text[0] and "sub-1_T1w.nii.gz:" not in text[0]
     assert "sub-1_T1w.nii.gz:" in text[1] and "sub-0_T1w.nii.gz:" not in text[1]
     assert "1 of 3 inputs" in text[1] and "mesh 1x2" in text[1]
     assert (out / "dseg.tsv").read_text().startswith("index\tname\n")
-    for path in inputs:
+    for path, expected in zip(inputs, want, strict=True):
         stem = path.name.removesuffix("_T1w.nii.gz") + "_space-orig"  # BIDS derivative names
-        want = segment(np.asarray(nib.load(path).dataobj, np.float32), params, cfg)
         got = np.asarray(nib.load(out / f"{stem}_desc-cerebrum_probseg.nii.gz").dataobj)
-        np.testing.assert_allclose(got, want, atol=1e-5)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
 def test_cv_summary_command_from_fold_directories(tmp_path, capsys):

@@ -20,7 +20,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -32,7 +31,7 @@ import orbax.checkpoint as ocp
 from cerebrum_jax.choices import NORMALIZATIONS
 from cerebrum_jax.distributed import local_checkpointer_options
 from cerebrum_jax.errors import InputError
-from cerebrum_jax.fsafe import deferred_interrupt, replace_dir
+from cerebrum_jax.fsafe import deferred_interrupt, remove_tree, replace_dir
 from cerebrum_jax.model import DIVISOR, ModelConfig
 
 FORMAT = "cerebrum-jax-checkpoint"
@@ -119,7 +118,7 @@ def save_checkpoint(
             (tmp / META_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
             replace_dir(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)  # Orbax's writer threads may still be filling it
         raise
     return path
 

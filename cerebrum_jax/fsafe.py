@@ -265,3 +265,14 @@ def write_text(path, text: str) -> Path:
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text)
     return Path(path)
+
+
+def remove_tree(path: Path, tries: int = 50) -> None:
+    """Remove the directory ``path`` (a failed save's temporary one), however many tries it takes: a
+    writer thread of a failed Orbax save may still be creating files in it while it is removed (one try
+    left it behind on a loaded machine). Gives up after ``tries`` x 0.1 s."""
+    for _ in range(tries):
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.lexists(path):
+            return
+        time.sleep(0.1)

@@ -12,7 +12,6 @@ beside and renamed into place (atomic).
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -50,7 +49,7 @@ def save_last(path: Path, state: dict, loop: dict) -> None:
         (tmp / LOOP_JSON).write_text(json.dumps(loop, indent=1) + "\n")
         fsafe.replace_dir(tmp, path)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        fsafe.remove_tree(tmp)  # Orbax's writer threads may still be filling it after a failure
 
 
 def load_last(path: Path, like_state: dict) -> dict:

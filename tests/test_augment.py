@@ -34,6 +34,7 @@ def rigid_params(angles=(0, 0, 0), shift=(0, 0, 0), cfg=CFG):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape,chunk", [(SHAPE, 4), (SHAPE, 16), ((8, 16, 8), 3)])
 def test_identity_params_return_input_exactly(shape, chunk):
     cfg = dataclasses.replace(CFG, chunk_slices=chunk)
@@ -43,6 +44,7 @@ def test_identity_params_return_input_exactly(shape, chunk):
     np.testing.assert_array_equal(np.asarray(out_labels), labels)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_all_ops_disabled_return_input_exactly(seed):
     image, labels = sample(seed)
@@ -61,6 +63,7 @@ RIGID_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("angles,shift", RIGID_CASES)
 def test_rigid_matches_scipy_affine_transform(angles, shift):
     # jax's and scipy's 'mirror' agree (reflection about edge voxel centres) at order 1, also outside
@@ -87,6 +90,7 @@ def test_constant_elastic_grid_equals_opposite_translation(shift):
     np.testing.assert_array_equal(np.asarray(by_field[1]), np.asarray(by_shift[1]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_points", [3, 4])
 def test_elastic_field_interpolates_control_points(n_points):
     shape = (13, 13, 13)  # control points at integer voxels for 3 and 4 points
@@ -97,6 +101,7 @@ def test_elastic_field_interpolates_control_points(n_points):
     np.testing.assert_allclose(field[:, at][:, :, at][:, :, :, at], grid, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(4))
 def test_labels_stay_in_label_set_and_shapes_kept(seed):
     image, labels = sample(seed, n_labels=3)
@@ -107,6 +112,7 @@ def test_labels_stay_in_label_set_and_shapes_kept(seed):
     assert set(np.unique(np.asarray(out_labels))) <= {0, 2, 4}
 
 
+@pytest.mark.slow
 def test_batch_equals_per_sample():
     images, labels = zip(*(sample(s) for s in range(3)), strict=True)
     images, labels = np.stack(images), np.stack(labels)
@@ -136,6 +142,7 @@ DRAW_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", DRAW_CASES)
 def test_drawn_parameters_within_ranges_and_span_them(cfg):
     n = 4000
@@ -167,6 +174,7 @@ def test_drawn_parameters_within_ranges_and_span_them(cfg):
         assert flags.sum(axis=1).max() <= 1
 
 
+@pytest.mark.slow
 def test_view_key_distinct_and_reproducible():
     combos = [(s, e, j, v) for s in range(2) for e in range(3) for j in range(4) for v in range(5)]
     data = {tuple(np.asarray(jax.random.key_data(aug.view_key(*c))).tolist()) for c in combos}
@@ -175,6 +183,7 @@ def test_view_key_distinct_and_reproducible():
     np.testing.assert_array_equal(np.asarray(same[0]), np.asarray(same[1]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("amount,salt", [(0.05, 0.2), (0.1, 0.5)])
 def test_salt_and_pepper_fraction_and_values(amount, salt):
     image = jnp.asarray(sample(5, (32, 32, 32))[0][..., 0])
@@ -185,6 +194,7 @@ def test_salt_and_pepper_fraction_and_values(amount, salt):
     assert set(np.unique(out[changed])) <= {float(image.min()), float(image.max())}
 
 
+@pytest.mark.slow
 def test_gaussian_blend_keeps_mean_and_mixes_noise():
     image = jnp.asarray(sample(6, (32, 32, 32))[0][..., 0])
     out = np.asarray(aug.gaussian_blend(jax.random.key(1), image, 0.2))
@@ -193,6 +203,7 @@ def test_gaussian_blend_keeps_mean_and_mixes_noise():
     assert abs(residual.std() - float(image.std())) < 0.05 * float(image.std())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale", [0.0, 0.3])
 def test_bias_field_is_smooth_gain_above_floor(scale):
     # on a constant image with floor 0 the output is image * exp(g), g the spline of the grid, which
@@ -223,6 +234,7 @@ def test_bad_config_raises_input_error(bad):
         aug.AugmentConfig(**bad)
 
 
+@pytest.mark.slow
 def test_probabilities_of_disabled_ops_do_not_count():
     cfg = aug.AugmentConfig(salt_pepper=False, bias=False, p_gaussian=1.0)
     flags = jax.vmap(lambda k: aug.rand_intensity(k, cfg)[0])(jax.random.split(jax.random.key(3), 200))

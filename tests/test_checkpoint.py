@@ -40,6 +40,7 @@ def _equal_trees(a, b) -> bool:
         ),
     ],
 )
+@pytest.mark.slow
 def test_round_trip(tmp_path, params, config, classes, normalization, with_volumes, meta):
     rng = np.random.default_rng(1)
     volumes = (

@@ -44,6 +44,7 @@ CASES = [
 @pytest.mark.parametrize(
     "argv,message", CASES, ids=[" ".join(a[:2]) + f" {i}" for i, (a, _) in enumerate(CASES)]
 )
+@pytest.mark.slow
 def test_unwritable_or_wrong_outputs_one_line_exit_2(files, tmp_path, capsys, argv, message):
     (tmp_path / "adir").mkdir()
     (tmp_path / "adir" / "keep.txt").write_text("keep")

@@ -46,6 +46,7 @@ def ours(params, config, x):
     return np.asarray(model.probabilities(params, config, x))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_filters,n_classes", SIZES)
 def test_parity_with_keras3_h5(tmp_path_factory, n_filters, n_classes):
     path, _, x, ref = keras_case(tmp_path_factory, n_filters, n_classes)
@@ -57,6 +58,7 @@ def test_parity_with_keras3_h5(tmp_path_factory, n_filters, n_classes):
     assert np.abs(ours(params, config, x) - ref).max() <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_filters,n_classes", SIZES)
 def test_parity_through_keras2_writer(tmp_path_factory, tmp_path, n_filters, n_classes):
     path, _, x, ref = keras_case(tmp_path_factory, n_filters, n_classes)
@@ -81,6 +83,7 @@ def test_parity_through_keras2_writer(tmp_path_factory, tmp_path, n_filters, n_c
     np.testing.assert_allclose(loaded.predict(x, verbose=0), ref, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_round_trip_h5_orbax_h5_is_bit_identical(small, tmp_path):
     path = small[0]
     assert main(["convert", str(path), str(tmp_path / "ckpt")]) == 0
@@ -126,6 +129,7 @@ def test_keras224_layout_with_split_attributes_and_optimizer_state(small, tmp_pa
         assert np.array_equal(params2[name]["kernel"], params[name]["kernel"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("s,cin,cout", [(2, 3, 5), (4, 2, 3), (4, 6, 1)])
 def test_strided_conv_transpose_equals_keras_layer(s, cin, cout):
     layer = keras.layers.Conv3DTranspose(cout, s, strides=s, padding="same")
@@ -139,6 +143,7 @@ def test_strided_conv_transpose_equals_keras_layer(s, cin, cout):
     np.testing.assert_allclose(model.strided_conv_transpose(x, kernel, bias), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("s,cin,cout", [(2, 3, 5), (4, 2, 3)])
 def test_strided_conv_equals_keras_layer(s, cin, cout):
     layer = keras.layers.Conv3D(cout, s, strides=s, padding="same")
@@ -203,6 +208,7 @@ BAD = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make,message", BAD, ids=[m.__name__.strip("_") for m, _ in BAD])
 def test_bad_h5_exit_2_one_line_nothing_written(small, tmp_path, capsys, make, message):
     bad = tmp_path / "bad.h5"
@@ -316,6 +322,7 @@ def test_download_wrong_blob_id(small, tmp_path, capsys, local):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_download_offline_one_sentence_no_traceback(tmp_path):
     cmd = [sys.executable, "-m", "cerebrum_jax.convert", "--download", str(tmp_path / "glasgow")]
     cmd += ["--url", "file:///nonexistent/model_trained.h5"]
@@ -341,6 +348,7 @@ def test_cli_normalization_volumes_off_the_grid_are_refused(small, tmp_path, cap
     assert not (tmp_path / "ckpt").exists()
 
 
+@pytest.mark.slow
 def test_dropout_rates_agree_with_the_keras_reference():
     """Keras reference net (the original's rates), our Keras 2 writer and the Flax model: one placement."""
     config = model.ModelConfig(n_filters=2, n_classes=3, dropout_rate=0.1)

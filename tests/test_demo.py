@@ -25,6 +25,7 @@ def cohort(tmp_path_factory):
     return demo.ensure_demo_cohort(tmp_path_factory.mktemp("demo") / "demo", **SMALL)
 
 
+@pytest.mark.slow
 def test_build_is_deterministic(cohort, tmp_path):
     again = demo.build_demo_cohort(tmp_path / "again", **SMALL)
     first = json.loads((cohort / "manifest.json").read_text())

@@ -384,6 +384,7 @@ INPUT_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(INPUT_CASES))
 def test_bad_input_one_line_exit_2(files, tmp_path, capsys, case):
     make_argv, message = INPUT_CASES[case]

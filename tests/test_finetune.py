@@ -167,6 +167,7 @@ def test_one_fold_through_the_streamed_step(dataset, weights, tmp_path):
         np.testing.assert_allclose(ours["val_loss"], plain["val_loss"], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_automatic_slab_rows_is_recorded(dataset, weights, tmp_path):
     """No --slab-rows: a 16^3 grid is small, so the plain step (0) runs and config.json says so."""
     out = tmp_path / "auto"
@@ -363,6 +364,7 @@ def test_bad_input_exits_2_before_training(dataset, weights, tmp_path, capsys, e
     assert not out.exists()  # nothing written: a corrected re-run into the same --out needs no --resume
 
 
+@pytest.mark.slow
 def test_rerun_after_failed_check_and_best_checkpoint_without_epochs(dataset, weights, tmp_path, capsys):
     """A failed check leaves no run directory, so the corrected command runs into the same --out; with
     --epochs 0 checkpoints/best still holds the parameters the test subject was predicted with."""
@@ -386,6 +388,7 @@ def test_rerun_after_failed_check_and_best_checkpoint_without_epochs(dataset, we
     assert "fold 1: test sub-001" in log and "checkpoints/best holds them" in log
 
 
+@pytest.mark.slow
 def test_nan_loss_before_any_checkpoint(dataset, weights, tmp_path, capsys):
     out = tmp_path / "nan"
     extra = ["--fold", "3", "--loss", "ce", "--last-layer", "14"]
@@ -419,6 +422,7 @@ def test_nan_loss_keeps_the_last_good_checkpoints(dataset, weights, tmp_path, ca
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(best.params))
 
 
+@pytest.mark.slow
 def test_bids_layout_label_and_mask_names_from_the_command_line(weights, tmp_path, capsys):
     root = tmp_path / "bids"
     for i in range(2):
@@ -503,6 +507,7 @@ def _tiny_config(dataset, weights, **values):
     )
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_called_directly(dataset, weights, tmp_path):
     """The importable entry (no argv): a TrainConfig and a work directory in, metrics.json's content out;
     the run record's facts agree across config.json, metrics.json and checkpoints/best."""
@@ -520,6 +525,7 @@ def test_train_and_evaluate_called_directly(dataset, weights, tmp_path):
         finetune.train_and_evaluate(cfg, run.root, progress=False)
 
 
+@pytest.mark.slow
 def test_prepared_fold_is_typed_and_writes_nothing(dataset, weights, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     prepared = prepare_fold(_tiny_config(dataset, weights, fold=1), log=lambda _: None)

@@ -89,6 +89,7 @@ def test_fold_report_is_self_contained(tmp_path):
     assert "vessels: absent from both the reference and the prediction: no surface" in text
 
 
+@pytest.mark.slow
 def test_cv_report_with_boxplots(tmp_path):
     def fold(k, wm, vessels):
         return {

@@ -70,12 +70,14 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+@pytest.mark.slow
 def test_the_graph_is_read():
     graph = import_graph()
     assert "cerebrum_jax.train" in graph["cerebrum_jax.finetune"]
     assert "cerebrum_jax.model" in graph["cerebrum_jax.train"]
 
 
+@pytest.mark.slow
 def test_no_import_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, " -> ".join(cycle or [])
@@ -86,6 +88,7 @@ def test_cycle_finder_finds_one():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("core", CORE)
 def test_the_core_never_imports_its_orchestrators(core):
     graph = import_graph()
@@ -103,6 +106,7 @@ def test_the_core_never_imports_its_orchestrators(core):
     assert not reach & banned, f"{name} imports {sorted(reach & banned)}"
 
 
+@pytest.mark.slow
 def test_the_command_line_catches_non_finite_loss_without_the_training_stack():
     graph = import_graph()
     from cerebrum_jax.errors import NonFiniteLoss
@@ -111,6 +115,7 @@ def test_the_command_line_catches_non_finite_loss_without_the_training_stack():
     assert graph["cerebrum_jax.errors"] == set()
 
 
+@pytest.mark.slow
 def test_the_finetune_command_line_module_loads_no_training_stack():
     """cli/finetune names NonFiniteLoss and RunDir at import time; optax and orbax come with the run."""
     code = (

@@ -36,6 +36,7 @@ def lean_params(config: model.ModelConfig) -> dict:
         ((2, 40, 8, 16), 16),  # batch 2; 40 = 2 * 16 + 8
     ],
 )
+@pytest.mark.slow
 def test_lean_forward_equals_probabilities(acts, n_classes, shape, slab):
     config = model.ModelConfig(
         n_filters=4, n_classes=n_classes, enc_activation=acts[0], dec_activation=acts[1]
@@ -49,6 +50,7 @@ def test_lean_forward_equals_probabilities(acts, n_classes, shape, slab):
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_lean_forward_bf16_and_bad_slab():
     config = model.ModelConfig(n_filters=4, n_classes=3, compute_dtype="bfloat16")
     params = lean_params(config)

@@ -78,6 +78,7 @@ def _without_seconds(history):
     return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
 
 
+@pytest.mark.slow
 def test_fit_in_memory_writes_nothing_and_calls_its_hooks_in_order(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     recorder = Recorder()
@@ -102,6 +103,7 @@ def test_fit_in_memory_writes_nothing_and_calls_its_hooks_in_order(tmp_path, mon
     )
 
 
+@pytest.mark.slow
 def test_same_seed_same_history():
     a, b = _fit(epochs=(0, 2))[1], _fit(epochs=(0, 2))[1]
     assert [h["phase"] for h in a] == ["finetune", "finetune"]

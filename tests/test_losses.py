@@ -32,6 +32,7 @@ def _np_dice_terms(logits, labels):
     return np.array(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed,weighted", [(0, False), (1, True), (2, True)])
 def test_cross_entropy_matches_numpy(seed, weighted):
     logits, labels = _case(seed)
@@ -43,6 +44,7 @@ def test_cross_entropy_matches_numpy(seed, weighted):
     np.testing.assert_allclose(float(got), ref, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed,n_classes", [(0, 2), (3, 4), (4, 8)])
 def test_dice_loss_matches_numpy(seed, n_classes):
     logits, labels = _case(seed, n_classes=n_classes)
@@ -51,6 +53,7 @@ def test_dice_loss_matches_numpy(seed, n_classes):
     np.testing.assert_allclose(float(losses.dice_loss(logits, labels)), (1 - ref).sum(), rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["ce", "dice", "ce+dice"])
 def test_loss_terms_combine(loss):
     logits, labels = _case(5)
@@ -76,6 +79,7 @@ def test_balanced_weights_like_sklearn(counts):
         assert w[k] == pytest.approx(n / (3 * c) if c else 0.0, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_hard_dice_per_class():
     ref = np.array([[0, 1, 1, 2]])
     pred = np.array([[0, 1, 2, 2]])

@@ -46,6 +46,7 @@ def test_parameter_count_and_shapes(f, n):
         assert params[name]["bias"].shape == shapes["bias"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(1, 8, 8, 8, 1), (2, 16, 8, 24, 1), (1, 8, 16, 8, 1)])
 def test_output_shape_and_probabilities(params, shape):
     x = jax.random.normal(jax.random.key(2), shape)
@@ -70,6 +71,7 @@ def test_bad_input_shapes_raise(params, shape, message):
         apply(params, SMALL, jnp.zeros(shape))
 
 
+@pytest.mark.slow
 def test_dropout_only_in_train_mode(params):
     config = model.ModelConfig(n_filters=2, n_classes=3, dropout_rate=0.5)
     x = jax.random.normal(jax.random.key(3), (1, 8, 16, 8, 1))
@@ -93,6 +95,7 @@ def test_init_is_deterministic_per_key():
     assert not np.allclose(p1["main_output"]["kernel"], p3["main_output"]["kernel"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("s,cin,cout", [(2, 3, 4), (4, 2, 5)])
 def test_strided_conv_matches_lax(s, cin, cout):
     k1, k2, k3 = jax.random.split(jax.random.key(9), 3)
@@ -105,6 +108,7 @@ def test_strided_conv_matches_lax(s, cin, cout):
     np.testing.assert_allclose(model.strided_conv(x, kernel, bias), ref + bias, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("s,cin,cout", [(2, 3, 4), (4, 2, 5)])
 def test_strided_conv_transpose_matches_definition(s, cin, cout):
     """out[s*i + a, s*j + b, s*l + c] = sum_ch x[i, j, l, ch] * K[a, b, c, :, ch] + bias (Keras's
@@ -130,6 +134,7 @@ def _intermediates(params, config, x, key):
     }
 
 
+@pytest.mark.slow
 def test_dropout_placement_follows_the_original(params):
     """The original's Dropout after down_1to2_conv has the level-1 rate (0); the one after up_2to1_conv
     the level-2 rate: the original model_definition.py's '<layer>_dr' naming."""
@@ -153,6 +158,7 @@ def test_dropout_placement_follows_the_original(params):
     assert not np.array_equal(a["up_2to1_dr"], b["up_2to1_dr"])
 
 
+@pytest.mark.slow
 def test_package_exports_and_cheap_import():
     """The research API at package level; the heavy modules load only when one of their names is used."""
     import subprocess
@@ -178,6 +184,7 @@ def test_package_exports_and_cheap_import():
     assert r.stdout.strip() == "[]", r.stdout
 
 
+@pytest.mark.slow
 def test_conv3d_depth_taps_matches_lax():
     """'valid' along D, 'same' along H and W, as a sum of 2-D convolutions."""
     k1, k2 = jax.random.split(jax.random.key(15))

@@ -42,6 +42,7 @@ def read_png(path):
     return img
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dice", [True, False])
 @pytest.mark.parametrize("phases", [("warmup", "finetune"), ("finetune",)])
 def test_training_curves_png(tmp_path, dice, phases):
@@ -50,6 +51,7 @@ def test_training_curves_png(tmp_path, dice, phases):
     assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]  # no temporary left behind
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spacing", [None, (0.7, 0.5, 1.2)])
 def test_segmentation_and_probability_png(tmp_path, spacing):
     image, ref, pred = phantom()
@@ -76,6 +78,7 @@ def test_bad_figure_input_writes_nothing(tmp_path, call):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_report_md_has_every_class_and_resolving_links(tmp_path):
     image, ref, pred = phantom()
     result = metrics.evaluate(pred, ref, (0.7, 0.7, 0.7), dict(enumerate(NAMES)))

@@ -49,6 +49,7 @@ def ckpt(tmp_path_factory, params):
     return save_checkpoint(path, params, CONFIG, classes=CLASSES, normalization="zscore")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(16, 16, 16), (13, 20, 11), (8, 16, 8), (9, 7, 17)])
 @pytest.mark.parametrize("normalization", ["zscore", "none"])
 def test_segment_api_shapes_and_padding(params, shape, normalization):
@@ -259,6 +260,7 @@ def test_failure_during_segmentation_leaves_no_dseg_tsv(tmp_path, ckpt, monkeypa
     assert list(out.iterdir()) == []  # an existing OUT is kept, and stays empty
 
 
+@pytest.mark.slow
 def test_outputs_get_umask_permissions(tmp_path, ckpt):
     """Not mkstemp's 0600: the files a plain open() would make under umask 022 (0644)."""
     import os
@@ -280,6 +282,7 @@ def test_outputs_get_umask_permissions(tmp_path, ckpt):
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
 
 
+@pytest.mark.slow
 def test_cpu_forward_is_the_lean_one(params):
     """On a CPU, forward_fn runs lean.probabilities_lean (slab loops), equal to model.probabilities."""
     x = jax.random.normal(jax.random.key(2), (1, 40, 16, 8, 1))
@@ -297,6 +300,7 @@ def segment_cli(tmp_path, ckpt, src, name, *extra):
     return dseg, np.asarray(nib.load(f"{stem}_probseg.nii.gz").dataobj)
 
 
+@pytest.mark.slow
 def test_segment_cli_mesh_and_precision(tmp_path, ckpt, capsys):
     """--mesh 1x4 (the 4 virtual CPU devices of conftest.py) gives the one-device labels; bf16 runs."""
     assert len(jax.devices()) == 4
@@ -329,6 +333,7 @@ def test_segment_cli_bad_mesh_is_one_line(tmp_path, ckpt, capsys, mesh, message)
 # ------------------------------------------------------------------------- ensembles, TTA, masks, argv
 
 
+@pytest.mark.slow
 def test_mirroring_twice_is_the_identity_and_tta_averages_the_mirrored_passes():
     params = model.init_params(CONFIG, jax.random.key(3))  # unsaturated probabilities
     v = volume((16, 16, 8), 8)

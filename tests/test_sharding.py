@@ -95,6 +95,7 @@ def test_check_divisible_rejects(shape, spec):
         S.check_divisible(shape, _mesh(spec))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("spec", "b"), [("1x1", 1), ("1x2", 1), ("1x4", 1), ("2x2", 2), ("4x1", 4)])
 def test_sharded_forward_equals_single_device(spec, b):
     params, x = _params(), _batch(b)["image"]
@@ -106,6 +107,7 @@ def test_sharded_forward_equals_single_device(spec, b):
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("spec", "b"), [("1x2", 1), ("1x4", 1), ("2x2", 2)])
 def test_sharded_train_step_equals_single_device(spec, b):
     tx = optax.adam(1e-3)
@@ -128,6 +130,7 @@ def _temp_bytes(compiled) -> int:
     return ma.temp_size_in_bytes + ma.argument_size_in_bytes + ma.output_size_in_bytes
 
 
+@pytest.mark.slow
 def test_forward_memory_per_device_falls_with_devices():
     params, x = _params(), _batch()["image"]
     specs = ("1x1", "1x2", "1x4")
@@ -144,11 +147,13 @@ def _train_memory(cfg, spec) -> int:
     return _temp_bytes(jitted.lower(state, batch, jax.random.PRNGKey(0)).compile())
 
 
+@pytest.mark.slow
 def test_train_memory_per_device_falls_with_devices():
     sizes = [_train_memory(CFG, spec) for spec in ("1x1", "1x2", "1x4")]
     assert sizes[0] > sizes[1] > sizes[2], sizes
 
 
+@pytest.mark.slow
 def test_remat_same_results_and_no_more_memory():
     """Remat must not change loss or gradients, and must not raise the compiled footprint.
 
@@ -172,6 +177,7 @@ def test_remat_same_results_and_no_more_memory():
     assert _train_memory(remat, "1x1") <= _train_memory(CFG, "1x1")
 
 
+@pytest.mark.slow
 def test_bf16_runs_and_is_close():
     bf16 = dataclasses.replace(CFG, compute_dtype="bfloat16")
     params, x = _params(), _batch()["image"]
@@ -202,6 +208,7 @@ def test_performance_args(argv, remat, dtype, mesh):
     assert (cfg.remat, cfg.compute_dtype, (m.shape["data"], m.shape["space"])) == (remat, dtype, mesh)
 
 
+@pytest.mark.slow
 def test_eight_devices_subprocess():
     code = textwrap.dedent(
         """
@@ -225,6 +232,7 @@ def test_eight_devices_subprocess():
     assert all(float(d) < 1e-5 for d in diffs.values()), diffs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("b", "d", "h", "w", "cin", "cout"), [(1, 8, 8, 8, 1, 3), (2, 8, 16, 8, 4, 2)])
 def test_conv_kernel_gradient_matches_xla(b, d, h, w, cin, cout):
     """model.conv3d_same's matmul kernel gradient (a speed change) equals XLA's convolution gradient."""
@@ -240,6 +248,7 @@ def test_conv_kernel_gradient_matches_xla(b, d, h, w, cin, cout):
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("limit", [8 * 8 * 3, 8 * 8 * 3 * 4, 1 << 26])
 def test_conv_depth_chunks_equal_one_conv(limit, monkeypatch):
     """Large convolutions run in D-slabs (XLA:CPU aborts on a whole volume); slabs change nothing."""

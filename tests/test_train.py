@@ -68,6 +68,7 @@ def _run(ckpt, n_steps, seed=0, last_layer=3):
     return before, frozen, state, metrics
 
 
+@pytest.mark.slow
 def test_step_updates_unfrozen_only_and_no_state_for_frozen(ckpt):
     before, frozen, state, metrics = _run(ckpt, 1)
     assert np.isfinite(float(metrics["loss"])) and int(state["step"]) == 1
@@ -83,6 +84,7 @@ def test_step_updates_unfrozen_only_and_no_state_for_frozen(ckpt):
     assert n_state == n_trainable == 6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_two_steps_reproducible(ckpt, seed):
     a = _run(ckpt, 2, seed)[2]["params"]
@@ -101,6 +103,7 @@ def test_learning_rate_injection(ckpt):
     assert jax.tree_util.tree_structure(changed) == jax.tree_util.tree_structure(state["opt_state"])
 
 
+@pytest.mark.slow
 def test_eval_step_metrics(ckpt):
     params, _ = train.load_finetune_init(ckpt, 4, 3, jax.random.key(0))
     cfg = train.finetune_model_config(ckpt, 4)

@@ -79,6 +79,7 @@ def test_rigid_matches_scipy_affine_transform(angles, shift):
     assert set(np.unique(np.asarray(out_labels))) <= set(np.unique(labels))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shift", [(1.0, -2.0, 0.25), (0.0, 0.0, 3.0)])  # no .5 ties for nearest
 def test_constant_elastic_grid_equals_opposite_translation(shift):
     # one coordinate map: a displacement u everywhere samples at p + u, a shift s at p - s
@@ -124,6 +125,7 @@ def test_batch_equals_per_sample():
         np.testing.assert_array_equal(np.asarray(out_labels[i]), np.asarray(one_labels))
 
 
+@pytest.mark.slow
 def test_same_key_same_view_different_keys_differ():
     image, labels = sample(4)
     key = aug.view_key(3, 2, 1, 0)

@@ -11,12 +11,12 @@ import pytest
 from cerebrum_jax import checkpoint
 from cerebrum_jax.checkpoint import load_checkpoint, save_checkpoint
 from cerebrum_jax.errors import InputError
-from cerebrum_jax.model import ModelConfig, init_params
+from cerebrum_jax.model import ModelConfig
 
 
 @pytest.fixture(scope="module")
-def params():
-    return init_params(ModelConfig(n_filters=2, n_classes=3), jax.random.key(0))
+def params(tiny_params):
+    return tiny_params
 
 
 def _equal_trees(a, b) -> bool:

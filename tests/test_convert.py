@@ -100,6 +100,7 @@ def test_round_trip_h5_orbax_h5_is_bit_identical(small, tmp_path):
     assert ckpt.classes == ["class_0", "class_1", "class_2"] and ckpt.normalization == "zscore"
 
 
+@pytest.mark.slow
 def test_weights_only_file(small, tmp_path):
     path, net, x, ref = small
     with h5py.File(tmp_path / "w.h5", "w") as f:
@@ -109,6 +110,7 @@ def test_weights_only_file(small, tmp_path):
     assert np.abs(ours(params, config, x) - ref).max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_keras224_layout_with_split_attributes_and_optimizer_state(small, tmp_path):
     """The published file's quirks: layer_names split over layer_names0/1, optimizer_weights present."""
     params, config, _ = convert.read_keras_h5(small[0])
@@ -223,6 +225,7 @@ def test_bad_h5_exit_2_one_line_nothing_written(small, tmp_path, capsys, make, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.h5"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -244,6 +247,7 @@ def test_cli_usage_errors(small, tmp_path, capsys, args, message):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_cli_refuses_existing_outputs_unless_forced(small, tmp_path, capsys):
     out, h5 = tmp_path / "ckpt", tmp_path / "back.h5"
     assert main(["convert", str(small[0]), str(out)]) == 0
@@ -258,6 +262,7 @@ def test_cli_refuses_existing_outputs_unless_forced(small, tmp_path, capsys):
     assert convert.read_keras_h5(h5)[1].n_classes == 3
 
 
+@pytest.mark.slow
 def test_cli_normalization_volumes_and_class_file(small, tmp_path):
     import nibabel as nib
 
@@ -277,6 +282,7 @@ def test_cli_normalization_volumes_and_class_file(small, tmp_path):
     np.testing.assert_array_equal(ckpt.norm_volumes["std"], np.where(std == 0, 1.0, std))
 
 
+@pytest.mark.slow
 def test_glasgow_class_names_by_default_for_7_classes(tmp_path_factory, tmp_path):
     path = keras_case(tmp_path_factory, 24, 7)[0]
     assert main(["convert", str(path), str(tmp_path / "ckpt")]) == 0
@@ -296,6 +302,7 @@ def test_git_blob_id_matches_git(tmp_path):
     assert convert.git_blob_id(tmp_path / "f") == got.strip()
 
 
+@pytest.mark.slow
 def test_download_verifies_and_converts(small, tmp_path):
     blob = convert.git_blob_id(small[0])
     h5, out = tmp_path / "w" / "model_trained.h5", tmp_path / "w" / "glasgow"
@@ -309,6 +316,7 @@ def test_download_verifies_and_converts(small, tmp_path):
     assert main([*args[:3], "--url", "file:///nonexistent/x.h5", "--blob-id", blob]) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("local", [False, True])
 def test_download_wrong_blob_id(small, tmp_path, capsys, local):
     h5 = tmp_path / "model_trained.h5"
@@ -334,6 +342,7 @@ def test_download_offline_one_sentence_no_traceback(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(12, 16, 16), (16, 16, 10)])
 def test_cli_normalization_volumes_off_the_grid_are_refused(small, tmp_path, capsys, shape):
     """Voxelwise mean/std volumes set segment's grid, so each axis must be a multiple of 8."""

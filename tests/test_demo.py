@@ -34,6 +34,7 @@ def test_build_is_deterministic(cohort, tmp_path):
     assert len(first["files"]) == 2 * SMALL["n_subjects"] + 2
 
 
+@pytest.mark.slow
 def test_reader_reads_the_cohort(cohort):
     subjects = find_subjects(cohort)
     assert [s.id for s in subjects] == ["sub-001", "sub-002"]

@@ -102,6 +102,7 @@ def test_launch_options_checked():
     assert distributed.share(list("abcde"), 0, 2) == ["a", "c", "e"]
 
 
+@pytest.mark.slow
 def test_kubernetes_launch_options_without_a_cluster(tmp_path):
     """An Indexed Job's pod index is the process id of an explicit launch (an explicit --process-id wins;
     a bad index is one line); where JAX finds no cluster on Kubernetes (no kubernetes package here) a

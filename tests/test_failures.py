@@ -409,6 +409,7 @@ def test_huge_integer_image_is_normalised_in_float64():
         preprocess.zscore(np.array([0.0, np.inf]))
 
 
+@pytest.mark.slow
 def test_package_experiments_before_the_working_directory(files, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "experiments").mkdir()

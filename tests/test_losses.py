@@ -63,6 +63,7 @@ def test_loss_terms_combine(loss):
     np.testing.assert_allclose(float(total), float(expected), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_perfect_prediction_has_near_zero_losses():
     _, labels = _case(6)
     logits = np.eye(3, dtype=np.float32)[labels] * 50.0

@@ -14,9 +14,9 @@ init = jax.jit(model.init_params, static_argnums=(0, 2))
 
 
 @pytest.fixture(scope="module")
-def params():
+def params(tiny_params):
     """Parameters of SMALL; dropout has no parameters, so they serve every 2-filter 3-class config."""
-    return init(SMALL, jax.random.key(1))
+    return tiny_params
 
 
 def expected_param_count(f: int, n: int) -> int:
@@ -88,6 +88,7 @@ def test_dropout_only_in_train_mode(params):
     np.testing.assert_allclose(t, apply(params, plain, x), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_init_is_deterministic_per_key():
     p1, p2 = (init(SMALL, jax.random.key(7)) for _ in range(2))
     jax.tree_util.tree_map(np.testing.assert_array_equal, p1, p2)

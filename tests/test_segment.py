@@ -64,6 +64,7 @@ def test_segment_api_shapes_and_padding(params, shape, normalization):
     np.testing.assert_allclose(probs, preprocess.undo_pad_or_crop(full, info), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_segment_is_deterministic_and_compiled_once(params):
     v = volume((13, 20, 11), 1)
     a = segment(v, params, CONFIG)
@@ -85,6 +86,7 @@ def test_zscore_mask_sets_statistics(params):
     assert abs(x[mask].mean()) < 1e-5 and abs(x[mask].std() - 1) < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(13, 20, 11), (16, 24, 8)])
 def test_voxelwise_on_a_smaller_grid(params, shape):
     grid = (8, 16, 8)
@@ -101,6 +103,7 @@ def test_voxelwise_on_a_smaller_grid(params, shape):
     np.testing.assert_array_equal(probs[~covered], np.broadcast_to(np.eye(3)[0], probs[~covered].shape))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(16, 16, 16), (13, 20, 11)])
 def test_segment_cli_outputs(tmp_path, ckpt, params, shape, capsys):
     data = volume(shape, 6)
@@ -374,6 +377,7 @@ def test_ensemble_of_one_is_the_model_and_of_two_the_mean(tmp_path, ckpt, params
     )
 
 
+@pytest.mark.slow
 def test_greedy_weights_leave_the_inputs(tmp_path, ckpt):
     """segment --weights A B in.nii.gz: argparse hands the input to --weights; it is taken back."""
     src = write_nifti(tmp_path / "a.nii.gz", volume((8, 8, 8)))

@@ -137,6 +137,24 @@ convolutions of `jax.vjp` (the input gradient of the 3x3x3 convs) inside a `lax.
 the flipped kernel (`streamed._input_grad`), the streamed gradient at 64x88x56 went from 10.5 to 2.75
 CPU-s (the plain step's: 2.55 CPU-s; loaded machine). Equality with the plain step is tested as before
 (`tests/test_streamed.py`).
+
+Where the streamed step's time goes (profiled by hand, commit 161bb79, `jax.profiler` perfetto trace of
+one compiled step, summed per XLA op kind; 128x176x112, slabs of 8, 8 classes, float32; loaded machine,
+so shares, not seconds, are the result):
+
+| op kind | share of op time | what it is |
+|---|---|---|
+| `ynn_fusion` (XNNPACK/YNNPACK convolutions) | 51 % | forward convs, the recomputed level-1 forward, input gradients |
+| `concatenate_bitcast_fusion` | 15 % | the im2col copies of the kernel gradient (`model._kernel_grad`), ~0.4 GB/s |
+| `dot_general` | 9 % | the kernel gradient's matmuls (K = voxels, 216 x 24 outputs) |
+| `copy`, `add_*`, `broadcast_*` fusions | 19 % | slab slicing, gradient accumulation over slabs, dropout rows |
+
+The step's CPU time scales about linearly from 128x176x112 (45 CPU-s) to 256x352x224 (340 CPU-s), and
+the plain step's at 64x88x56 (3.4 CPU-s) scaled by the voxel count would be ~220 CPU-s at full size:
+the streamed step costs ~1.6x the plain one (halo rows of 8-row slabs: +25 % on dec_lvl1, the 3x3x3
+layer that dominates; the level-1 forward recomputed in the backward pass), and the plain step's backward
+is itself slower per voxel than the peer's. The kernel gradient (a quarter of the step) is the first
+thing to rewrite; the goal of <= 5x our forward needs the backward convolutions at the forward's speed.
 """  # noqa: E501
 
 

@@ -76,6 +76,11 @@ class LoopConfig:
     seed: int = 0
     slab_rows: int = 0
 
+    @property
+    def views_per_volume(self) -> int:
+        """Views of each training volume per epoch: augment_views, or 1 (the volume as it is) for 0."""
+        return max(self.augment_views, 1)
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:

@@ -226,7 +226,7 @@ def prepare_fold(cfg: TrainConfig, log=print) -> PreparedFold:
     log(f"brain mask: {fold.preprocessing.mask} ({fold.mask_note})")
     mesh = fold_mesh(runtime, batch, fold.grid)
     if mesh is not None:
-        check_last_batch(len(fold.train) * max(cfg.augment_views, 1), batch, mesh.shape["data"])
+        check_last_batch(len(fold.train) * cfg.loop.views_per_volume, batch, mesh.shape["data"])
     return PreparedFold(
         weights_path, ckpt, fold, why, k_prob, mesh, model_config, params, frozen, time.perf_counter() - t0
     )

@@ -260,7 +260,7 @@ def fit(
         at = at or hook.resume(params, phases)
     history = list(at.history) if at else []
     best = (at.best_loss, at.best_params) if at else (float("inf"), params)
-    n_steps = -(-len(train) * max(schedule.augment_views, 1) // schedule.batch_size)
+    n_steps = -(-len(train) * schedule.views_per_volume // schedule.batch_size)
     run = _Run(schedule, loss, augment, model_config, data, eval_step, mesh, act, hooks, n_steps)
     try:
         for p_index in range(at.phase if at else 0, len(phases)):
@@ -345,7 +345,7 @@ def _epoch(run: _Run, step, state, controller, best, p_index: int, phase: Phase,
     seed, batch_size = schedule.seed, schedule.batch_size
     key = jax.random.fold_in(jax.random.key(seed), p_index)
     rng = np.random.default_rng([seed, p_index, epoch])
-    n_views = max(schedule.augment_views, 1)
+    n_views = schedule.views_per_volume
     order = rng.permutation([(s, v) for s in range(len(data.images)) for v in range(n_views)])
     train_losses = []
     for b in range(0, len(order), batch_size):

@@ -62,9 +62,12 @@ MASK_WORDS = {
 }
 
 
-def predict_test(net: predictor.Model, subject: inputs.PreparedSubject, mesh=None) -> tuple[np.ndarray, dict]:
+def predict_test(
+    net: predictor.Model, subject: inputs.PreparedSubject, mesh=None, log=print
+) -> tuple[np.ndarray, dict]:
     """The test subject predicted from its raw files exactly as ``segment`` predicts a new volume
-    (``predictor.ensemble`` of one; its labels are read only when the mask kind is "labels").
+    (``predictor.ensemble`` of one; its labels are read only when the mask kind is "labels"); ``log``
+    hears the line of a grid that cuts the head (``inputs.cut_note``).
 
     Returns (probabilities (D, H, W, C) on the source grid, {"image", "img", "ref" (class indices from
     the label file), "spacing"} for the evaluation and figures on that same grid).
@@ -74,7 +77,8 @@ def predict_test(net: predictor.Model, subject: inputs.PreparedSubject, mesh=Non
     mask = inputs.read_mask(source.mask, img, net.pre, source.labels)
     if mesh is not None and mesh.shape["data"] != 1:
         mesh = None  # one volume: only a 1xN mesh splits it
-    probs = predictor.ensemble([net], image, img.affine, mask, mesh=mesh)
+    warn = lambda text: log(f"{source.image}: warning: {text}")  # noqa: E731
+    probs = predictor.ensemble([net], image, img.affine, mask, mesh=mesh, warn=warn)
     ref_raw, _ = nifti.load_nifti(source.labels, what="labels")
     ref = subject.label_map.apply(ref_raw, source.labels)
     spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
@@ -242,7 +246,7 @@ def train_and_evaluate(
     t["trained"] = time.perf_counter()
     test = prepared.fold.test[0]
     net = predictor.Model(params, run_config, prepared.fold.preprocessing, prepared.fold.norm_volumes)
-    probs, grids = predict_test(net, test, prepared.mesh)
+    probs, grids = predict_test(net, test, prepared.mesh, log)
     if not distributed.is_main():  # process 0 writes and evaluates; the others wait for its metrics.json
         return distributed.main_result(run.metrics_json)
     result = _evaluate(cfg, run, prepared, record, probs, grids, history, phases, t, log)

@@ -165,6 +165,27 @@ def plan(image: np.ndarray, mask: np.ndarray | None, pre: Preprocessing) -> tupl
     return Geometry(box, info), region
 
 
+def cut_note(geom: Geometry, pre: Preprocessing) -> str | None:
+    """A warning, or None, when centring on the network grid cut into the volume's box (the head or
+    brain box of a "box" crop, else the whole volume): that part gets no labels (background).
+
+    It happens when a model with a fixed grid meets a larger head than it was trained on, or one at a
+    finer voxel size (a 1 mm head for a model trained at 3 mm without ``voxel_mm``)."""
+    box = geom.box.shape
+    lost = [b - (stop - start) for b, (start, stop) in zip(box, geom.padcrop.crops, strict=True)]
+    if not any(lost):
+        return None
+    what = "head/brain box" if pre.crop == "box" else "volume"
+    shown = "x".join(map(str, box))
+    grid = "x".join(map(str, geom.grid))
+    share = 1.0 - float(np.prod([b - n for b, n in zip(box, lost, strict=True)])) / float(np.prod(box))
+    return (
+        f"the {what} ({shown} voxels) is larger than the model's grid {grid}: only its central "
+        f"{grid} part is segmented, {share:.0%} of the box is labelled background; is the voxel size the "
+        "one the model was trained at?"
+    )
+
+
 def prepare(
     image: np.ndarray, mask: np.ndarray | None, pre: Preprocessing, norm_volumes: dict | None = None
 ) -> tuple[np.ndarray, Geometry, np.ndarray]:

@@ -22,7 +22,7 @@ import numpy as np
 from nibabel import processing
 
 from cerebrum_jax import bids, lean, model, nifti
-from cerebrum_jax.inputs import Preprocessing, of_checkpoint, prepare, resampled
+from cerebrum_jax.inputs import Preprocessing, cut_note, of_checkpoint, prepare, resampled
 from cerebrum_jax.model import ModelConfig
 
 # ----------------------------------------------------------------------------------------------------------
@@ -91,9 +91,12 @@ def _probs_back(probs: np.ndarray, grid_affine: np.ndarray, shape, affine) -> np
     return out / np.maximum(out.sum(-1, keepdims=True), 1e-12)
 
 
-def predict_volume(params, config, pre: Preprocessing, image, affine, mask=None, norm_volumes=None, **kw):
+def predict_volume(
+    params, config, pre: Preprocessing, image, affine, mask=None, norm_volumes=None, warn=None, **kw
+):
     """Probabilities (D, H, W, C) float32 of a raw ``image`` (D, H, W) on its own grid (``affine`` (4, 4)
     mm), prepared as ``pre`` says (``inputs.prepare``; ``mask`` (D, H, W) bool when ``pre`` needs one).
+    ``warn(text)`` (optional) hears when the grid cuts the head (``inputs.cut_note``).
     ``kw``: ``tta_axes``, ``mesh`` (``network_probs``)."""
     source = np.asarray(image, np.float32)
     if pre.voxel_mm is not None:
@@ -101,6 +104,9 @@ def predict_volume(params, config, pre: Preprocessing, image, affine, mask=None,
         if mask is not None:
             mask = resampled(mask, affine, pre.voxel_mm, 0)[0] > 0.5
     x, geom, _ = prepare(source, mask, pre, norm_volumes)
+    note = cut_note(geom, pre)
+    if note and warn is not None:
+        warn(note)
     full = geom.to_source(network_probs(params, config, x, **kw), 0.0)
     full[..., 0] += full.sum(-1) == 0  # outside the network grid: background
     if pre.voxel_mm is not None:
@@ -127,7 +133,7 @@ def ensemble(models, image: np.ndarray, affine, mask: np.ndarray | None = None, 
     """Probabilities (D, H, W, C) of a raw ``image`` (D, H, W): the mean of ``predict_volume`` over
     ``models`` (``Model``; e.g. a cross-validation's fold models, as nnU-Net ensembles its folds). Each
     prepares the input its own recorded way; ``mask`` goes to those trained on masked inputs. An ensemble
-    of one is that model."""
+    of one is that model. ``kw``: ``warn``, ``tta_axes``, ``mesh`` (``predict_volume``)."""
     total = None
     for m in models:
         p = predict_volume(

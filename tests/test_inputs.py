@@ -94,6 +94,26 @@ def test_prepare_geometry_round_trip(shape, crop):
     assert head[tuple(source_vox.T)].all()
 
 
+@pytest.mark.parametrize(
+    ("crop", "grid", "cut"),
+    [
+        ("box", None, False),  # the grid is the box rounded up: nothing cut
+        ("box", (16, 16, 16), False),  # box 11x11x11 (radius 4 + margin 1) fits
+        ("box", (8, 16, 16), True),  # depth 11 > 8
+        ("none", (16, 24, 16), False),  # the whole 16x20x12 volume fits
+        ("none", (16, 16, 16), True),  # height 20 > 16
+    ],
+)
+def test_cut_note_only_when_the_grid_cuts_the_box(crop, grid, cut):
+    image = np.where(_blob(), 300.0, 1.0).astype(np.float32)
+    pre = Preprocessing(crop=crop, margin=1, grid=grid)
+    _, geom, _ = inputs.prepare(image, None, pre)
+    note = inputs.cut_note(geom, pre)
+    assert (note is not None) == cut
+    if cut:
+        assert "x".join(map(str, geom.grid)) in note and "x".join(map(str, geom.box.shape)) in note
+
+
 def test_prepare_with_mask_zeroes_outside_and_normalises_inside():
     image = RNG.normal(100, 20, (16, 16, 16)).astype(np.float32)
     mask = _blob((16, 16, 16), (8, 8, 8), 5)

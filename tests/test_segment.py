@@ -448,3 +448,22 @@ def test_mask_option_errors(tmp_path, params, masked_ckpt, capsys, which, extra,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_head_larger_than_the_grid_is_a_warning_naming_the_file(tmp_path, params, capsys):
+    """A fixed-grid model (as a fold's checkpoint) meeting a larger head segments only the grid's central
+    part: segment says so on stderr, naming the file, and still writes its outputs; a fitting one is
+    silent."""
+    pre = {"mask": "none", "crop": "none", "grid": [16, 16, 16], "normalization": "zscore"}
+    weights = save_checkpoint(tmp_path / "ck", params, CONFIG, classes=CLASSES, meta={"preprocessing": pre})
+    big = write_nifti(tmp_path / "big.nii.gz", volume((24, 16, 12), 3))
+    small = write_nifti(tmp_path / "small.nii.gz", volume((13, 16, 11), 4))
+    out = tmp_path / "out"
+    assert main(["segment", str(big), str(small), "--weights", str(weights), "--out", str(out)]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(err) == 1 and err[0].startswith(f"{big}: warning:") and "16x16x16" in err[0], err
+    probs = np.asarray(nib.load(out / "big_space-orig_desc-cerebrum_probseg.nii.gz").dataobj)
+    assert probs.shape == (24, 16, 12, 3)
+    np.testing.assert_array_equal(probs[:4, ..., 0], 1.0)  # the 4 cut rows each side: background
+    np.testing.assert_array_equal(probs[20:, ..., 0], 1.0)
+    assert (out / "small_space-orig_desc-cerebrum_dseg.nii.gz").is_file()

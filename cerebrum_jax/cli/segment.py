@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
@@ -243,6 +244,11 @@ def split_inputs(args: argparse.Namespace) -> list[Path]:
     return [Path(p) for p in args.inputs]
 
 
+def _warner(path: Path):
+    """A ``warn(text)`` that prints one line naming ``path`` on stderr (the run goes on)."""
+    return lambda text: print(f"{path}: warning: {text}", file=sys.stderr, flush=True)
+
+
 def segment_one(
     args: argparse.Namespace, models, mesh, out: Path, path: Path, mask_path: Path | None
 ) -> None:
@@ -251,7 +257,9 @@ def segment_one(
     data, img = nifti.load_nifti(path)
     mask = None if mask_path is None else nifti.load_nifti(mask_path, what="mask")[0] > 0.5
     tta = predictor.mirror_axes(args.tta_axes, img.affine) if args.tta else ()
-    probs = predictor.ensemble([m for _, _, m in models], data, img.affine, mask, tta_axes=tta, mesh=mesh)
+    probs = predictor.ensemble(
+        [m for _, _, m in models], data, img.affine, mask, tta_axes=tta, mesh=mesh, warn=_warner(path)
+    )
     seconds = time.perf_counter() - start
     stem = output_stem(path)
     predictor.write_segmentation(

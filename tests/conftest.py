@@ -14,8 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 @pytest.fixture(scope="session")
 def tiny_params():
-    """Random parameters of the 2-filter, 3-class network (key 0), made once per session: the random
-    initialisation compiles one program per kernel shape (~25 s on the 2-core machine)."""
+    """Random parameters of the 2-filter, 3-class network (key 0), made once per session."""
     import jax
 
     from cerebrum_jax.model import ModelConfig, init_params

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from cerebrum_jax import model
 
@@ -94,6 +95,32 @@ def test_init_is_deterministic_per_key():
     jax.tree_util.tree_map(np.testing.assert_array_equal, p1, p2)
     p3 = init(SMALL, jax.random.key(8))
     assert not np.allclose(p1["main_output"]["kernel"], p3["main_output"]["kernel"])
+
+
+@pytest.mark.parametrize(
+    ("shape", "in_axis", "out_axis"),
+    [
+        ((3, 3, 3, 24, 24), -2, -1),  # a 3x3x3 conv
+        ((1, 1, 1, 24, 3), -2, -1),  # the head: 72 values, far below the drawn length
+        ((4, 4, 4, 96, 48), -1, -2),  # a transposed conv: Keras keeps (out, in) as the last axes
+        ((3, 3, 3, 128, 128), -2, -1),  # 442,368 values: more than 2^18, a longer draw
+    ],
+)
+def test_glorot_normal_equals_flax_bit_for_bit(shape, in_axis, out_axis):
+    key = jax.random.key(7)
+    ours = model.glorot_normal(in_axis=in_axis, out_axis=out_axis)(key, shape)
+    flax = nn.initializers.glorot_normal(in_axis=in_axis, out_axis=out_axis)(key, shape, jnp.float32)
+    assert ours.shape == shape and ours.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(flax))
+
+
+def test_init_values_do_not_depend_on_the_init_shape():
+    """init runs no convolution (the parameter shapes come from the layer table), so its input shape is
+    a formality: any gives the same parameters."""
+    config = model.ModelConfig(n_filters=2, n_classes=3)
+    a = model.init_params(config, jax.random.key(3))
+    b = model.init_params(config, jax.random.key(3), shape=(16, 8, 24))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 
 
 @pytest.mark.slow

@@ -43,11 +43,16 @@ format: $(VENV)/.stamp-test
 	$(VENV)/bin/ruff format cerebrum_jax tests experiments
 	$(VENV)/bin/ruff check --fix cerebrum_jax tests experiments
 
+# Two pytest workers (pytest-xdist), a test file per worker: XLA compiles on one thread, so two workers
+# keep both cores of the CI machine busy. JOBS=0 runs the tests in this process.
+JOBS ?= 2
+PYTEST := $(PY) -m pytest -q $(if $(filter 0,$(JOBS)),,-n $(JOBS) --dist loadfile)
+
 test: $(VENV)/.stamp-test lint
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 test-fast: $(VENV)/.stamp-test lint
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 finetune: $(VENV)/.stamp-base
 	$(CLI) finetune --config $(CONFIG) --fold $(FOLD) --out $(OUT) \

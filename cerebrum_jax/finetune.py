@@ -118,7 +118,12 @@ def run_record(cfg: TrainConfig, prepared: PreparedFold) -> RunRecord:
 def _best_writer(cfg: TrainConfig, prepared: PreparedFold, record: RunRecord):
     """``save_best(path, params, epoch record)``: checkpoints/best as ``segment`` loads it."""
     fold = prepared.fold
-    meta = {"description": f"fine-tuned by cerebrum-jax finetune, fold {cfg.fold}", "run": record.to_json()}
+    meta = {
+        "description": f"fine-tuned by cerebrum-jax finetune, fold {cfg.fold}",
+        "run": record.to_json(),
+        # the training volumes' voxel size (median per axis, mm): segment warns on inputs far from it
+        "train_voxel_mm": [round(float(z), 4) for z in np.median([s.spacing for s in fold.train], axis=0)],
+    }
 
     def save_best(path, params, epoch):
         save_checkpoint(

@@ -175,14 +175,37 @@ def cut_note(geom: Geometry, pre: Preprocessing) -> str | None:
     lost = [b - (stop - start) for b, (start, stop) in zip(box, geom.padcrop.crops, strict=True)]
     if not any(lost):
         return None
-    what = "head/brain box" if pre.crop == "box" else "volume"
+    what = ("brain box" if pre.needs_mask else "head box") if pre.crop == "box" else "volume"
     shown = "x".join(map(str, box))
     grid = "x".join(map(str, geom.grid))
     share = 1.0 - float(np.prod([b - n for b, n in zip(box, lost, strict=True)])) / float(np.prod(box))
     return (
         f"the {what} ({shown} voxels) is larger than the model's grid {grid}: only its central "
-        f"{grid} part is segmented, {share:.0%} of the box is labelled background; is the voxel size the "
-        "one the model was trained at?"
+        f"{grid} part is segmented, {share:.0%} of the box is labelled background (is the voxel size the "
+        "one the model was trained at?)"
+    )
+
+
+def voxel_size(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size (mm) per axis of a (4, 4) affine: the lengths of its first three columns."""
+    return tuple(float(z) for z in np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(axis=0)))
+
+
+def spacing_note(trained_mm, spacing_mm, pre: Preprocessing, tolerance: float = 0.25) -> str | None:
+    """A warning, or None, when an input's voxel size ``spacing_mm`` (3,) differs by more than
+    ``tolerance`` (relative, any axis) from ``trained_mm`` (3,), the voxel size of the data a checkpoint
+    was fine-tuned on (its meta "train_voxel_mm"; None: not recorded). A model that resamples its inputs
+    (``pre.voxel_mm``) sees its own voxel size whatever the input's."""
+    if trained_mm is None or pre.voxel_mm is not None:
+        return None
+    ratio = np.asarray(spacing_mm, float) / np.asarray(trained_mm, float)
+    if np.all(np.abs(ratio - 1.0) <= tolerance):
+        return None
+    shown = lambda v: "x".join(f"{z:.2g}" for z in v)  # noqa: E731
+    return (
+        f"voxel size {shown(spacing_mm)} mm, but the model was fine-tuned on {shown(trained_mm)} mm voxels "
+        "and does not resample: resample the volume to that voxel size first (anatomy at another scale "
+        "is an input it never saw)"
     )
 
 
@@ -290,7 +313,7 @@ def load_subject(subject, label_map, pre: Preprocessing) -> PreparedSubject:
         labels=geom.to_grid(classes, 0).astype(np.int32),
         mask=region,
         affine=geom.affine(affine),
-        spacing=tuple(float(z) for z in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))),
+        spacing=voxel_size(affine),
         img=img,
         geometry=geom,
         label_map=label_map,

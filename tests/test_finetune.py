@@ -113,6 +113,9 @@ def test_one_fold_end_to_end(dataset, weights, tmp_path, capsys, monkeypatch):
     np.testing.assert_allclose(prob.get_fdata().sum(-1), 1.0, atol=1e-4)
     best = checkpoint.load_checkpoint(fold / "checkpoints/best")
     assert best.config.n_classes == 4 and best.classes[3] == "cerebrospinal fluid"
+    train_mm = [nib.load(dataset / f"derivatives/{s}/unbiased/{s}_uni_unbiased.nii.gz").header.get_zooms()[:3]
+                for s in cfg["train_subjects"]]  # fmt: skip
+    np.testing.assert_allclose(best.meta["train_voxel_mm"], np.median(train_mm, axis=0), atol=1e-4)
     assert best.normalization == metrics["normalization"] == "zscore"  # auto: the initial checkpoint's
     assert "mean Dice" in capsys.readouterr().out
     # one prediction path: segment with the fold's checkpoint on the raw test image gives its labels

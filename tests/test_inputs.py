@@ -114,6 +114,30 @@ def test_cut_note_only_when_the_grid_cuts_the_box(crop, grid, cut):
         assert "x".join(map(str, geom.grid)) in note and "x".join(map(str, geom.box.shape)) in note
 
 
+@pytest.mark.parametrize(
+    ("trained", "spacing", "voxel_mm", "warned"),
+    [
+        (None, (1.0, 1.0, 1.0), None, False),  # not recorded (a converted or older checkpoint)
+        ((0.63, 0.63, 0.63), (0.7, 0.63, 0.6), None, False),  # within 25 %
+        ((3.0, 3.0, 3.0), (1.0, 1.0, 1.0), None, True),  # the demo model on a 1 mm head
+        ((0.63, 0.63, 0.63), (0.63, 0.63, 1.0), None, True),  # one axis is enough
+        ((3.0, 3.0, 3.0), (1.0, 1.0, 1.0), 3.0, False),  # the model resamples its inputs itself
+    ],
+)
+def test_spacing_note(trained, spacing, voxel_mm, warned):
+    note = inputs.spacing_note(trained, spacing, Preprocessing(voxel_mm=voxel_mm))
+    assert (note is not None) == warned
+    if warned:
+        assert "resample" in note and "x".join(f"{z:.2g}" for z in trained) in note
+
+
+def test_voxel_size_of_a_rotated_affine():
+    c, s = np.cos(0.4), np.sin(0.4)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ np.diag([0.7, 0.63, 0.9])
+    np.testing.assert_allclose(inputs.voxel_size(affine), (0.7, 0.63, 0.9))
+
+
 def test_prepare_with_mask_zeroes_outside_and_normalises_inside():
     image = RNG.normal(100, 20, (16, 16, 16)).astype(np.float32)
     mask = _blob((16, 16, 16), (8, 8, 8), 5)

@@ -467,3 +467,21 @@ def test_a_head_larger_than_the_grid_is_a_warning_naming_the_file(tmp_path, para
     np.testing.assert_array_equal(probs[:4, ..., 0], 1.0)  # the 4 cut rows each side: background
     np.testing.assert_array_equal(probs[20:, ..., 0], 1.0)
     assert (out / "small_space-orig_desc-cerebrum_dseg.nii.gz").is_file()
+
+
+def test_a_voxel_size_far_from_the_training_data_is_a_warning(tmp_path, params, capsys):
+    """A fold's checkpoint records its training volumes' voxel size; segment warns (once, naming the file)
+    on an input far from it and still segments it; the test volumes here have 0.7x0.63x0.9 mm voxels."""
+    pre = {"mask": "none", "crop": "none", "grid": None, "normalization": "zscore"}
+    coarse = {"preprocessing": pre, "train_voxel_mm": [3.0, 3.0, 3.0]}
+    near = {"preprocessing": pre, "train_voxel_mm": [0.7, 0.63, 0.8]}
+    src = write_nifti(tmp_path / "a.nii.gz", volume((16, 16, 8), 5))
+    for name, meta, warned in (("coarse", coarse, True), ("near", near, False)):
+        weights = save_checkpoint(tmp_path / name, params, CONFIG, classes=CLASSES, meta=meta)
+        out = tmp_path / f"out-{name}"
+        assert main(["segment", str(src), "--weights", str(weights), str(weights), "--out", str(out)]) == 0
+        err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+        assert len(err) == int(warned), err
+        if warned:
+            assert err[0].startswith(f"{src}: warning: voxel size 0.7x0.63x0.9 mm") and "3x3x3" in err[0]
+        assert (out / "a_space-orig_desc-cerebrum_dseg.nii.gz").is_file()

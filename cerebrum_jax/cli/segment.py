@@ -256,6 +256,10 @@ def segment_one(
     start = time.perf_counter()
     data, img = nifti.load_nifti(path)
     mask = None if mask_path is None else nifti.load_nifti(mask_path, what="mask")[0] > 0.5
+    spacing = inputs.voxel_size(img.affine)
+    notes = {inputs.spacing_note(ckpt.meta.get("train_voxel_mm"), spacing, m.pre) for _, ckpt, m in models}
+    for note in sorted(notes - {None}):  # once per distinct note: an ensemble's folds share theirs
+        _warner(path)(note)
     tta = predictor.mirror_axes(args.tta_axes, img.affine) if args.tta else ()
     probs = predictor.ensemble(
         [m for _, _, m in models], data, img.affine, mask, tta_axes=tta, mesh=mesh, warn=_warner(path)

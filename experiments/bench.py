@@ -454,6 +454,19 @@ def case_gpu() -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def vector_isa() -> str:
+    """The CPU's vector extensions that XLA and oneDNN choose kernels by (from /proc/cpuinfo): the same
+    model name can come with or without AVX-512 on a cloud VM, and the times differ several-fold."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        return "?"
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
+    found = [f for f in wanted if f in flags]
+    return " ".join(found) + ("" if "avx512f" in found else " (no AVX-512)")
+
+
 def machine() -> dict:
     import jax
     import jaxlib
@@ -471,6 +484,7 @@ def machine() -> dict:
         pass
     return {
         "cpu": model,
+        "cpu_vector_isa": vector_isa(),
         "cpus_visible": os.cpu_count(),
         "python": platform.python_version(),
         "jax": jax.__version__,

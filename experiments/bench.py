@@ -53,24 +53,33 @@ interleaved in one process are more reliable than absolute times.
 | whole volume slab by slab (`lean.probabilities_lean`, segment's CPU forward): level-1 layers per 16-row depth slab with halos in `lax.fori_loop`s writing into preallocated outputs, levels 2-3 whole | 256x352x224 peak RSS 11.1 -> 2.5-2.9 GB; with 3-D convs still 58 s vs 61 s (loaded machine, load ~4) | yes |
 | 3x3x3 convs as three 2-D convs over (H, W), one per D tap with the D rows as the batch, summed (`model.conv3d_depth_taps`) | XLA:CPU 2.5-3x faster per conv (dec_lvl1 16-row slab 2.94 -> 1.02 s); forward 64x88x56 0.73 -> 0.19 s, 256x352x224 61 -> 11.7 s (peer 16.5 s under the same load); loaded machine | yes: in the lean inference path and (35a9382) in `model.apply`'s 'same' convs on XLA:CPU, training included: forward 64x88x56 0.117 s vs peer 0.219 s, train step 0.658 s vs peer 0.621 s (quiet machine, interleaved, median of 5) |
 | kernel gradient of the 3x3x3 convs, `dec_lvl1_block1_conv` at 64x88x56 (quiet): 9 matmuls with 3 w-taps side by side (kept) / 27 dot_generals on slices / voxel axis split in 4 / per-D-tap 9 taps in one matmul / vjp of the 2-D convs | 0.312 / 0.555 / 0.628 / 0.458 / 0.510 s (input gradient 0.098 s, forward 0.095 s): the kernel gradient is the largest part of the train step | first kept |
+| kernel gradient in the streamed step: the 3 D taps as a Python loop chained by `lax.optimization_barrier` (static slices) instead of a `lax.map` with dynamic slices | streamed step at 64x88x56 4.65 -> 4.20 CPU-s (-10 %), but compiled temporaries at 256x352x224 3.73 -> 4.88 GiB (the barrier does not keep XLA:CPU from scheduling the copies early) | no |
 
 ## Goals not met on the CPU, and why (from the run above)
+
+The run above (stop 10, `make bench` from a clean clone at 860e498, 40 min, nothing else running) had a
+2-vCPU AMD EPYC VM without AVX-512 (`cpu_vector_isa`). Both sides were 2-3.5x slower than in the previous
+`make bench` run (forward 64x88x56 ours 0.126 -> 0.430 s, peer 0.241 -> 0.489 s), ours more than the peer;
+that run did not record the vector extensions (the machine section does now), so the host change is the
+likely but unproven cause.
 
 - forward at 64x88x56 is met since the 3x3x3 convs run as three 2-D convolutions on XLA:CPU
   (`model.conv3d_depth_taps`; XLA:CPU's 3-D convolution took about 2x oneDNN's time in PyTorch, and no
   XLA flag of jaxlib 0.10.2 (oneDNN, XNNPACK, YNNPACK fusion types) nor an im2col matmul closed that gap).
-- train step at 64x88x56: not met. Ours/peer was 1.05-1.06 in two earlier runs of this stop (ours 0.66-0.71 s,
-  peer 0.62-0.68 s) and 1.95 in the run above, whose raw times (ours 0.67-1.40 s) show the machine was not
-  quiet for our side of that case. What is left is the kernel gradient of the
-  3x3x3 convolutions (9 matmuls over all voxels, about 3x the forward conv's time for dec_lvl1): none of
-  the variants measured above was faster; a blocked direct kernel (as oneDNN's) is what remains.
-- whole-volume forward: ours is segment's CPU forward, `lean.probabilities_lean`: the full-resolution
-  layers (enc_lvl1 + down, then enc_lvl1 again + up + skip + dec_lvl1 + head + softmax) run per 16-row
-  depth slab with halos, so no (256, 352, 224, 24) tensor is ever whole, and with 2-D convolutions.
-  Before it (model.probabilities with D-slab 3-D convs): 30.4 s, 10.7 GB in the run of 85f13d2.
-- The augmentation goal (>= 20x faster than the original pipeline) is met. Note: in this run the original
-  pipeline fell back to its scipy implementation of the elastic deformation because the installed
-  elasticdeform wheel is built against NumPy 1.x.
+- train step at 64x88x56: not met. The median of three interleaved runs is 1.40 (ours 2.04 s, peer
+  1.46 s); earlier single runs gave 1.05-1.95. What is left is the kernel gradient of the 3x3x3
+  convolutions (9 matmuls over all voxels, about 3x the forward conv's time for dec_lvl1): none of the
+  variants measured above was faster; a blocked direct kernel (as oneDNN's) is what remains.
+- whole-volume forward: met in the previous run (0.89: 7.55 s vs 8.45 s), not in this one (1.13: 25.9 s vs
+  22.9 s) on the host without AVX-512. Ours is segment's CPU forward, `lean.probabilities_lean`: the
+  full-resolution layers (enc_lvl1 + down, then enc_lvl1 again + up + skip + dec_lvl1 + head + softmax)
+  run per 16-row depth slab with halos, so no (256, 352, 224, 24) tensor is ever whole, and with 2-D
+  convolutions. Before it (model.probabilities with D-slab 3-D convs): 30.4 s, 10.7 GB in the run of 85f13d2.
+- The augmentation goal (<= 0.05 of the original pipeline's time) was met in the previous run (0.045) and
+  missed narrowly in this one (0.063: 2.07 s vs 32.7 s). The original pipeline runs its scipy
+  implementation of the elastic deformation: the pinned elasticdeform 0.5.1 wheel is built against NumPy
+  1.x and raises AttributeError on import under NumPy 2, which `experiments/original_augment.py` catches,
+  so every case runs from a clean clone (this run).
 """  # noqa: E501
 
 MEMORY_NOTES = """## Memory of a training step (the estimate `finetune` checks a grid against)
@@ -155,6 +164,11 @@ the streamed step costs ~1.6x the plain one (halo rows of 8-row slabs: +25 % on 
 layer that dominates; the level-1 forward recomputed in the backward pass), and the plain step's backward
 is itself slower per voxel than the peer's. The kernel gradient (a quarter of the step) is the first
 thing to rewrite; the goal of <= 5x our forward needs the backward convolutions at the forward's speed.
+
+In the quiet `make bench` run of stop 10 (the table above), the streamed step took 206.6 s of wall and
+340.5 CPU-s (1.65 cores busy), the peer 94.8 s and 175.6 CPU-s (1.85 cores): ours costs 1.9x the peer's
+CPU seconds and 2.2x its wall time. The CPU seconds are those of the earlier, loaded measurement (340.5),
+so the step's cost did not move with the host change that slowed the forward.
 """  # noqa: E501
 
 
@@ -535,7 +549,7 @@ def write_report(path: str, info: dict, par: dict, results: dict) -> None:
         "",
         "## CPU results",
         "",
-        "| case | ours (s) | peer (s) | ours/peer | peak RSS GB ours / peer | runs | goal | met |",
+        "| case | ours (s) | peer (s) | ours/peer | peak RSS GiB ours / peer | runs | goal | met |",
         "|---|---|---|---|---|---|---|---|",
     ]
     lines += [row(name, r) for name, r in results.items() if name in CASES]

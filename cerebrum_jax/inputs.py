@@ -116,10 +116,12 @@ def foreground(image: np.ndarray) -> np.ndarray:
 
 
 class Geometry(NamedTuple):
-    """Where a network input lies on its source grid: the crop box, then ``pad_or_crop`` to the grid."""
+    """Where a network input lies on its source grid: the crop box, then ``pad_or_crop`` to the grid;
+    ``head``: the box of the head (or brain) itself, without margin (None: the crop box)."""
 
     box: preprocess.Box
     padcrop: preprocess.PadCrop
+    head: preprocess.Box | None = None
 
     def to_grid(self, volume: np.ndarray, value=0) -> np.ndarray:
         """A (D, H, W[, C]) source-grid volume cut and padded onto the network grid."""
@@ -162,26 +164,29 @@ def plan(image: np.ndarray, mask: np.ndarray | None, pre: Preprocessing) -> tupl
         box = preprocess.Box((0, 0, 0), tuple(image.shape), tuple(image.shape))
     grid = pre.grid if pre.grid is not None else preprocess.grid_for(box.shape)
     _, info = preprocess.pad_or_crop(np.zeros(box.shape, bool), grid)
-    return Geometry(box, info), region
+    head = preprocess.bounding_box(region, 0) if pre.crop == "box" else None
+    return Geometry(box, info, head), region
 
 
 def cut_note(geom: Geometry, pre: Preprocessing) -> str | None:
-    """A warning, or None, when centring on the network grid cut into the volume's box (the head or
-    brain box of a "box" crop, else the whole volume): that part gets no labels (background).
+    """A warning, or None, when centring on the network grid cut into the head (or brain) itself
+    (``geom.head``; the whole volume without a "box" crop): that part gets no labels (background).
+    Cutting into the crop's margin only is silent.
 
     It happens when a model with a fixed grid meets a larger head than it was trained on, or one at a
     finer voxel size (a 1 mm head for a model trained at 3 mm without ``voxel_mm``)."""
-    box = geom.box.shape
-    lost = [b - (stop - start) for b, (start, stop) in zip(box, geom.padcrop.crops, strict=True)]
+    box, head = geom.box, geom.head or geom.box
+    lost = [
+        max(0, box.starts[a] + c0 - head.starts[a]) + max(0, head.stops[a] - box.starts[a] - c1)
+        for a, (c0, c1) in enumerate(geom.padcrop.crops)
+    ]
     if not any(lost):
         return None
-    what = ("brain box" if pre.needs_mask else "head box") if pre.crop == "box" else "volume"
-    shown = "x".join(map(str, box))
-    grid = "x".join(map(str, geom.grid))
-    share = 1.0 - float(np.prod([b - n for b, n in zip(box, lost, strict=True)])) / float(np.prod(box))
+    what = ("brain" if pre.needs_mask else "head") if pre.crop == "box" else "volume"
+    grid, shape = "x".join(map(str, geom.grid)), "x".join(map(str, head.shape))
     return (
-        f"the {what} ({shown} voxels) is larger than the model's grid {grid}: only its central "
-        f"{grid} part is segmented, {share:.0%} of the box is labelled background (is the voxel size the "
+        f"the {what} ({shape} voxels) is larger than the model's grid {grid}: {'/'.join(map(str, lost))} "
+        "voxel rows of it (D/H/W) fall outside the grid and are labelled background (is the voxel size the "
         "one the model was trained at?)"
     )
 

@@ -95,23 +95,25 @@ def test_prepare_geometry_round_trip(shape, crop):
 
 
 @pytest.mark.parametrize(
-    ("crop", "grid", "cut"),
+    ("crop", "margin", "grid", "cut"),
     [
-        ("box", None, False),  # the grid is the box rounded up: nothing cut
-        ("box", (16, 16, 16), False),  # box 11x11x11 (radius 4 + margin 1) fits
-        ("box", (8, 16, 16), True),  # depth 11 > 8
-        ("none", (16, 24, 16), False),  # the whole 16x20x12 volume fits
-        ("none", (16, 16, 16), True),  # height 20 > 16
+        ("box", 1, None, None),  # the grid is the box rounded up: nothing cut
+        ("box", 1, (16, 16, 16), None),  # box 11x11x11 (the blob's 9 + margin 1 per side) fits
+        ("box", 1, (8, 16, 16), (1, 0, 0)),  # 3 of the 11 rows cut, 1 of them the head's
+        ("box", 4, (16, 16, 16), None),  # box 16x17x12 (margins clipped at the edges): only margin cut
+        ("none", 0, (16, 24, 16), None),  # the whole 16x20x12 volume fits
+        ("none", 0, (16, 16, 16), (0, 4, 0)),  # height 20 > 16
     ],
 )
-def test_cut_note_only_when_the_grid_cuts_the_box(crop, grid, cut):
+def test_cut_note_only_when_the_grid_cuts_into_the_head(crop, margin, grid, cut):
     image = np.where(_blob(), 300.0, 1.0).astype(np.float32)
-    pre = Preprocessing(crop=crop, margin=1, grid=grid)
+    pre = Preprocessing(crop=crop, margin=margin, grid=grid)
     _, geom, _ = inputs.prepare(image, None, pre)
     note = inputs.cut_note(geom, pre)
-    assert (note is not None) == cut
+    assert (note is not None) == (cut is not None)
     if cut:
-        assert "x".join(map(str, geom.grid)) in note and "x".join(map(str, geom.box.shape)) in note
+        assert f"grid {'x'.join(map(str, geom.grid))}" in note
+        assert f"{'/'.join(map(str, cut))} voxel rows" in note
 
 
 @pytest.mark.parametrize(

@@ -459,7 +459,8 @@ def test_a_head_larger_than_the_grid_is_a_warning_naming_the_file(tmp_path, para
     big = write_nifti(tmp_path / "big.nii.gz", volume((24, 16, 12), 3))
     small = write_nifti(tmp_path / "small.nii.gz", volume((13, 16, 11), 4))
     out = tmp_path / "out"
-    assert main(["segment", str(big), str(small), "--weights", str(weights), "--out", str(out)]) == 0
+    argv = ["segment", str(big), str(small), "--weights", str(weights), str(weights), "--out", str(out)]
+    assert main(argv) == 0  # an ensemble of two: one warning, not two
     err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(err) == 1 and err[0].startswith(f"{big}: warning:") and "16x16x16" in err[0], err
     probs = np.asarray(nib.load(out / "big_space-orig_desc-cerebrum_probseg.nii.gz").dataobj)

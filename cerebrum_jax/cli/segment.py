@@ -245,8 +245,16 @@ def split_inputs(args: argparse.Namespace) -> list[Path]:
 
 
 def _warner(path: Path):
-    """A ``warn(text)`` that prints one line naming ``path`` on stderr (the run goes on)."""
-    return lambda text: print(f"{path}: warning: {text}", file=sys.stderr, flush=True)
+    """A ``warn(text)`` that prints one line naming ``path`` on stderr, once per distinct text (an
+    ensemble's fold models share their grid and voxel size); the run goes on."""
+    said = set()
+
+    def warn(text: str) -> None:
+        if text not in said:
+            said.add(text)
+            print(f"{path}: warning: {text}", file=sys.stderr, flush=True)
+
+    return warn
 
 
 def segment_one(
@@ -256,13 +264,14 @@ def segment_one(
     start = time.perf_counter()
     data, img = nifti.load_nifti(path)
     mask = None if mask_path is None else nifti.load_nifti(mask_path, what="mask")[0] > 0.5
-    spacing = inputs.voxel_size(img.affine)
-    notes = {inputs.spacing_note(ckpt.meta.get("train_voxel_mm"), spacing, m.pre) for _, ckpt, m in models}
-    for note in sorted(notes - {None}):  # once per distinct note: an ensemble's folds share theirs
-        _warner(path)(note)
+    warn, spacing = _warner(path), inputs.voxel_size(img.affine)
+    for _, ckpt, m in models:
+        note = inputs.spacing_note(ckpt.meta.get("train_voxel_mm"), spacing, m.pre)
+        if note:
+            warn(note)
     tta = predictor.mirror_axes(args.tta_axes, img.affine) if args.tta else ()
     probs = predictor.ensemble(
-        [m for _, _, m in models], data, img.affine, mask, tta_axes=tta, mesh=mesh, warn=_warner(path)
+        [m for _, _, m in models], data, img.affine, mask, tta_axes=tta, mesh=mesh, warn=warn
     )
     seconds = time.perf_counter() - start
     stem = output_stem(path)

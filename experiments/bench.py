@@ -57,8 +57,10 @@ interleaved in one process are more reliable than absolute times.
 
 ## Goals not met on the CPU, and why (from the run above)
 
-The run above (stop 10, `make bench` from a clean clone at 860e498, 40 min, nothing else running) had a
-2-vCPU AMD EPYC VM without AVX-512 (`cpu_vector_isa`). Both sides were 2-3.5x slower than in the previous
+The run above (stop 10, `make bench` from a clean clone at 860e498, 40 min) had a 2-vCPU AMD EPYC VM
+without AVX-512 (`cpu_vector_isa`). Its forward and train-step cases ran alone; the whole-volume forward,
+the augmentation and our streamed whole-volume step shared the 2 cores with a few minutes of short checks
+(roughly 10-15 min of one core in all), so their wall times may be somewhat inflated, CPU seconds much less. Both sides were 2-3.5x slower than in the previous
 `make bench` run (forward 64x88x56 ours 0.126 -> 0.430 s, peer 0.241 -> 0.489 s), ours more than the peer;
 that run did not record the vector extensions (the machine section does now), so the host change is the
 likely but unproven cause.
@@ -165,7 +167,7 @@ layer that dominates; the level-1 forward recomputed in the backward pass), and 
 is itself slower per voxel than the peer's. The kernel gradient (a quarter of the step) is the first
 thing to rewrite; the goal of <= 5x our forward needs the backward convolutions at the forward's speed.
 
-In the quiet `make bench` run of stop 10 (the table above), the streamed step took 206.6 s of wall and
+In the `make bench` run of stop 10 (the table above), the streamed step took 206.6 s of wall and
 340.5 CPU-s (1.65 cores busy), the peer 94.8 s and 175.6 CPU-s (1.85 cores): ours costs 1.9x the peer's
 CPU seconds and 2.2x its wall time. The CPU seconds are those of the earlier, loaded measurement (340.5),
 so the step's cost did not move with the host change that slowed the forward.

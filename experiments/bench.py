@@ -59,9 +59,9 @@ interleaved in one process are more reliable than absolute times.
 
 The run above (stop 10, `make bench` from a clean clone at 860e498, 40 min) had a 2-vCPU AMD EPYC VM
 without AVX-512 (`cpu_vector_isa`). Its forward and train-step cases ran alone; the whole-volume forward,
-the augmentation and our streamed whole-volume step shared the 2 cores with a few minutes of short checks
-(roughly 10-15 min of one core in all), so their wall times may be somewhat inflated, CPU seconds much less. Both sides were 2-3.5x slower than in the previous
-`make bench` run (forward 64x88x56 ours 0.126 -> 0.430 s, peer 0.241 -> 0.489 s), ours more than the peer;
+the augmentation and our streamed whole-volume step shared the 2 cores with short checks (roughly 10-15
+min of one core in all), so their wall times may be somewhat inflated, CPU seconds much less. Both sides
+were 2-3.5x slower than in the previous `make bench` run (forward 64x88x56 ours 0.126 -> 0.430 s, peer 0.241 -> 0.489 s), ours more than the peer;
 that run did not record the vector extensions (the machine section does now), so the host change is the
 likely but unproven cause.
 

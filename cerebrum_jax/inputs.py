@@ -159,12 +159,12 @@ def plan(image: np.ndarray, mask: np.ndarray | None, pre: Preprocessing) -> tupl
     else:
         region = np.ones(image.shape, bool)
     if pre.crop == "box":
-        box = preprocess.bounding_box(region, pre.margin)
+        head = preprocess.bounding_box(region)
+        box = head.grown(pre.margin)
     else:
-        box = preprocess.Box((0, 0, 0), tuple(image.shape), tuple(image.shape))
+        head, box = None, preprocess.Box((0, 0, 0), tuple(image.shape), tuple(image.shape))
     grid = pre.grid if pre.grid is not None else preprocess.grid_for(box.shape)
     _, info = preprocess.pad_or_crop(np.zeros(box.shape, bool), grid)
-    head = preprocess.bounding_box(region, 0) if pre.crop == "box" else None
     return Geometry(box, info, head), region
 
 

@@ -116,6 +116,12 @@ class Box(NamedTuple):
     def shape(self) -> tuple[int, ...]:
         return tuple(b - a for a, b in zip(self.starts, self.stops, strict=True))
 
+    def grown(self, margin: int) -> Box:
+        """This box grown by ``margin`` voxels per side, clipped to its grid."""
+        starts = tuple(max(a - margin, 0) for a in self.starts)
+        stops = tuple(min(b + margin, n) for b, n in zip(self.stops, self.source_shape, strict=True))
+        return Box(starts, stops, self.source_shape)
+
 
 def bounding_box(mask: np.ndarray, margin: int = 0) -> Box:
     """The smallest box holding every True voxel of ``mask`` (D, H, W), grown by ``margin`` voxels per side
@@ -127,9 +133,9 @@ def bounding_box(mask: np.ndarray, margin: int = 0) -> Box:
     starts, stops = [], []
     for axis in range(mask.ndim):
         hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
-        starts.append(max(int(hits[0]) - margin, 0))
-        stops.append(min(int(hits[-1]) + 1 + margin, shape[axis]))
-    return Box(tuple(starts), tuple(stops), shape)
+        starts.append(int(hits[0]))
+        stops.append(int(hits[-1]) + 1)
+    return Box(tuple(starts), tuple(stops), shape).grown(margin)
 
 
 def crop(volume: np.ndarray, box: Box) -> np.ndarray:

@@ -60,6 +60,7 @@ def test_mask_from_labels(dilation):
 def test_bounding_box_crop_round_trip(centre, margin):
     mask = _blob(centre=centre, radius=2)
     box = pp.bounding_box(mask, margin)
+    assert pp.bounding_box(mask).grown(margin) == box
     hits = np.argwhere(mask)
     for axis in range(3):
         assert box.starts[axis] == max(hits[:, axis].min() - margin, 0)

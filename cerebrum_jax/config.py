@@ -102,6 +102,7 @@ class DataConfig:
     fold: int
     val_subject: str | None
     test_mask: str
+    subject_shares: int | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +179,10 @@ class TrainConfig:
     the box of its own head foreground (intensities only, never labels) + margin; "labels" = the mask is
     each subject's manual labels > 0, the test subject's too: the original paper's protocol, which hands
     the brain's outer boundary to the network and is stated in the report; "auto" (default) = "file"
-    when every subject has a mask file, else "none".
+    when every subject has a mask file, else "none". subject_shares (the training subjects dealt into that
+    many shares, each filling its own block of every batch's rows, so that a process reads only the
+    shares its devices' rows draw from: ``shares``; None = one per group of processes along the mesh's
+    "data" axis in a distributed run, else 1: any subject may land in any row).
     Model: weights (checkpoint dir; None = weights/glasgow if present, else weights/demo; "none" = train
     from scratch: random init with n_filters level-1 channels (default 24, the published width), no
     warm-up phase), dropout
@@ -227,6 +231,7 @@ class TrainConfig:
     val_subject: str | None = None
     normalization: str = "auto"
     test_mask: str = "auto"
+    subject_shares: int | None = None
     weights: str | None = None
     n_filters: int = 24
     dropout: bool = True
@@ -274,6 +279,8 @@ class TrainConfig:
             raise InputError(f"must be in (0, 1], got {self.plateau_factor}", "plateau_factor")
         if self.slab_rows is not None and (self.slab_rows < 0 or self.slab_rows % 4):
             raise InputError(f"must be 0 or a positive multiple of 4, got {self.slab_rows}", "slab_rows")
+        if self.subject_shares is not None and self.subject_shares < 1:
+            raise InputError(f"must be at least 1, got {self.subject_shares}", "subject_shares")
         if self.voxel_mm is not None and self.voxel_mm <= 0:
             raise InputError(f"must be > 0, got {self.voxel_mm}", "voxel_mm")
         for name in ("layout", "contrast", "labels", "seg_name", "demo_root"):

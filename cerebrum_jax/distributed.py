@@ -7,14 +7,16 @@ backend exists, the cluster found by JAX itself (SLURM, Open MPI, Kubernetes and
 builds one ("data", "space") mesh over all of them, with the same meaning as on one machine. On CPU
 the processes exchange data through gloo collectives.
 
-Data: every process reads and prepares every subject of the fold, whole: the normalisation (voxelwise:
-the training subjects' mean/std volumes), the balanced class weights and an automatic grid need all
-training subjects, and the shuffled order of an epoch may draw any training subject into any batch row.
-What is process-local is what reaches the devices (``put_batch``): a process augments only the batch
-rows its devices hold (``local_rows``: all of them unless the mesh's "data" axis spans processes) and
-hands JAX only the depth box of them its devices hold (``local_part`` -> ``from_local``, i.e.
-``jax.make_array_from_process_local_data``); no batch crosses hosts. The test prediction runs on every
-process (the whole volume, for the figures and metrics of process 0) and is gathered where sharded.
+Data: where the mesh's "data" axis spans processes, each group of processes along it reads and prepares
+only its own share of the training subjects (``shares``, ``rows_by_process``) and validates only its
+share's validation subjects; what needs every subject (the automatic grid, the voxelwise normalisation
+volumes, class weights, validation metrics) is combined from the processes' parts (``gather_rows``,
+``sum_over_processes``). Otherwise (one share) every process reads every subject, whole: any may land in
+any batch row. What reaches the devices is process-local (``put_batch``): a process augments only the
+batch rows its devices hold (``local_rows``) and hands JAX only the depth box of them its devices hold
+(``local_part`` -> ``from_local``, i.e. ``jax.make_array_from_process_local_data``); no batch crosses
+hosts. The test prediction runs on process 0 alone, or, on a 1xN mesh, split over every process and
+gathered.
 
 Roles: process 0 writes the run's files (logs, progress, metrics, figures, predictions, reports,
 ``checkpoints/best``); the others log to ``RUN/log.process-I.txt`` only. ``checkpoints/last`` is one
@@ -331,6 +333,69 @@ def to_global(host: np.ndarray, sharding) -> jax.Array:
     its own devices hold (``jax.make_array_from_callback``)."""
     host = np.asarray(host)
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def rows_by_process(batch_size: int, mesh) -> dict[int, slice]:
+    """{process: the rows of a global batch of ``batch_size`` its devices hold} on ``mesh`` (B over
+    "data"; None: one process, every row), for every process of the run."""
+    if mesh is None:
+        return {process_index(): slice(0, batch_size)}
+    per, rows = batch_size // mesh.shape["data"], {}
+    for i, line in enumerate(mesh.devices):
+        for d in line:
+            lo, hi = rows.get(d.process_index, (batch_size, 0))
+            rows[d.process_index] = (min(lo, i * per), max(hi, (i + 1) * per))
+    return {p: slice(lo, hi) for p, (lo, hi) in rows.items()}
+
+
+def gather_rows(values: dict[int, np.ndarray], n: int, shape: tuple[int, ...] = ()) -> np.ndarray:
+    """The (n, *shape) float64 table whose row i comes from the first process that has ``values[i]``
+    (every process passes the rows it has, maybe none; each row must be somewhere): small per-subject
+    facts (shapes, voxel sizes, class counts, validation metrics) combined across processes."""
+    table, have = np.zeros((n, *shape)), np.zeros(n, bool)
+    for i, v in values.items():
+        table[i], have[i] = v, True
+    if process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        tables = allgather_float64(table)
+        haves = np.asarray(multihost_utils.process_allgather(have))
+        table, have = tables[haves.argmax(axis=0), np.arange(n)], haves.any(axis=0)
+    if not have.all():
+        raise ValueError(f"rows {np.flatnonzero(~have).tolist()} are on no process")
+    return table
+
+
+def sum_over_processes(x: np.ndarray, slab: int = 16) -> np.ndarray:
+    """The sum of every process's float64 array ``x`` (same shape everywhere), exchanged ``slab`` rows
+    of the first axis at a time (a volume is not held once per process at once)."""
+    x = np.asarray(x, np.float64)
+    if process_count() == 1:
+        return x
+    return np.concatenate([allgather_float64(x[i : i + slab]).sum(axis=0) for i in range(0, len(x), slab)])
+
+
+def allgather_float64(x: np.ndarray) -> np.ndarray:
+    """(processes, *x.shape) float64: every process's ``x``, bit for bit (sent as uint32 pairs:
+    ``process_allgather`` would pass float64 through JAX's default float32)."""
+    from jax.experimental import multihost_utils
+
+    x = np.ascontiguousarray(np.atleast_1d(np.asarray(x, np.float64)))
+    words = np.asarray(multihost_utils.process_allgather(x.view(np.uint32)))
+    return np.ascontiguousarray(words).view(np.float64).reshape(-1, *x.shape)
+
+
+def local_copy(tree, device=None):
+    """``tree`` with every replicated global array as this process's own copy on ``device`` (default
+    its first local device): for work one process does on its own devices (validating its share)."""
+    device = device or jax.local_devices()[0]
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            x = x.addressable_data(0)
+        return jax.device_put(x, device)
+
+    return jax.tree_util.tree_map(one, tree)
 
 
 def gather(x) -> np.ndarray:

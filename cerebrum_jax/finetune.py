@@ -32,6 +32,7 @@ from cerebrum_jax import (
     distributed,
     fsafe,
     inputs,
+    losses,
     metrics,
     nifti,
     predictor,
@@ -63,24 +64,22 @@ MASK_WORDS = {
 
 
 def predict_test(
-    net: predictor.Model, subject: inputs.PreparedSubject, mesh=None, log=print
+    net: predictor.Model, source: D.Subject, label_map, mesh=None, log=print
 ) -> tuple[np.ndarray, dict]:
     """The test subject predicted from its raw files exactly as ``segment`` predicts a new volume
-    (``predictor.ensemble`` of one; its labels are read only when the mask kind is "labels"); ``log``
-    hears the line of a grid that cuts the head (``inputs.cut_note``).
+    (``predictor.ensemble`` of one; its labels are read only when the mask kind is "labels"), on
+    ``mesh`` (a 1xN mesh, or None: this process's first device); ``log`` hears the line of a grid
+    that cuts the head (``inputs.cut_note``).
 
     Returns (probabilities (D, H, W, C) on the source grid, {"image", "img", "ref" (class indices from
     the label file), "spacing"} for the evaluation and figures on that same grid).
     """
-    source = subject.subject
     image, img = nifti.load_nifti(source.image, what="image")
     mask = inputs.read_mask(source.mask, img, net.pre, source.labels)
-    if mesh is not None and mesh.shape["data"] != 1:
-        mesh = None  # one volume: only a 1xN mesh splits it
     warn = lambda text: log(f"{source.image}: warning: {text}")  # noqa: E731
     probs = predictor.ensemble([net], image, img.affine, mask, mesh=mesh, warn=warn)
     ref_raw, _ = nifti.load_nifti(source.labels, what="labels")
-    ref = subject.label_map.apply(ref_raw, source.labels)
+    ref = label_map.apply(ref_raw, source.labels)
     spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
     return probs, {"image": image, "img": img, "ref": ref, "spacing": spacing}
 
@@ -97,9 +96,9 @@ def run_record(cfg: TrainConfig, prepared: PreparedFold) -> RunRecord:
         git_commit=bids.git_commit(),
         data=str(fold.root),
         grid=list(fold.grid),
-        train_subjects=[v.id for v in fold.train],
-        val_subjects=[v.id for v in fold.val],
-        test_subject=fold.test[0].id,
+        train_subjects=[s.id for s in fold.split["train"]],
+        val_subjects=[s.id for s in fold.split["val"]],
+        test_subject=fold.split["test"][0].id,
         normalization=fold.normalization,
         normalization_note=prepared.normalization_note,
         initial_weights=init_weights,
@@ -112,6 +111,7 @@ def run_record(cfg: TrainConfig, prepared: PreparedFold) -> RunRecord:
         jax=jax.__version__,
         devices=[str(d) for d in jax.devices()],
         mesh=dict(mesh.shape) if mesh is not None else None,
+        subject_shares=fold.shares.count,
     )
 
 
@@ -122,7 +122,7 @@ def _best_writer(cfg: TrainConfig, prepared: PreparedFold, record: RunRecord):
         "description": f"fine-tuned by cerebrum-jax finetune, fold {cfg.fold}",
         "run": record.to_json(),
         # the training volumes' voxel size (median per axis, mm): segment warns on inputs far from it
-        "train_voxel_mm": [round(float(z), 4) for z in np.median([s.spacing for s in fold.train], axis=0)],
+        "train_voxel_mm": list(fold.train_voxel_mm),
     }
 
     def save_best(path, params, epoch):
@@ -168,6 +168,8 @@ def _train(cfg, run: RunDir, prepared: PreparedFold, record: RunRecord, run_conf
             [(v.x, v.labels) for v in fold.val],
             hooks=hooks,
             mesh=prepared.mesh,
+            shares=fold.shares,
+            class_weights=losses.balanced_class_weights(None, fold.label_map.n_classes, fold.class_counts),
         )
     except NonFiniteLoss as e:
         message = f"{e}; {checkpoints_left(run, record.initial_weights)}"
@@ -249,9 +251,11 @@ def train_and_evaluate(
         cfg, run, prepared, record, run_config, log, resume=resume, progress=progress
     )
     t["trained"] = time.perf_counter()
-    test = prepared.fold.test[0]
-    net = predictor.Model(params, run_config, prepared.fold.preprocessing, prepared.fold.norm_volumes)
-    probs, grids = predict_test(net, test, prepared.mesh, log)
+    mesh = prepared.mesh if prepared.mesh is not None and prepared.mesh.shape["data"] == 1 else None
+    if distributed.is_main() or mesh is not None:  # a 1xN mesh splits the volume over every process
+        net = predictor.Model(params, run_config, prepared.fold.preprocessing, prepared.fold.norm_volumes)
+        fold = prepared.fold
+        probs, grids = predict_test(net, fold.split["test"][0], fold.label_map, mesh, log)
     if not distributed.is_main():  # process 0 writes and evaluates; the others wait for its metrics.json
         return distributed.main_result(run.metrics_json)
     result = _evaluate(cfg, run, prepared, record, probs, grids, history, phases, t, log)

@@ -9,6 +9,7 @@ creates the run directory, trains and evaluates.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import jax
 import numpy as np
 
 from cerebrum_jax import data as D
-from cerebrum_jax import distributed, inputs, preprocess, results_page, sharding, train
+from cerebrum_jax import distributed, inputs, losses, preprocess, results_page, sharding, shares, train
 from cerebrum_jax.checkpoint import Checkpoint, find_weights, load_checkpoint
 from cerebrum_jax.config import DataConfig, InitConfig, OutputConfig, RuntimeConfig, TrainConfig
 from cerebrum_jax.errors import InputError
@@ -31,8 +32,12 @@ class FoldData:
     """Subjects of one fold, read and prepared (``load_fold``): root (the dataset), label_map,
     preprocessing (the record every subject was prepared with, the test subject too, and that the fold's
     checkpoint keeps for ``segment``), mask_note (why that mask kind), normalization ("zscore" or
-    "voxelwise"), norm_volumes ({"mean", "std"} of the training subjects, or None), and train / val /
-    test: ``PreparedSubject``s with their network input ``x``."""
+    "voxelwise"), norm_volumes ({"mean", "std"} of the training subjects, or None), split ({"train",
+    "val", "test"}: every ``data.Subject`` of the fold, its files), shares (``shares.Shares``: which
+    of them this process holds), train_voxel_mm (median voxel size of the training subjects, mm, (3,)),
+    class_counts (voxels of each class in the training labels, (C,)), and train / val / test: the
+    ``PreparedSubject``s this process holds (train and val: all of them with one share; test: on process 0
+    only), with their network input ``x``."""
 
     root: Path
     label_map: LabelMap
@@ -40,6 +45,10 @@ class FoldData:
     mask_note: str
     normalization: str
     norm_volumes: dict | None
+    split: dict
+    shares: shares.Shares
+    train_voxel_mm: tuple[float, float, float]
+    class_counts: np.ndarray
     train: tuple[PreparedSubject, ...]
     val: tuple[PreparedSubject, ...]
     test: tuple[PreparedSubject, ...]
@@ -114,43 +123,90 @@ def resolve_test_mask(requested: str, subjects: list[D.Subject]) -> tuple[str, s
     return requested, "set in the config"
 
 
-def load_fold(cfg: DataConfig, log=print, normalization: str = "zscore") -> FoldData:
+def load_fold(cfg: DataConfig, log=print, normalization: str = "zscore", planner=None) -> FoldData:
     """Subjects of fold ``cfg.fold`` read and prepared (all input checks happen here, before training);
-    ``cfg`` is the data section (``TrainConfig.data_config``).
+    ``cfg`` is the data section (``TrainConfig.data_config``); ``planner(n_train, n_val)`` gives
+    this process's ``shares.Shares`` (None: one share, every subject read here).
 
-    Every subject, the test subject too, is prepared by ``inputs.load_subject`` with one
-    ``inputs.Preprocessing`` (mask kind ``resolve_test_mask``, crop to a box + margin, the grid,
+    Every subject this process holds, the test subject too, is prepared by ``inputs.load_subject`` with
+    one ``inputs.Preprocessing`` (mask kind ``resolve_test_mask``, crop to a box + margin, the grid,
     voxel size, ``normalization``) and given its network input x: the image normalised by
-    ``preprocess.normalise_fold``, whose volumes come from the training subjects only.
+    ``preprocess.normalise_fold``, whose volumes come from the training subjects only. What needs every
+    subject (the automatic grid, the voxelwise volumes, class counts, voxel sizes) is combined across
+    processes when they hold different shares.
     """
     root, subjects = fold_subjects(cfg, log)
     train_s, val_s, test_s = D.split_fold(subjects, cfg.fold, cfg.val_subject)
+    part = planner(len(train_s), len(val_s)) if planner else shares.Shares.single(len(train_s), len(val_s))
     label_map = label_map_of(cfg)
     mask, mask_note = resolve_test_mask(cfg.test_mask, subjects)
     pre = inputs.Preprocessing(
         mask=mask, crop="box", margin=cfg.margin, grid=cfg.grid, voxel_mm=cfg.voxel_mm,
         normalization=normalization,
     )  # fmt: skip
+    mine = [train_s[i] for i in part.train_index] + [val_s[j] for j in part.val_index]
+    if part.count > 1:
+        log(
+            f"subject shares: {part.count} (each fills its own block of every batch's rows); this process "
+            f"reads training subjects {[train_s[i].id for i in part.train_index]} and validates "
+            f"{[val_s[j].id for j in part.val_index]}"
+        )
+    mine += test_s if distributed.is_main() else []  # process 0 alone evaluates the test subject
+    mine = list({s.id: s for s in mine}.values())
     if pre.grid is None:  # the largest box over all subjects, rounded up to multiples of 8
-        shapes = [inputs.load_subject(s, label_map, pre).image.shape for s in subjects]
+        at = {s.id: i for i, s in enumerate(subjects)}
+        shapes = {at[s.id]: inputs.load_subject(s, label_map, pre).image.shape for s in mine}
+        shapes = distributed.gather_rows(shapes, len(subjects), (3,))
         pre = dataclasses.replace(pre, grid=tuple(int(g) for g in np.max(shapes, axis=0)))
-    loaded = {s.id: inputs.load_subject(s, label_map, pre) for s in subjects}
+    loaded = {s.id: inputs.load_subject(s, label_map, pre) for s in mine}
     views = {sid: {"image": p.image, "mask": p.mask} for sid, p in loaded.items()}
-    volumes = preprocess.normalise_fold(list(views.values()), [views[s.id] for s in train_s], normalization)
+    owned = {i: loaded[train_s[i].id] for i in part.owned_train}  # counted once across processes
+    combine = None if part.count == 1 else _sum_over_processes(pre.grid)
+    volumes = preprocess.normalise_fold(
+        list(views.values()), [views[p.id] for p in owned.values()], normalization, combine
+    )
+    n_classes = label_map.n_classes
+    facts = distributed.gather_rows(
+        {i: [*p.spacing, *losses.class_counts(p.labels, n_classes)] for i, p in owned.items()},
+        len(train_s),
+        (3 + n_classes,),
+    )
     pick = lambda group: tuple(loaded[s.id].with_input(views[s.id]["x"]) for s in group)  # noqa: E731
     return FoldData(
-        root, label_map, pre, mask_note, normalization, volumes, pick(train_s), pick(val_s), pick(test_s)
-    )
+        root, label_map, pre, mask_note, normalization, volumes,
+        split={"train": train_s, "val": val_s, "test": test_s},
+        shares=part,
+        train_voxel_mm=tuple(round(float(z), 4) for z in np.median(facts[:, :3], axis=0)),
+        class_counts=facts[:, 3:].sum(axis=0),
+        train=pick(train_s[i] for i in part.train_index),
+        val=pick(val_s[j] for j in part.val_index),
+        test=pick(s for s in test_s if s.id in loaded),
+    )  # fmt: skip
+
+
+def _sum_over_processes(grid):
+    """``voxelwise_stats``'s ``combine``: this process's (sum, squares, count) summed over processes
+    (a process that counts no training subject contributes zeros of the ``grid`` shape)."""
+
+    def combine(total, squares, count):
+        zeros = np.zeros(grid)
+        total, squares = (zeros if total is None else total), (zeros if squares is None else squares)
+        count = int(distributed.sum_over_processes(np.array([count]))[0])
+        return distributed.sum_over_processes(total), distributed.sum_over_processes(squares), count
+
+    return combine
 
 
 def fold_mesh(runtime: RuntimeConfig, batch_size: int, grid) -> jax.sharding.Mesh | None:
     """The device mesh of ``runtime.mesh`` (None: one device, no sharding; distributed: all devices on
-    "space"), checked against ``batch_size`` and ``grid`` before any training (InputError otherwise)."""
+    "space"), checked against ``batch_size`` and ``grid`` (None: not yet known) before any training
+    (InputError otherwise)."""
     if runtime.mesh is None and not distributed.is_running():
         return None
     try:
         mesh = sharding.make_mesh(runtime.mesh)
-        sharding.check_divisible((batch_size, *grid), mesh)
+        if grid is not None:  # an automatic grid: checked again once it is known
+            sharding.check_divisible((batch_size, *grid), mesh)
     except ValueError as e:
         raise InputError(str(e), "--mesh") from None
     return mesh
@@ -196,6 +252,25 @@ def _initial_network(cfg: InitConfig, n_classes: int, seed: int, log):
     return weights_path, ckpt, model_config, params, frozen, normalization, why
 
 
+def plan_shares(count: int | None, batch_size: int, mesh, log, n_train: int, n_val: int) -> shares.Shares:
+    """This process's subject shares (``shares``): ``count`` of them (config key ``subject_shares``;
+    None: one per group of processes along the mesh's "data" axis, or one where the fold's training
+    subjects or the batch do not divide among them). InputError for a ``count`` that cannot work."""
+    rows = distributed.rows_by_process(batch_size, mesh)
+    if count is None:
+        count = shares.process_groups(rows)
+        try:
+            shares.check(count, n_train, batch_size)
+        except ValueError as e:
+            log(f"subject shares: 1, not one per process group ({e}): every process reads every subject")
+            count = 1
+    try:
+        shares.check(count, n_train, batch_size)
+    except ValueError as e:
+        raise InputError(str(e), "subject_shares") from None
+    return shares.plan(count, n_train, n_val, batch_size, rows, distributed.process_index())
+
+
 def prepare_fold(cfg: TrainConfig, log=print) -> PreparedFold:
     """Every input check and load of fold ``cfg.fold``, writing nothing (InputError on bad input).
 
@@ -214,18 +289,18 @@ def prepare_fold(cfg: TrainConfig, log=print) -> PreparedFold:
         raise InputError(
             "slab streaming cannot be combined with --mesh (use one or the other)", "--slab-rows"
         )
-    if data.grid is not None:
-        fold_mesh(runtime, batch, data.grid)
+    mesh = fold_mesh(runtime, batch, data.grid)
     weights_path, ckpt, model_config, params, frozen, normalization, why = _initial_network(
         cfg.init_config, label_map.n_classes, cfg.seed, log
     )
     check_training_fits(runtime, batch, data.grid, label_map.n_classes, model_config.n_filters)
     log(f"input normalisation: {normalization} ({why})")
-    fold = load_fold(data, log, normalization)
+    plan = functools.partial(plan_shares, data.subject_shares, batch, mesh, log)
+    fold = load_fold(data, log, normalization, plan)
     check_training_fits(runtime, batch, fold.grid, label_map.n_classes, model_config.n_filters)
     log(f"brain mask: {fold.preprocessing.mask} ({fold.mask_note})")
     mesh = fold_mesh(runtime, batch, fold.grid)
-    if mesh is not None:
+    if mesh is not None and fold.shares.count == 1:
         check_last_batch(len(fold.train) * cfg.loop.views_per_volume, batch, mesh.shape["data"])
     return PreparedFold(
         weights_path, ckpt, fold, why, k_prob, mesh, model_config, params, frozen, time.perf_counter() - t0

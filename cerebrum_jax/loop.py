@@ -7,7 +7,8 @@ and the best checkpoint, resuming) it passes as ``Hooks``: ``Progress`` and ``Lo
 the best parameters and the history.
 
 Keys: augmentation views ``augment.view_key(seed, phase * 100000 + epoch, subject, view)``, the order of
-(subject, view) pairs ``numpy.random.default_rng([seed, phase, epoch])``, dropout ``fold_in`` of the
+(subject, view) pairs ``numpy.random.default_rng([seed, phase, epoch])`` (per share with several subject
+shares, ``shares.Shares.epoch_batches``), dropout ``fold_in`` of the
 phase key ``fold_in(key(seed), phase)`` and the step: same seed, same results, on resume too.
 """
 
@@ -23,11 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from cerebrum_jax import distributed, losses, sharding
+from cerebrum_jax import distributed, losses, sharding, streamed
 from cerebrum_jax.augment import AugmentConfig, augment_batch, view_key
 from cerebrum_jax.config import LoopConfig
 from cerebrum_jax.errors import NonFiniteLoss
 from cerebrum_jax.losses import LossConfig
+from cerebrum_jax.shares import Shares
 from cerebrum_jax.train import (
     Controller,
     controller_update,
@@ -178,11 +180,13 @@ def _none_if_nan(value) -> float | None:
 
 
 class _Data(NamedTuple):
-    """A fold's arrays on the device: training images (N, D, H, W, 1) and labels, validation batches,
-    the balanced (or unit) class weights."""
+    """A fold's arrays on the device: the training images (N', D, H, W, 1) and labels this process holds,
+    their position by subject index (``at``), the validation batches, the balanced (or unit) class
+    weights."""
 
     images: jax.Array
     labels: jax.Array
+    at: dict
     val: list
     weights: np.ndarray
 
@@ -200,20 +204,25 @@ class _Run(NamedTuple):
     act: object  # the activations' sharding over the mesh, or None
     hooks: Sequence[Hooks]
     n_steps: int
+    shares: Shares
 
 
-def _device_data(train, val, n_classes: int, mesh) -> _Data:
-    """The training volumes on this process's first device (every process holds them all: the shuffled
-    order draws any of them into its batch rows), the validation batches placed on ``mesh``.
+def _device_data(train, val, n_classes: int, mesh, part: Shares, weights) -> _Data:
+    """The training volumes this process holds on its first device (one share: all of them, since the
+    shuffled order draws any into its batch rows), the validation batches, the class ``weights`` (None:
+    balanced from ``train``).
 
-    On a mesh whose "data" axis is R > 1, a validation batch is its volume repeated R times (the same
-    loss; Dice differs only by the 1e-7 smoothing term), each process putting only its rows and depth box
-    (``distributed.put_batch``)."""
-    weights = losses.balanced_class_weights([y for _, y in train], n_classes)
+    One share: on a mesh whose "data" axis is R > 1, a validation batch is its volume repeated R times
+    (the same loss; Dice differs only by the 1e-7 smoothing term), each process putting only its rows
+    and depth box (``distributed.put_batch``). Several shares: each volume this process validates is a
+    batch of one on its own first device (``_validate``)."""
+    if weights is None:
+        weights = losses.balanced_class_weights([y for _, y in train], n_classes)
     images = jnp.asarray(np.stack([x for x, _ in train]))[..., None]
     labels = jnp.asarray(np.stack([y for _, y in train]))
-    copies = 1 if mesh is None else mesh.shape["data"]
-    mine = 1 if mesh is None else len(range(copies)[distributed.local_rows(copies, mesh)])
+    at = {s: i for i, s in enumerate(part.train_index)}
+    copies = 1 if mesh is None or part.count > 1 else mesh.shape["data"]
+    mine = copies if copies == 1 else len(range(copies)[distributed.local_rows(copies, mesh)])
     batches = [
         {
             "image": np.repeat(x[None, ..., None], mine, axis=0),
@@ -222,11 +231,11 @@ def _device_data(train, val, n_classes: int, mesh) -> _Data:
         }
         for x, y in val
     ]
-    if mesh is None:
+    if copies == 1:
         batches = [jax.tree_util.tree_map(jnp.asarray, v) for v in batches]
     else:
         batches = [distributed.put_batch(v, mesh, copies) for v in batches]
-    return _Data(images, labels, batches, weights)
+    return _Data(images, labels, at, batches, weights)
 
 
 def fit(
@@ -241,6 +250,8 @@ def fit(
     *,
     hooks: Sequence[Hooks] = (),
     mesh=None,
+    shares: Shares | None = None,
+    class_weights: np.ndarray | None = None,
 ):
     """Train ``params`` through ``phases`` on ``train``, validating on ``val``: each a list of (image
     (D, H, W) float32, normalised; labels (D, H, W) int class indices) pairs.
@@ -249,19 +260,24 @@ def fit(
     augmented views per training volume (or the volumes as they are), val loss after each epoch,
     reduce-on-plateau, early stopping, best params kept; the next phase starts from the best params.
     Returns (best params, history: one record per epoch). With a ``mesh`` (see ``sharding``), every step
-    runs sharded: batches split (B over "data", D over "space"), state replicated. Raises NonFiniteLoss
-    on a NaN/inf training or validation loss, before any hook sees that epoch.
+    runs sharded: batches split (B over "data", D over "space"), state replicated. With ``shares``
+    (``shares.Shares``, default one share of every subject), ``train`` and ``val`` are the subjects this
+    process holds (``shares.train_index``, ``val_index``) and ``class_weights`` (C,) those of all training
+    subjects. Raises NonFiniteLoss on a NaN/inf training or validation loss, before any hook sees that
+    epoch.
     """
-    data = _device_data(train, val, model_config.n_classes, mesh)
+    part = shares or Shares.single(len(train), len(val))
+    data = _device_data(train, val, model_config.n_classes, mesh, part, class_weights)
     act = sharding.activation_sharding(mesh) if mesh is not None else None
-    eval_step = jax.jit(make_eval_step(model_config, loss, act, schedule.slab_rows))
+    slabs = schedule.slab_rows if part.count == 1 else streamed.auto_slab_rows(np.shape(train[0][0]))
+    eval_step = jax.jit(make_eval_step(model_config, loss, act if part.count == 1 else None, slabs))
     at = None
     for hook in hooks:
         at = at or hook.resume(params, phases)
     history = list(at.history) if at else []
     best = (at.best_loss, at.best_params) if at else (float("inf"), params)
-    n_steps = -(-len(train) * schedule.views_per_volume // schedule.batch_size)
-    run = _Run(schedule, loss, augment, model_config, data, eval_step, mesh, act, hooks, n_steps)
+    n_steps = part.n_steps(schedule.views_per_volume, schedule.batch_size)
+    run = _Run(schedule, loss, augment, model_config, data, eval_step, mesh, act, hooks, n_steps, part)
     try:
         for p_index in range(at.phase if at else 0, len(phases)):
             phase = phases[p_index]
@@ -306,13 +322,21 @@ def _start_phase(run: _Run, phase: Phase, params, resumed: Resume | None):
     if run.mesh is None:
         return state, controller, first_epoch, jax.jit(step_fn, donate_argnums=0)
     state = jax.device_put(state, sharding.state_shardings(state, run.mesh))
-    first_batch = run.data.val[0] if run.data.val else None
+    first_batch = run.data.val[0] if run.data.val and run.shares.count == 1 else None
     return state, controller, first_epoch, sharding.jit_train_step(step_fn, run.mesh, state, first_batch)
 
 
 def _validate(run: _Run, params, phase: Phase, epoch: int) -> tuple[float, np.ndarray]:
-    """(mean val loss, val Dice per class (C,): NaN for a class absent everywhere); NonFiniteLoss."""
+    """(mean val loss, val Dice per class (C,): NaN for a class absent everywhere); NonFiniteLoss. With
+    several shares each process validates its own volumes on its own first device and the per-volume
+    metrics are gathered (``distributed.gather_rows``)."""
+    if run.shares.count > 1:
+        params = distributed.local_copy(params)
     vm = [jax.tree_util.tree_map(np.asarray, run.eval_step(params, v)) for v in run.data.val]
+    if run.shares.count > 1:
+        rows = {j: [m["loss"], *m["dice"]] for j, m in zip(run.shares.val_index, vm, strict=True)}
+        table = distributed.gather_rows(rows, run.shares.n_val, (1 + run.model_config.n_classes,))
+        vm = [{"loss": t[0], "dice": t[1:]} for t in table]
     val_loss = float(np.mean([m["loss"] for m in vm]))
     if not np.isfinite(val_loss):  # the last step's update broke the params: keep nothing of it
         raise NonFiniteLoss(
@@ -329,7 +353,8 @@ def _train_batch(run: _Run, chunk: np.ndarray, epoch_id: int) -> dict:
     (``distributed.put_batch``)."""
     data, schedule = run.data, run.schedule
     mine = chunk if run.mesh is None else chunk[distributed.local_rows(len(chunk), run.mesh)]
-    x, y = data.images[mine[:, 0]], data.labels[mine[:, 0]]
+    held = np.asarray([data.at[int(s)] for s in mine[:, 0]])
+    x, y = data.images[held], data.labels[held]
     if schedule.augment_views > 0:
         keys = jnp.stack([view_key(schedule.seed, epoch_id, int(s), int(v)) for s, v in mine])
         x, y = augment_batch(keys, x, y, run.augment)
@@ -341,22 +366,19 @@ def _epoch(run: _Run, step, state, controller, best, p_index: int, phase: Phase,
     """One epoch of ``fit``: the training steps, validation, the controller; the new best (with the
     ``improved`` hooks called). Returns (state, record, controller, best)."""
     t0 = time.perf_counter()
-    schedule, data = run.schedule, run.data
+    schedule = run.schedule
     seed, batch_size = schedule.seed, schedule.batch_size
     key = jax.random.fold_in(jax.random.key(seed), p_index)
-    rng = np.random.default_rng([seed, p_index, epoch])
-    n_views = schedule.views_per_volume
-    order = rng.permutation([(s, v) for s in range(len(data.images)) for v in range(n_views)])
+    chunks = run.shares.epoch_batches(seed, p_index, epoch, schedule.views_per_volume, batch_size)
     train_losses = []
-    for b in range(0, len(order), batch_size):
-        chunk = order[b : b + batch_size]
+    for b, chunk in enumerate(chunks):
         batch = _train_batch(run, chunk, p_index * 100_000 + epoch)  # views never repeat across phases
         state, m = step(state, batch, key)
         loss = float(m["loss"])
         if not np.isfinite(loss):
             raise NonFiniteLoss(
                 f"non-finite training loss ({loss}) in {phase.name} epoch {epoch + 1}, step "
-                f"{b // batch_size + 1} of {run.n_steps}: stopped (lower the learning rate?)"
+                f"{b + 1} of {run.n_steps}: stopped (lower the learning rate?)"
             )
         train_losses.append(loss)
         for hook in run.hooks:

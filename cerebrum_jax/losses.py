@@ -106,15 +106,21 @@ def hard_dice_per_class(pred, labels, n_classes: int) -> jax.Array:
     return jnp.where(total > 0, 2.0 * inter / jnp.maximum(total, 1.0), jnp.nan)
 
 
-def balanced_class_weights(label_volumes, n_classes: int) -> np.ndarray:
+def class_counts(labels, n_classes: int) -> np.ndarray:
+    """Voxels of each class, (C,) float64, in one integer class-index array."""
+    return np.bincount(np.asarray(labels).ravel(), minlength=n_classes)[:n_classes].astype(np.float64)
+
+
+def balanced_class_weights(label_volumes, n_classes: int, counts=None) -> np.ndarray:
     """sklearn's 'balanced' weights n_voxels / (n_classes * count_k), (C,) float32, from training labels.
 
-    label_volumes: iterable of integer class-index arrays. A class with no voxel gets weight 0 (it cannot
+    label_volumes: iterable of integer class-index arrays, or ``counts`` (C,): their summed
+    ``class_counts`` (e.g. combined across processes). A class with no voxel gets weight 0 (it cannot
     contribute to the cross-entropy anyway) rather than infinity.
     """
-    counts = np.zeros(n_classes, np.float64)
-    for v in label_volumes:
-        counts += np.bincount(np.asarray(v).ravel(), minlength=n_classes)[:n_classes]
+    if counts is None:
+        counts = sum((class_counts(v, n_classes) for v in label_volumes), np.zeros(n_classes))
+    counts = np.asarray(counts, np.float64)
     total = counts.sum()
     weights = np.where(counts > 0, total / (n_classes * np.maximum(counts, 1)), 0.0)
     return weights.astype(np.float32)

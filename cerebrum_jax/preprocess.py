@@ -175,11 +175,13 @@ def resample(img, voxel_mm: float | tuple[float, float, float], order: int):
     return processing.resample_to_output(img, voxel_sizes=voxel, order=order, mode="constant", cval=0.0)
 
 
-def voxelwise_stats(volumes) -> tuple[np.ndarray, np.ndarray]:
+def voxelwise_stats(volumes, combine=None) -> tuple[np.ndarray, np.ndarray]:
     """Voxel-by-voxel mean and std (float32, (D, H, W)) over training volumes (each (D, H, W), same grid).
 
     Computed in float64 with one pass per volume (memory of two volumes, not all of them). Give it the
-    TRAINING subjects only; std 0 is left as is (``voxelwise_zscore`` replaces it by 1).
+    TRAINING subjects only; std 0 is left as is (``voxelwise_zscore`` replaces it by 1). ``combine``
+    maps the (sum, sum of squares, count) of ``volumes`` to those of all training volumes (a process's
+    part summed over processes: ``distributed.sum_over_processes``); None: ``volumes`` are all of them.
     """
     total = squares = None
     count = 0
@@ -192,6 +194,8 @@ def voxelwise_stats(volumes) -> tuple[np.ndarray, np.ndarray]:
         total += v
         squares += v * v
         count += 1
+    if combine is not None:
+        total, squares, count = combine(total, squares, count)
     if not count:
         raise ValueError("voxelwise_stats needs at least one volume")
     mean = total / count
@@ -223,13 +227,14 @@ def resolve_normalization(requested: str, checkpoint_normalization: str) -> tupl
     return "zscore", "auto: the initial checkpoint's"
 
 
-def normalise_fold(subjects: list[dict], train: list[dict], kind: str) -> dict | None:
+def normalise_fold(subjects: list[dict], train: list[dict], kind: str, combine=None) -> dict | None:
     """Set "x" (D, H, W) float32, the network input, on every ``load_subject`` dict of ``subjects``.
 
     "zscore": each image z-scored with the statistics inside its own brain mask. "voxelwise": every
     image normalised voxel by voxel with the mean and std volumes of the images of ``train`` (give it
     the fold's TRAINING subjects only, never a validation-only or the test subject) as ``load_subject``
-    returns them: on the network grid, zero outside the brain mask. Returns those volumes {"mean",
+    returns them: on the network grid, zero outside the brain mask; ``combine``: see
+    ``voxelwise_stats``, for a process that holds only some of them. Returns those volumes {"mean",
     "std"} (float32, std 0 replaced by 1, as the original; for ``checkpoint.save_checkpoint``), or None
     for "zscore".
     """
@@ -239,7 +244,7 @@ def normalise_fold(subjects: list[dict], train: list[dict], kind: str) -> dict |
         return None
     if kind != "voxelwise":
         raise ValueError(f"normalization must be one of {FOLD_NORMALIZATIONS}, not {kind!r}")
-    mean, std = voxelwise_stats(d["image"] for d in train)
+    mean, std = voxelwise_stats((d["image"] for d in train), combine)
     std = np.where(std == 0, 1.0, std).astype(np.float32)
     for d in subjects:
         d["x"] = voxelwise_zscore(d["image"], mean, std)

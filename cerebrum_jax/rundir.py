@@ -121,6 +121,7 @@ class RunRecord:
     jax: str
     devices: list
     mesh: dict | None
+    subject_shares: int = 1
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

@@ -179,12 +179,12 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path, jax_cache):
         np.testing.assert_allclose(got[f"p{i}"], want[f"p{i}"], atol=1e-5)
 
 
-def _fold_dataset(tmp_path) -> Path:
-    """2 subjects of 16x16x16 (depth 16: 2 slabs per process on a 2x2 mesh)."""
+def _fold_dataset(tmp_path, n: int = 2) -> Path:
+    """``n`` subjects of 16x16x16 (depth 16: 2 slabs per process on a 2x2 mesh)."""
     from test_finetune import _subject
 
     root = tmp_path / "data"
-    for i in range(2):
+    for i in range(n):
         _subject(root, f"sub-{i + 1:03d}", i, shape=(16, 16, 16))
     return root
 
@@ -228,14 +228,17 @@ def _history(run: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_finetune_all_folds_distributed_two_processes(tmp_path, jax_cache):
-    """finetune --fold all --distributed (run_cv), 2 processes x 2 devices on a 2x2 mesh, 1 epoch:
-    process 0 wrote the run directory, process 1 nothing but its logs (and its part of the Orbax
-    checkpoints/last); each process augmented and handed JAX only its own batch row; every fold's
-    metrics and the summary equal one process with 4 devices."""
-    root = _fold_dataset(tmp_path)
-    argv = [*_finetune_argv(root, tmp_path / "multi", "--epochs", "1"), "--fold", "all"]
-    procs = _launch_finetune(tmp_path, argv, "logs", jax_cache)
-    one = [*_finetune_argv(root, tmp_path / "one", "--epochs", "1"), "--fold", "all"]
+    """finetune --fold all --distributed (run_cv), 2 processes x 2 devices on a 2x2 mesh, 3 subjects, 1
+    epoch, voxelwise normalisation, an automatic grid: process 0 wrote the run directory, process 1
+    nothing but its logs (and its part of the Orbax checkpoints/last); each process read, augmented and
+    validated only its own training subject (2 subject shares, one per process: the batch row its
+    devices hold) and handed JAX only its own batch row; the grid, the normalisation volumes, the class
+    weights and the validation metrics combined across the processes; every fold's metrics and the
+    summary equal one process with 4 devices and --subject-shares 2."""
+    root = _fold_dataset(tmp_path, 3)
+    extra = ("--epochs", "1", "--fold", "all", "--grid", "auto", "--set", "normalization=voxelwise")
+    procs = _launch_finetune(tmp_path, _finetune_argv(root, tmp_path / "multi", *extra), "logs", jax_cache)
+    one = _finetune_argv(root, tmp_path / "one", *extra, "--subject-shares", "2")
     procs += start([one], tmp_path, tmp_path / "logs-one", jax_cache, devices=4)
     codes = finish(procs)
     out = [(tmp_path / name / "p-0.txt").read_text() for name in ("logs", "logs", "logs-one")]
@@ -243,11 +246,20 @@ def test_finetune_all_folds_distributed_two_processes(tmp_path, jax_cache):
     assert codes == [0, 0, 0], out
     assert "cross-validation: mean Dice" in out[0] and "mean Dice" not in out[1]
     multi, one = tmp_path / "multi", tmp_path / "one"
-    assert _files(multi) == _files(one) | {f"fold-{k}/log.process-1.txt" for k in (1, 2)}
-    for k in (1, 2):
+    assert _files(multi) == _files(one) | {f"fold-{k}/log.process-1.txt" for k in (1, 2, 3)}
+    for k, (mine, theirs) in {
+        1: ("sub-003", "sub-002"),
+        2: ("sub-003", "sub-001"),
+        3: ("sub-002", "sub-001"),
+    }.items():
         log1 = (multi / f"fold-{k}" / "log.process-1.txt").read_text()
         assert "process 1 of 2, 2 local / 4 global devices" in log1
         assert "batches (2, 16, 16, 16): this process augments rows 1:2 and hands JAX depth 0:16" in log1
+        assert f"this process reads training subjects ['{mine}'] and validates ['{mine}']" in log1
+        assert (
+            f"reads training subjects ['{theirs}'] and validates ['{theirs}']"
+            in (multi / f"fold-{k}" / "log.txt").read_text()
+        )
         hist = [_history(r / f"fold-{k}") for r in (multi, one)]
         assert [h["phase"] for h in hist[0]] == ["finetune"]
         for a, b in zip(*hist, strict=True):
@@ -257,6 +269,10 @@ def test_finetune_all_folds_distributed_two_processes(tmp_path, jax_cache):
         assert m[0]["mean_dice"] == pytest.approx(m[1]["mean_dice"], abs=1e-6)
     config = json.loads((multi / "fold-1" / "config.json").read_text())
     assert config["mesh"] == {"data": 2, "space": 2} and len(config["devices"]) == 4
+    assert (
+        config["subject_shares"] == 2
+        and config["grid"] == json.loads((one / "fold-1" / "config.json").read_text())["grid"]
+    )
     summary = [json.loads((r / "cv_summary.json").read_text()) for r in (multi, one)]
     assert summary[0]["mean_dice"]["mean"] == pytest.approx(summary[1]["mean_dice"]["mean"], abs=1e-6)
 

@@ -355,6 +355,9 @@ def test_cv_all_folds_summary(weights, tmp_path):
         (["--slab-rows", "6"], "slab_rows: must be 0 or a positive multiple of 4, got 6"),
         (["--slab-rows", "8", "--mesh", "1x4"], "--slab-rows: slab streaming cannot be combined with --mesh"),
         (["--layout", "bids"], "found 0 subject(s)"),
+        (["--subject-shares", "0"], "subject_shares: must be at least 1, got 0"),
+        (["--subject-shares", "3", "--batch-size", "3"], "3 shares need at least 3 training subjects"),
+        (["--subject-shares", "2", "--batch-size", "3"], "batch size 3 does not split into 2 equal blocks"),
         # --fold all checks every fold before the first trains: sub-002 is fold 2's test subject
         (["--fold", "all", "--val-subject", "sub-002"], "sub-002 is the test subject of fold 2"),
     ],

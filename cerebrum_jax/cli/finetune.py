@@ -31,6 +31,7 @@ DIRECT = {
     "batch_size": "batch_size",
     "test_mask": "test_mask",
     "slab_rows": "slab_rows",
+    "subject_shares": "subject_shares",
 }
 
 DESCRIPTION = (
@@ -135,6 +136,15 @@ def _add_run_options(p) -> None:
         help="train and validate the full-resolution layers in depth slabs of N rows (a multiple of 4): the "
         "same loss in bounded memory; 0 = the plain whole-volume step; default: automatic from the grid "
         "(slabs of 8 above 2 M voxels). Not with --mesh",
+    )
+    p.add_argument(
+        "--subject-shares",
+        type=int,
+        metavar="S",
+        help="deal the training subjects into S shares, each filling its own S-th of every batch's rows, so "
+        "that each process reads only the subjects its rows need; default: one share per group of "
+        "processes along the mesh's data axis in a --distributed run, else 1 (any subject in any row). "
+        "Give it to reproduce a distributed run on one machine",
     )
     p.add_argument(
         "--resume",

@@ -189,6 +189,13 @@ def _start(cfg: TrainConfig, run: RunDir, prepared: PreparedFold, log: RunLog) -
     log.attach(run.root)
     record = run_record(cfg, prepared)
     label_map = prepared.fold.label_map
+    if distributed.is_main() and run.config_json.is_file():  # resumed
+        was = read_json(run.config_json, "config.json").get("subject_shares", 1)
+        if was != record.subject_shares:  # automatic shares on another layout of processes
+            log(
+                f"warning: {record.subject_shares} subject share(s) now, {was} before: the remaining epochs "
+                f"draw their batches differently (--subject-shares {was} keeps them)"
+            )
     if distributed.is_main():
         fsafe.write_text(run.config_json, json.dumps(record.to_json(), indent=2, default=str) + "\n")
         label_map.to_tsv(run.dseg_tsv)

@@ -155,10 +155,12 @@ def load_fold(cfg: DataConfig, log=print, normalization: str = "zscore", planner
     mine = list({s.id: s for s in mine}.values())
     if pre.grid is None:  # the largest box over all subjects, rounded up to multiples of 8
         at = {s.id: i for i, s in enumerate(subjects)}
-        shapes = {at[s.id]: inputs.load_subject(s, label_map, pre).image.shape for s in mine}
-        shapes = distributed.gather_rows(shapes, len(subjects), (3,))
+        found = _read(mine, label_map, pre)
+        shapes = distributed.gather_rows(
+            {at[k]: p.image.shape for k, p in found.items()}, len(subjects), (3,)
+        )
         pre = dataclasses.replace(pre, grid=tuple(int(g) for g in np.max(shapes, axis=0)))
-    loaded = {s.id: inputs.load_subject(s, label_map, pre) for s in mine}
+    loaded = _read(mine, label_map, pre)
     views = {sid: {"image": p.image, "mask": p.mask} for sid, p in loaded.items()}
     owned = {i: loaded[train_s[i].id] for i in part.owned_train}  # counted once across processes
     combine = None if part.count == 1 else _sum_over_processes(pre.grid)
@@ -182,6 +184,14 @@ def load_fold(cfg: DataConfig, log=print, normalization: str = "zscore", planner
         val=pick(val_s[j] for j in part.val_index),
         test=pick(s for s in test_s if s.id in loaded),
     )  # fmt: skip
+
+
+def _read(subjects, label_map, pre) -> dict:
+    """{id: ``inputs.load_subject``} of ``subjects``; every process agrees (``distributed.agree``): a bad
+    file in one process's share stops every process with exit status 2, not just that one."""
+    loaded = {}
+    distributed.agree(lambda: loaded.update({s.id: inputs.load_subject(s, label_map, pre) for s in subjects}))
+    return loaded
 
 
 def _sum_over_processes(grid):

@@ -133,11 +133,12 @@ class RunRecord:
 
     def report_rows(self, normalization_words: str, mask_words: str, preprocessing_words: str) -> dict:
         """The run's rows of report.md (the epochs and timings are added by the caller)."""
+        shares = f" (in {self.subject_shares} subject shares)" if self.subject_shares > 1 else ""
         return {
             "title": f"cerebrum-jax fine-tuning, fold {self.fold}",
             "fold": self.fold,
             "test subject": self.test_subject,
-            "training subjects": ", ".join(self.train_subjects),
+            "training subjects": ", ".join(self.train_subjects) + shares,
             "input normalisation": normalization_words,
             "brain mask (all subjects, the test subject too)": mask_words,
             "preprocessing": preprocessing_words,

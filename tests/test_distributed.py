@@ -269,22 +269,38 @@ def test_finetune_all_folds_distributed_two_processes(tmp_path, jax_cache):
         assert m[0]["mean_dice"] == pytest.approx(m[1]["mean_dice"], abs=1e-6)
     config = json.loads((multi / "fold-1" / "config.json").read_text())
     assert config["mesh"] == {"data": 2, "space": 2} and len(config["devices"]) == 4
-    assert (
-        config["subject_shares"] == 2
-        and config["grid"] == json.loads((one / "fold-1" / "config.json").read_text())["grid"]
-    )
+    assert config["subject_shares"] == 2 and config["config"]["subject_shares"] is None  # automatic
+    assert config["grid"] == json.loads((one / "fold-1" / "config.json").read_text())["grid"] == [16] * 3
+    assert "sub-002, sub-003 (in 2 subject shares)" in (multi / "fold-1" / "report.md").read_text()
     summary = [json.loads((r / "cv_summary.json").read_text()) for r in (multi, one)]
     assert summary[0]["mean_dice"]["mean"] == pytest.approx(summary[1]["mean_dice"]["mean"], abs=1e-6)
 
 
 @pytest.mark.slow
+def test_a_bad_file_in_one_process_share_stops_both_with_status_2(tmp_path, jax_cache):
+    """Subject shares: sub-003 is read by process 1 only (fold 1); its corrupt image is one line naming
+    it there, the other process says which process failed, both exit 2 and nothing is written."""
+    root = _fold_dataset(tmp_path, 3)
+    image = next((root / "derivatives" / "sub-003").rglob("*_uni_unbiased.nii.gz"))
+    image.write_bytes(b"not a nifti")
+    argv = _finetune_argv(root, tmp_path / "run", "--epochs", "1", "--fold", "1")
+    codes = finish(_launch_finetune(tmp_path, argv, "logs", jax_cache))
+    text = [(tmp_path / "logs" / f"p-{i}.txt").read_text() for i in range(2)]
+    errors = [[x for x in t.splitlines() if "error:" in x] for t in text]
+    assert codes == [2, 2], text
+    assert len(errors[1]) == 1 and "process 1 of 2" in errors[1][0] and str(image) in errors[1][0], text[1]
+    assert len(errors[0]) == 1 and "the input check failed on process(es) [1]" in errors[0][0], text[0]
+    assert "Traceback" not in text[0] + text[1] and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
 def test_a_dead_process_stops_the_other_and_the_run_resumes(tmp_path, jax_cache):
     """SIGKILL process 1 after epoch 2: process 0 exits with an error within the heartbeat timeout. The
-    2-process checkpoints/last then resumes in one process with 4 devices (the programs of the test
-    above: loaded from the compilation cache)."""
+    2-process checkpoints/last then resumes in one process with 4 devices, which warns that its automatic
+    subject shares (1: one process) differ from the 2 of the 2-process run."""
     import time
 
-    root = _fold_dataset(tmp_path)
+    root = _fold_dataset(tmp_path, 3)
     run = tmp_path / "run"
     argv = _finetune_argv(root, run, "--epochs", "4", "--fold", "2")  # --resume: the same config
     procs = _launch_finetune(tmp_path, argv, "logs", jax_cache)
@@ -309,6 +325,7 @@ def test_a_dead_process_stops_the_other_and_the_run_resumes(tmp_path, jax_cache)
     assert codes == [0], (tmp_path / "logs-resume" / "p-0.txt").read_text()[-3000:]
     log = (run / "fold-2" / "log.txt").read_text()
     assert "resuming at phase finetune, epoch 3" in log or "resuming at phase finetune, epoch 2" in log
+    assert "warning: 1 subject share(s) now, 2 before" in log and "--subject-shares 2 keeps them" in log
     assert json.loads((run / "fold-2" / "metrics.json").read_text())["epochs"]["finetune"] == 4
 
 

@@ -43,10 +43,11 @@ format: $(VENV)/.stamp-test
 	$(VENV)/bin/ruff format cerebrum_jax tests experiments
 	$(VENV)/bin/ruff check --fix cerebrum_jax tests experiments
 
-# Two pytest workers (pytest-xdist), a test file per worker: XLA compiles on one thread, so two workers
-# keep both cores of the CI machine busy. JOBS=0 runs the tests in this process.
+# Two pytest workers (pytest-xdist) that take tests as they go and steal from each other at the end: XLA
+# compiles on one thread, so two workers keep both cores of the CI machine busy (tests/conftest.py: one
+# compilation cache for both). JOBS=0 runs the tests in this process.
 JOBS ?= 2
-PYTEST := $(PY) -m pytest -q $(if $(filter 0,$(JOBS)),,-n $(JOBS) --dist loadfile)
+PYTEST := $(PY) -m pytest -q $(if $(filter 0,$(JOBS)),,-n $(JOBS) --dist worksteal)
 
 test: $(VENV)/.stamp-test lint
 	$(PYTEST) tests

@@ -59,7 +59,7 @@ def test_parity_with_keras3_h5(tmp_path_factory, n_filters, n_classes):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n_filters,n_classes", SIZES)
+@pytest.mark.parametrize("n_filters,n_classes", SIZES[:1])  # the published width; the reader covers all
 def test_parity_through_keras2_writer(tmp_path_factory, tmp_path, n_filters, n_classes):
     path, _, x, ref = keras_case(tmp_path_factory, n_filters, n_classes)
     params, config, _ = convert.read_keras_h5(path)

@@ -287,7 +287,7 @@ def test_sharded_fold_equals_single_device(tmp_path):
     cfg = ModelConfig(n_filters=2, n_classes=3)
     weights = tmp_path / "w"
     checkpoint.save_checkpoint(weights, init_params(cfg, jax.random.key(3)), cfg)
-    base = ["--fold", "2", "--grid", "32,16,16", "--set", "dropout=false"]
+    base = ["--fold", "2", "--grid", "32,16,16", "--set", "dropout=false", "--set", "epochs_warmup=0"]
     runs = {}
     for name, extra in (
         ("one", []),

@@ -291,10 +291,7 @@ def from_local(local, sharding, global_shape: tuple[int, ...]) -> jax.Array:
 def local_rows(batch_size: int, mesh) -> slice:
     """The rows of a global batch of ``batch_size`` (B over the mesh's "data" axis) that this process's
     devices hold: all of them in one process, or when "data" does not span processes."""
-    from cerebrum_jax import sharding
-
-    space = mesh.shape["space"]
-    return local_bounds((batch_size, space, 1, 1, 1), sharding.volume_sharding(mesh))[0]
+    return rows_by_process(batch_size, mesh)[process_index()]
 
 
 def local_part(rows, sharding, global_shape: tuple[int, ...]):
@@ -340,11 +337,13 @@ def rows_by_process(batch_size: int, mesh) -> dict[int, slice]:
     "data"; None: one process, every row), for every process of the run."""
     if mesh is None:
         return {process_index(): slice(0, batch_size)}
-    per, rows = batch_size // mesh.shape["data"], {}
-    for i, line in enumerate(mesh.devices):
-        for d in line:
-            lo, hi = rows.get(d.process_index, (batch_size, 0))
-            rows[d.process_index] = (min(lo, i * per), max(hi, (i + 1) * per))
+    from cerebrum_jax import sharding
+
+    shape, rows = (batch_size, mesh.shape["space"], 1, 1, 1), {}
+    for d, index in sharding.volume_sharding(mesh).devices_indices_map(shape).items():
+        lo, hi, _ = index[0].indices(batch_size)
+        was = rows.get(d.process_index, (lo, hi))
+        rows[d.process_index] = (min(was[0], lo), max(was[1], hi))
     return {p: slice(lo, hi) for p, (lo, hi) in rows.items()}
 
 

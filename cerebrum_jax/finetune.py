@@ -169,7 +169,7 @@ def _train(cfg, run: RunDir, prepared: PreparedFold, record: RunRecord, run_conf
             hooks=hooks,
             mesh=prepared.mesh,
             shares=fold.shares,
-            class_weights=losses.balanced_class_weights(None, fold.label_map.n_classes, fold.class_counts),
+            class_weights=losses.balanced_weights(fold.class_counts),
         )
     except NonFiniteLoss as e:
         message = f"{e}; {checkpoints_left(run, record.initial_weights)}"

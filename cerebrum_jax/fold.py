@@ -267,17 +267,15 @@ def plan_shares(count: int | None, batch_size: int, mesh, log, n_train: int, n_v
     None: one per group of processes along the mesh's "data" axis, or one where the fold's training
     subjects or the batch do not divide among them). InputError for a ``count`` that cannot work."""
     rows = distributed.rows_by_process(batch_size, mesh)
-    if count is None:
-        count = shares.process_groups(rows)
-        try:
-            shares.check(count, n_train, batch_size)
-        except ValueError as e:
-            log(f"subject shares: 1, not one per process group ({e}): every process reads every subject")
-            count = 1
+    auto = count is None
+    count = shares.process_groups(rows) if auto else count
     try:
         shares.check(count, n_train, batch_size)
     except ValueError as e:
-        raise InputError(str(e), "subject_shares") from None
+        if not auto:
+            raise InputError(str(e), "subject_shares") from None
+        log(f"subject shares: 1, not one per process group ({e}): every process reads every subject")
+        count = 1
     return shares.plan(count, n_train, n_val, batch_size, rows, distributed.process_index())
 
 

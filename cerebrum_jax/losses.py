@@ -111,16 +111,20 @@ def class_counts(labels, n_classes: int) -> np.ndarray:
     return np.bincount(np.asarray(labels).ravel(), minlength=n_classes)[:n_classes].astype(np.float64)
 
 
-def balanced_class_weights(label_volumes, n_classes: int, counts=None) -> np.ndarray:
+def balanced_class_weights(label_volumes, n_classes: int) -> np.ndarray:
     """sklearn's 'balanced' weights n_voxels / (n_classes * count_k), (C,) float32, from training labels.
 
-    label_volumes: iterable of integer class-index arrays, or ``counts`` (C,): their summed
-    ``class_counts`` (e.g. combined across processes). A class with no voxel gets weight 0 (it cannot
-    contribute to the cross-entropy anyway) rather than infinity.
+    label_volumes: iterable of integer class-index arrays (``balanced_weights`` of their summed
+    ``class_counts``).
     """
-    if counts is None:
-        counts = sum((class_counts(v, n_classes) for v in label_volumes), np.zeros(n_classes))
+    return balanced_weights(sum((class_counts(v, n_classes) for v in label_volumes), np.zeros(n_classes)))
+
+
+def balanced_weights(counts) -> np.ndarray:
+    """sklearn's 'balanced' weights, (C,) float32, from the voxels of each class ``counts`` (C,) (e.g.
+    summed across processes). A class with no voxel gets weight 0 (it cannot contribute to the
+    cross-entropy anyway) rather than infinity."""
     counts = np.asarray(counts, np.float64)
     total = counts.sum()
-    weights = np.where(counts > 0, total / (n_classes * np.maximum(counts, 1)), 0.0)
+    weights = np.where(counts > 0, total / (len(counts) * np.maximum(counts, 1)), 0.0)
     return weights.astype(np.float32)

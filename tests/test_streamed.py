@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tolerances import adam_mu, assert_first_updates_close, assert_leaves_close
 
 from cerebrum_jax import streamed, train
 from cerebrum_jax.losses import LossConfig
@@ -54,44 +55,6 @@ def _step(slab, loss, weights, dropout, batch_size, frozen_layers, precision):
     return jax.tree_util.tree_map(np.asarray, metrics), jax.tree_util.tree_map(np.asarray, state)
 
 
-def _adam_mu(state):
-    """Adam's first moment after one step: 0.1 x the gradient (trained leaves only)."""
-    return state["opt_state"].inner_states["train"].inner_state.inner_state[0].mu
-
-
-def _close(a, b, rtol):
-    """Leafwise |a - b| <= rtol * max|a| (relative to each leaf's scale; zeros stay exactly zero)."""
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
-        np.testing.assert_allclose(y, x, rtol=rtol, atol=rtol * float(np.max(np.abs(x))))
-
-
-ADAM_EPS = 1e-8  # optax.adam's default eps
-
-
-def adam_update_bound(g: np.ndarray, rtol: float, lr: float) -> np.ndarray:
-    """How far Adam's first update -lr g / (|g| + eps) may move (per element) when the gradient ``g`` may
-    move by dg = rtol * max|g| (the leafwise tolerance of ``_close``): lr eps dg / (|g| - dg + eps)^2 where
-    |g| > dg (the slope's largest value over [|g| - dg, |g| + dg]), 2 lr where the sign may flip, plus
-    rtol * lr for the float rounding of the update itself."""
-    g = np.abs(np.asarray(g, np.float64))
-    dg = rtol * float(np.max(g))
-    slope = lr * ADAM_EPS * dg / np.maximum(g - dg + ADAM_EPS, ADAM_EPS) ** 2
-    return np.where(g > dg, np.minimum(slope, 2 * lr), 2 * lr) + rtol * lr
-
-
-def _updates_close(plain, state, rtol):
-    """The first Adam update of every trained leaf of ``state`` against ``plain``'s, within
-    ``adam_update_bound`` of the plain gradient (from Adam's first moment, 0.1 g), plus the float32
-    rounding of the parameters the updates are read from (new - old: one ulp of |p| on each side)."""
-    ulp = np.finfo(np.float32).eps
-    for path, mu in jax.tree_util.tree_flatten_with_path(_adam_mu(plain))[0]:
-        layer, part = (k.key for k in path)
-        rounding = 2 * ulp * np.abs(plain["params"][layer][part].astype(np.float64))
-        bound = adam_update_bound(mu / 0.1, rtol, LR) + rounding
-        diff = np.abs(state["update"][layer][part].astype(np.float64) - plain["update"][layer][part])
-        assert np.all(diff <= bound), f"{layer}/{part}: {np.max(diff - bound):.2e} over the bound"
-
-
 FROZEN = tuple(LAYER_NAMES[:-3])  # the default warm-up: all but the last 3 layers frozen
 
 # slab, loss, class weights, dropout, batch size, frozen layers, precision
@@ -112,31 +75,12 @@ def test_streamed_step_equals_plain(slab, loss, weights, dropout, batch_size, fr
     metrics, state = _step(slab, *args)
     for name in ("loss", "ce", "dice_loss", "grad_norm"):
         np.testing.assert_allclose(metrics[name], plain_metrics[name], rtol=rtol, err_msg=name)
-    _close(_adam_mu(plain), _adam_mu(state), rtol)  # the gradients
-    _updates_close(plain, state, rtol)  # one Adam update, within what the gradients' tolerance allows
+    mu = adam_mu(plain["opt_state"])
+    assert_leaves_close(mu, adam_mu(state["opt_state"]), rtol)  # the gradients (mu = 0.1 g)
+    # one Adam update, within what the gradients' tolerance allows (tolerances.adam_update_bound)
+    assert_first_updates_close(mu, plain["params"], state["update"], plain["update"], rtol, LR)
     for name in frozen_layers:  # frozen layers stay exactly as they were
         assert not np.any(state["update"][name]["kernel"]) and not np.any(state["update"][name]["bias"])
-
-
-def test_adam_update_bound_holds_for_optax_and_catches_a_wrong_update():
-    """The bound holds for optax's own first update of gradients that differ within the tolerance (near
-    zero too) and is far tighter than a wrong update where the gradient is not near zero."""
-    import optax
-
-    rng = np.random.default_rng(0)
-    g = np.concatenate([rng.normal(0, 1e-3, 200), rng.normal(0, 1e-8, 50), [0.0, 1e-12]]).astype(np.float32)
-    rtol = 1e-5
-    moved = (g + rng.uniform(-1, 1, g.shape) * rtol * np.max(np.abs(g))).astype(np.float32)
-
-    def first_update(grad):
-        tx = optax.adam(LR)
-        updates, _ = tx.update(jnp.asarray(grad), tx.init(jnp.zeros_like(grad)))
-        return np.asarray(updates, np.float64)
-
-    bound = adam_update_bound(g, rtol, LR)
-    assert np.all(np.abs(first_update(moved) - first_update(g)) <= bound)
-    large = np.abs(g) > 1e-4
-    assert np.all(bound[large] < 1e-3 * LR)  # a 0.1 % error of the update is caught there
 
 
 @pytest.mark.slow
@@ -176,5 +120,5 @@ def test_streamed_bf16_step_as_close_to_float32_as_the_plain_one():
     metrics, state = _step(8, *args, "bfloat16")
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-2)
     np.testing.assert_allclose(metrics["loss"], plain_metrics["loss"], rtol=1e-2)
-    plain_err = _rel_l2(_adam_mu(plain), _adam_mu(ref))
-    assert _rel_l2(_adam_mu(state), _adam_mu(ref)) <= 2 * plain_err + 1e-2
+    plain_err = _rel_l2(adam_mu(plain["opt_state"]), adam_mu(ref["opt_state"]))
+    assert _rel_l2(adam_mu(state["opt_state"]), adam_mu(ref["opt_state"])) <= 2 * plain_err + 1e-2

@@ -13,6 +13,7 @@ import keras_reference as kr
 import numpy as np
 import pytest
 from keras.src.legacy.saving import legacy_h5_format
+from tolerances import assert_close_to_scale
 
 from cerebrum_jax import convert, model
 from cerebrum_jax.checkpoint import load_checkpoint
@@ -142,7 +143,7 @@ def test_strided_conv_transpose_equals_keras_layer(s, cin, cout):
     bias = rng.normal(size=(cout,)).astype(np.float32)
     layer.set_weights([kernel, bias])
     ref = np.asarray(layer(x))
-    np.testing.assert_allclose(model.strided_conv_transpose(x, kernel, bias), ref, rtol=1e-5, atol=1e-5)
+    assert_close_to_scale(model.strided_conv_transpose(x, kernel, bias), ref, 1e-5)  # the output's scale
 
 
 @pytest.mark.slow
@@ -155,9 +156,8 @@ def test_strided_conv_equals_keras_layer(s, cin, cout):
     kernel = rng.normal(size=(s, s, s, cin, cout)).astype(np.float32)
     bias = rng.normal(size=(cout,)).astype(np.float32)
     layer.set_weights([kernel, bias])
-    np.testing.assert_allclose(
-        model.strided_conv(x, kernel, bias), np.asarray(layer(x)), rtol=1e-5, atol=1e-5
-    )
+    # sums of s^3 cin products of N(0, 1) values: float rounding relative to the output's scale
+    assert_close_to_scale(model.strided_conv(x, kernel, bias), np.asarray(layer(x)), 1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

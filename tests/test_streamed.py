@@ -5,8 +5,8 @@ Small shapes (D = 24 rows, 4 filters, 3 classes): slabs of 4 (one level-2 row, t
 class weights; frozen layers; dropout with the same keys; batch 2; bf16. Tolerance: relative 1e-5 in
 float32 (differences are summation order only). bf16 (8 significant bits; the two paths round partial
 sums at different points, e.g. a bias gradient summed per slab): both bf16 steps against the float32
-step, the streamed one no further from it than twice the plain one (+ 1 %), relative L2 over all
-gradients; loss within 1 %.
+step, the streamed one no further from it than twice the plain one or 5 % (2^-8 over 14 layers),
+relative L2 over all gradients; loss within 1 %.
 """
 
 import dataclasses
@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tolerances import adam_mu, assert_first_updates_close, assert_leaves_close
+from tolerances import adam_mu, assert_first_updates_close, assert_leaves_close, dice_flip_bound
 
-from cerebrum_jax import streamed, train
+from cerebrum_jax import model, streamed, train
 from cerebrum_jax.losses import LossConfig
 from cerebrum_jax.model import LAYER_NAMES, ModelConfig, init_params
 
@@ -90,8 +90,23 @@ def test_streamed_eval_equals_plain():
     plain = _compiled(train.make_eval_step(CFG, loss), params, batch)
     ours = _compiled(train.make_eval_step(CFG, loss, slab_rows=16), params, batch)
     assert set(ours) == set(plain)
-    for name in plain:
+    for name in set(plain) - {"dice"}:  # sums of smooth terms: float rounding only
         np.testing.assert_allclose(ours[name], plain[name], rtol=1e-5, err_msg=name)
+    # Argmax Dice: the two paths' logits agree to float rounding, tau = 1e-5 of their scale (the loss
+    # terms' tolerance), so only a voxel whose top-2 margin is within 2 tau may take another class in
+    # one path than in the other; each such near tie may move a class's Dice by dice_flip_bound. Not
+    # counted: exact ties of all-zero logits (this fresh network's zero biases where every ReLU before
+    # the head is off, 227 voxels here: zero in any summation order, argmax class 0 in both paths). No
+    # other margin within 2 tau here (the smallest is 5.7 tau), so the Dice are as strict as the rest.
+    logits = _compiled(lambda p, x: model.apply(p, CFG, x, train=False), params, batch["image"])
+    logits, labels = np.asarray(logits), np.asarray(batch["labels"])
+    top2 = np.sort(logits, axis=-1)[..., -2:]
+    margin, dead = top2[..., 1] - top2[..., 0], np.all(logits == 0, axis=-1)
+    near = int(np.sum((margin <= 2 * 1e-5 * np.max(np.abs(logits))) & ~dead))
+    pred = np.argmax(logits, axis=-1)
+    totals = [np.sum(pred == c) + np.sum(labels == c) for c in range(CFG.n_classes)]
+    diff, allowed = np.abs(ours["dice"] - plain["dice"]), 1e-5 * np.abs(plain["dice"])
+    assert np.all(diff <= allowed + dice_flip_bound(near, totals)), (ours["dice"], plain["dice"], near)
 
 
 @pytest.mark.parametrize("slab", [0, 6, -4])
@@ -121,4 +136,8 @@ def test_streamed_bf16_step_as_close_to_float32_as_the_plain_one():
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-2)
     np.testing.assert_allclose(metrics["loss"], plain_metrics["loss"], rtol=1e-2)
     plain_err = _rel_l2(adam_mu(plain["opt_state"]), adam_mu(ref["opt_state"]))
-    assert _rel_l2(adam_mu(state["opt_state"]), adam_mu(ref["opt_state"])) <= 2 * plain_err + 1e-2
+    err = _rel_l2(adam_mu(state["opt_state"]), adam_mu(ref["opt_state"]))
+    # plain_err depends on the host (native bf16 dot products on AMX, emulated ones on AVX2 round
+    # partial sums at different points), so a floor that does not: 0.05, about bf16's rounding (2^-8)
+    # compounded over the 14 layers a gradient passes; a wrong streamed gradient is off by O(1)
+    assert err <= max(2 * plain_err, 0.05), (err, plain_err)

@@ -151,6 +151,20 @@ def test_one_fold_end_to_end(dataset, weights, tmp_path, capsys, monkeypatch):
     assert again == history
 
 
+def _assert_same_curve(ours: list[dict], plain: list[dict]) -> None:
+    """The epoch records of two runs whose steps differ only in how they sum (streamed or sharded vs the
+    plain step), with one training step per epoch. The first epoch's training loss is the loss before
+    any update: float rounding only, rel 1e-4. Every loss after an update at rel 1e-3, the scale of one
+    Adam step (lr 1e-3 here): the two runs' updates differ by what Adam makes of the gradients' rounding
+    (tolerances.adam_update_bound), up to 2 lr for an element whose gradient is within rounding of zero,
+    i.e. a whole step of that element, which float rounding does not bound (seen: ~3e-6 on a Xeon)."""
+    assert len(ours) == len(plain)
+    for n, (a, b) in enumerate(zip(ours, plain, strict=True)):
+        assert (a["phase"], a["epoch"]) == (b["phase"], b["epoch"])
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4 if n == 0 else 1e-3), a
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-3), a
+
+
 @pytest.mark.slow
 def test_one_fold_through_the_streamed_step(dataset, weights, tmp_path):
     """--slab-rows 8 on a 16-row grid: two slabs per volume in training and validation, the lean forward
@@ -158,16 +172,17 @@ def test_one_fold_through_the_streamed_step(dataset, weights, tmp_path):
     runs = {}
     for slab in ("8", "0"):
         out = tmp_path / f"slab{slab}"
-        assert main(_args(dataset, weights, out, "--fold", "1", "--slab-rows", slab)) == 0
+        # batches of both training subjects: one step per epoch, so the first epoch's training loss is
+        # the loss before any update (_assert_same_curve)
+        args = _args(dataset, weights, out, "--fold", "1", "--slab-rows", slab, "--batch-size", "2")
+        assert main(args) == 0
         fold = out / "fold-1"
         assert json.loads((fold / "config.json").read_text())["config"]["slab_rows"] == int(slab)
         assert (fold / "report.md").is_file() and (
             fold / "predictions/sub-001_space-orig_desc-cerebrum_dseg.nii.gz"
         ).is_file()
         runs[slab] = [json.loads(line) for line in (fold / "metrics.jsonl").read_text().splitlines()]
-    for ours, plain in zip(runs["8"], runs["0"], strict=True):
-        np.testing.assert_allclose(ours["train_loss"], plain["train_loss"], rtol=1e-4)
-        np.testing.assert_allclose(ours["val_loss"], plain["val_loss"], rtol=1e-4)
+    _assert_same_curve(runs["8"], runs["0"])
 
 
 @pytest.mark.slow
@@ -299,9 +314,7 @@ def test_sharded_fold_equals_single_device(tmp_path):
         lines = (fold / "metrics.jsonl").read_text().splitlines()
         runs[name] = [json.loads(x) for x in lines], json.loads((fold / "config.json").read_text())
     (one, _), (mesh, mesh_cfg), (bf16, bf16_cfg) = runs["one"], runs["mesh"], runs["bf16"]
-    for a, b in zip(one, mesh, strict=True):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
-        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
+    _assert_same_curve(mesh, one)  # one training subject, one view: one step per epoch
     assert mesh_cfg["mesh"] == {"data": 1, "space": 4} and runs["one"][1]["mesh"] is None
     assert bf16_cfg["config"]["remat"] is True and bf16_cfg["config"]["precision"] == "bf16"
     assert all(np.isfinite(h["val_loss"]) for h in bf16)

@@ -7,7 +7,8 @@ Joins the others through ``distributed.initialize`` on 127.0.0.1:PORT (2 CPU dev
 JAX_NUM_CPU_DEVICES) and reads the problem the test wrote (``reference_problem``: parameters, batch;
 no initialisation here). On the global 1x4 mesh it hands JAX only this process's depth slab of the batch
 (``distributed.put_batch``): the other slabs reach the devices only from the other process. Runs a
-sharded forward and a sharded training step. On a 2x2 mesh ("data" across the processes) it puts only
+sharded forward and a sharded training step (new parameters and Adam's first moment, 0.1 x the
+gradients). On a 2x2 mesh ("data" across the processes) it puts only
 its batch row and gathers the whole batch back. Each process writes OUT_DIR/result-I.npz: what it
 handed JAX, and (process 0) the results; the reference run writes OUT_DIR/reference.npz.
 """
@@ -19,6 +20,7 @@ import sys
 import numpy as np
 
 CLASSES = 3
+LR = 1e-2  # Adam's learning rate in the training step
 
 
 def reference_problem():
@@ -60,7 +62,7 @@ def train_step_of(cfg, params):
     from cerebrum_jax import losses, train
 
     frozen = {k: {p: False for p in v} for k, v in params.items()}
-    tx = train.make_optimizer(frozen, 1e-2)
+    tx = train.make_optimizer(frozen, LR)
     step = train.make_train_step(cfg, losses.LossConfig("ce+dice", "balanced"), tx)
     return step, train.init_state(params, tx)
 
@@ -98,6 +100,7 @@ def main(port: int, pid: int, n: int, problem: str, out: str) -> None:
         )
         distributed.initialize(launch)
     import jax
+    from tolerances import adam_mu
 
     from cerebrum_jax import sharding as S
 
@@ -113,6 +116,8 @@ def main(port: int, pid: int, n: int, problem: str, out: str) -> None:
     state = jax.device_put(state, S.state_shardings(state, mesh))
     new_state, metrics = S.jit_train_step(step, mesh, state, glob)(state, glob, jax.random.key(0))
     leaves = [distributed.gather(x) for x in jax.tree_util.tree_leaves(new_state["params"])]
+    mu = [distributed.gather(x) for x in jax.tree_util.tree_leaves(adam_mu(new_state["opt_state"]))]
+    assert len(mu) == len(leaves)  # every leaf trained: Adam's first moment has the params' structure
     if n == 1:  # process 1's half of the depth zeroed: what process 0's half would be without it
         cut = one["image"].copy()
         cut[:, 16:] = 0
@@ -120,6 +125,7 @@ def main(port: int, pid: int, n: int, problem: str, out: str) -> None:
     if distributed.is_main():
         result.update(probs=probs, loss=np.asarray(metrics["loss"]), devices=np.int32(jax.device_count()))
         result.update({f"p{i}": leaf for i, leaf in enumerate(leaves)})
+        result.update({f"mu{i}": leaf for i, leaf in enumerate(mu)})
     name = f"result-{pid}.npz" if n > 1 else "reference.npz"
     np.savez(f"{out}/{name}", part_1x4=np.int32(part.shape), **result)
 

@@ -26,7 +26,7 @@ import dist_worker
 import jax
 import numpy as np
 import pytest
-from tolerances import assert_first_updates_close, assert_leaves_close
+from tolerances import assert_first_updates_close, assert_leaves_close, dice_flip_bound
 
 from cerebrum_jax import distributed
 from cerebrum_jax import sharding as S
@@ -240,6 +240,44 @@ def _history(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+PROB_TOL = 5e-4  # of the test subject's probabilities, 2 processes vs 1 (see below)
+
+
+def _assert_same_test_segmentation(multi: Path, one: Path, subject: str) -> float:
+    """The test subject's predictions of two runs of a fold (2 processes, 1 process), as far as float
+    rounding lets them agree, and the bound their mean Dice difference must keep (returned, 0 when the
+    label volumes are equal).
+
+    Probabilities: within PROB_TOL, the losses' scale after updates (rel 1e-3, see there) halved, so
+    that a near tie below is a margin of at most 1e-3 (seen: delta <= 7e-7, a few ulp, on a Xeon).
+    Labels (the argmax of those probabilities): equal wherever the 1-process top-2 margin exceeds twice
+    the largest probability difference delta, where neither run's argmax can differ (the smallest
+    margin seen: 1e-4). Mean Dice: each voxel that took another class may move a class's Dice by
+    tolerances.dice_flip_bound (its predicted + reference voxels from metrics.json); none: equal."""
+    import nibabel as nib
+
+    def prediction(run, kind):
+        path = run / "predictions" / f"{subject}_space-orig_desc-cerebrum_{kind}.nii.gz"
+        return np.asarray(nib.load(path).dataobj)
+
+    probs, labels = (
+        [prediction(r, "probseg") for r in (multi, one)],
+        [prediction(r, "dseg") for r in (multi, one)],
+    )
+    delta = float(np.max(np.abs(probs[0] - probs[1])))
+    assert delta <= PROB_TOL, delta
+    top2 = np.sort(probs[1], axis=-1)[..., -2:]
+    flipped = labels[0] != labels[1]
+    assert not np.any(flipped & (top2[..., 1] - top2[..., 0] > 2 * delta)), (delta, int(flipped.sum()))
+    m = [json.loads((r / "metrics.json").read_text()) for r in (multi, one)]
+    scored = [[n for n, c in r["classes"].items() if c["label"] != 0 and not c["absent"]] for r in m]
+    assert scored[0] == scored[1]
+    totals = [m[1]["classes"][n]["voxels_pred"] + m[1]["classes"][n]["voxels_ref"] for n in scored[1]]
+    bound = float(np.mean(dice_flip_bound(int(flipped.sum()), totals)))
+    assert abs(m[0]["mean_dice"] - m[1]["mean_dice"]) <= bound + 1e-12, (m[0]["mean_dice"], m[1]["mean_dice"])
+    return bound
+
+
 @pytest.mark.slow
 def test_finetune_all_folds_distributed_two_processes(tmp_path, jax_cache):
     """finetune --fold all --distributed (run_cv), 2 processes x 2 devices on a 2x2 mesh, 3 subjects, 1
@@ -261,6 +299,7 @@ def test_finetune_all_folds_distributed_two_processes(tmp_path, jax_cache):
     assert "cross-validation: mean Dice" in out[0] and "mean Dice" not in out[1]
     multi, one = tmp_path / "multi", tmp_path / "one"
     assert _files(multi) == _files(one) | {f"fold-{k}/log.process-1.txt" for k in (1, 2, 3)}
+    bounds = []  # of each fold's mean-Dice difference
     for k, (mine, theirs) in {
         1: ("sub-003", "sub-002"),
         2: ("sub-003", "sub-001"),
@@ -276,18 +315,23 @@ def test_finetune_all_folds_distributed_two_processes(tmp_path, jax_cache):
         )
         hist = [_history(r / f"fold-{k}") for r in (multi, one)]
         assert [h["phase"] for h in hist[0]] == ["finetune"]
+        # Each process augments its own row alone, the one process both rows in one batch: the images
+        # differ by an ulp and a nearest-neighbour label at a rounding tie may take the other voxel's
+        # class. One flipped label moves the soft-Dice term ~5e-4 (~1e-4 of the loss), and the epoch's
+        # updates, and so the validation after them, take what Adam makes of that (up to a whole step,
+        # lr 1e-3, for an element whose gradient is near zero: tolerances.adam_update_bound): rel 1e-3.
         for a, b in zip(*hist, strict=True):
-            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
-            assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4)
-        m = [json.loads((r / f"fold-{k}" / "metrics.json").read_text()) for r in (multi, one)]
-        assert m[0]["mean_dice"] == pytest.approx(m[1]["mean_dice"], abs=1e-6)
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-3)
+            assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-3)
+        bounds.append(_assert_same_test_segmentation(multi / f"fold-{k}", one / f"fold-{k}", f"sub-00{k}"))
     config = json.loads((multi / "fold-1" / "config.json").read_text())
     assert config["mesh"] == {"data": 2, "space": 2} and len(config["devices"]) == 4
     assert config["subject_shares"] == 2 and config["config"]["subject_shares"] is None  # automatic
     assert config["grid"] == json.loads((one / "fold-1" / "config.json").read_text())["grid"] == [16] * 3
     assert "sub-002, sub-003 (in 2 subject shares)" in (multi / "fold-1" / "report.md").read_text()
     summary = [json.loads((r / "cv_summary.json").read_text()) for r in (multi, one)]
-    assert summary[0]["mean_dice"]["mean"] == pytest.approx(summary[1]["mean_dice"]["mean"], abs=1e-6)
+    # the mean over the folds of their mean Dice: within the mean of the folds' bounds (0: equal)
+    assert abs(summary[0]["mean_dice"]["mean"] - summary[1]["mean_dice"]["mean"]) <= np.mean(bounds) + 1e-12
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@
 #   make cv                   all folds and a cross-validation summary
 #   make weights              download + verify + convert the published Glasgow weights to weights/glasgow
 #   make bench                benchmark against the PyTorch peer, writes BENCHMARKS.md
+#   make install GPU=cuda12   the CUDA jaxlib plugin too (GPU=cuda12 or cuda13); GPU=... on finetune/cv/bench too
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -17,12 +18,23 @@ WEIGHTS ?=
 OUT ?= runs/$(CONFIG)
 ARGS ?=
 
+GPU ?=
+ifneq ($(filter-out cuda12 cuda13,$(GPU)),)
+$(error GPU must be cuda12 or cuda13 (or empty for the CPU), not '$(GPU)')
+endif
+# what every target that runs something needs: the base install, and the GPU plugin when GPU is set
+BASE := $(VENV)/.stamp-base $(if $(GPU),$(VENV)/.stamp-$(GPU))
+
 .PHONY: install test test-fast lint format finetune cv weights bench clean
 
 $(VENV)/.stamp-base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.stamp-cuda12 $(VENV)/.stamp-cuda13: $(VENV)/.stamp-%: $(VENV)/.stamp-base
+	$(PY) -m pip install --quiet -e '.[$*]'
 	touch $@
 
 $(VENV)/.stamp-test: $(VENV)/.stamp-base
@@ -33,7 +45,7 @@ $(VENV)/.stamp-bench: $(VENV)/.stamp-base
 	$(PY) -m pip install --quiet -e '.[bench]'
 	touch $@
 
-install: $(VENV)/.stamp-base
+install: $(BASE)
 
 lint: $(VENV)/.stamp-test
 	$(VENV)/bin/ruff check cerebrum_jax tests experiments
@@ -55,11 +67,11 @@ test: $(VENV)/.stamp-test lint
 test-fast: $(VENV)/.stamp-test lint
 	$(PYTEST) -m "not slow" tests
 
-finetune: $(VENV)/.stamp-base
+finetune: $(BASE)
 	$(CLI) finetune --config $(CONFIG) --fold $(FOLD) --out $(OUT) \
 	  $(if $(DATA),--data $(DATA)) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(ARGS)
 
-cv: $(VENV)/.stamp-base
+cv: $(BASE)
 	$(CLI) finetune --config $(CONFIG) --fold all --out $(OUT) \
 	  $(if $(DATA),--data $(DATA)) $(if $(WEIGHTS),--weights $(WEIGHTS)) $(ARGS)
 
@@ -71,7 +83,7 @@ weights:
 	  $(PY) -m cerebrum_jax.convert --download weights/glasgow; \
 	fi
 
-bench: $(VENV)/.stamp-test $(VENV)/.stamp-bench
+bench: $(BASE) $(VENV)/.stamp-test $(VENV)/.stamp-bench
 	$(PY) experiments/bench.py --out BENCHMARKS.md $(ARGS)
 
 clean:

@@ -1,5 +1,5 @@
 import sys
 
-from cerebrum_jax.cli import main
+from cerebrum_jax.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

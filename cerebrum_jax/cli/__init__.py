@@ -13,6 +13,7 @@ import importlib
 import os
 import sys
 
+from cerebrum_jax import __version__, runtime
 from cerebrum_jax.errors import InputError
 
 SUBCOMMANDS = ("convert", "segment", "evaluate", "finetune", "surfaces", "cv_summary")
@@ -25,6 +26,14 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def version_line() -> str:
+    """'cerebrum-jax VERSION (jax V, memory allocator A)': what a bug report needs first."""
+    import jax
+
+    allocator = runtime.active_allocator()
+    return f"cerebrum-jax {__version__} (jax {jax.__version__}, memory allocator {allocator})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="cerebrum-jax",
@@ -34,6 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
             "evaluate segmentations. (Benchmarks against PyTorch run with 'make bench'.)"
         ),
         epilog="Run 'cerebrum-jax COMMAND --help' for the options of each command.",
+    )
+    parser.add_argument("--version", action="version", version=version_line())
+    parser.add_argument(
+        "--compile-cache",
+        metavar="DIR|off",
+        default=None,
+        help="where compiled XLA programs are kept between runs, so that a second run of the same config "
+        "starts in seconds (default: $CEREBRUM_JAX_CACHE, else ~/.cache/cerebrum-jax/xla; 'off': "
+        "compile every time)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     for name in SUBCOMMANDS:
@@ -59,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    runtime.enable_compilation_cache(runtime.resolve_cache_option(args.compile_cache))
     try:
         return int(args.func(args) or 0)
     except InputError as e:
@@ -72,5 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> int:
+    """The ``cerebrum-jax`` console script: ``main`` in a process with jemalloc preloaded when it is
+    installed (``runtime.restart_with_jemalloc``: the process starts itself again once)."""
+    runtime.restart_with_jemalloc([sys.executable, "-m", "cerebrum_jax", *sys.argv[1:]])
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

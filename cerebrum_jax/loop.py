@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from cerebrum_jax import distributed, losses, sharding, streamed
+from cerebrum_jax import distributed, losses, runtime, sharding, streamed
 from cerebrum_jax.augment import AugmentConfig, augment_batch, view_key
 from cerebrum_jax.config import LoopConfig
 from cerebrum_jax.errors import NonFiniteLoss
@@ -270,7 +270,10 @@ def fit(
     data = _device_data(train, val, model_config.n_classes, mesh, part, class_weights)
     act = sharding.activation_sharding(mesh) if mesh is not None else None
     slabs = schedule.slab_rows if part.count == 1 else streamed.auto_slab_rows(np.shape(train[0][0]))
-    eval_step = jax.jit(make_eval_step(model_config, loss, act if part.count == 1 else None, slabs))
+    options = runtime.mesh_compiler_options() if mesh is not None else None
+    eval_step = jax.jit(
+        make_eval_step(model_config, loss, act if part.count == 1 else None, slabs), compiler_options=options
+    )
     at = None
     for hook in hooks:
         at = at or hook.resume(params, phases)
@@ -314,6 +317,8 @@ def _start_phase(run: _Run, phase: Phase, params, resumed: Resume | None):
     """(train state, controller, first epoch, jitted step) of a phase starting from ``params``, or going on
     from ``resumed``."""
     tx = make_optimizer(phase.frozen, phase.lr)
+    # a copy: the step donates its state, and ``params`` may be the best so far (returned if nothing beats it)
+    params = jax.tree_util.tree_map(jnp.copy, params)
     state, controller, first_epoch = init_state(params, tx), Controller(lr=phase.lr), 0
     if resumed is not None:
         state, controller, first_epoch = resumed.restore(state), resumed.controller, resumed.next_epoch

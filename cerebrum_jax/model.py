@@ -17,6 +17,8 @@ convolutions as 2-D ones), built from this module's layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -70,8 +72,15 @@ def dropout_rate(name: str, config: ModelConfig) -> float:
     return config.dropout_rate
 
 
+def relu(x: jax.Array) -> jax.Array:
+    """max(x, 0) with NaN kept NaN, and derivative 0 at 0 (as ``jax.nn.relu``). Written as a select:
+    YNNPACK's elementwise max (``runtime.CPU_XLA_FLAGS``) returns 0 for NaN, which would hide a diverged
+    network from the non-finite-loss check."""
+    return jnp.where((x > 0) | jnp.isnan(x), x, jnp.zeros((), x.dtype))
+
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": jax.nn.relu,
+    "relu": relu,
     "elu": jax.nn.elu,
     "selu": jax.nn.selu,
     "tanh": jnp.tanh,
@@ -178,7 +187,33 @@ def strided_conv_transpose(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> 
     """
     s, cout, cin = kernel.shape[0], kernel.shape[3], kernel.shape[4]
     k = kernel.transpose(4, 0, 1, 2, 3).reshape(cin, s * s * s * cout)
-    return depth_to_space(x @ k, s) + bias
+    return _matmul_depth_to_space(x, k, s) + bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul_depth_to_space(x: jax.Array, k: jax.Array, s: int) -> jax.Array:
+    """``depth_to_space(x @ k, s)``: x (B, d, h, w, Cin), k (Cin, s^3 Cout) -> (B, s d, s h, s w, Cout).
+
+    Its gradient is written out because XLA:CPU, left to itself, laid the cotangent's space-to-depth out
+    channels first for the kernel gradient's product: an 8-D transpose of a full-resolution tensor (92 ms
+    of a 0.9 s training step at 64x88x56, the whole layer's forward taking 3 ms)."""
+    return depth_to_space(x @ k, s)
+
+
+def _mds_fwd(x, k, s):
+    return depth_to_space(x @ k, s), (x, k)
+
+
+def _mds_bwd(s, res, g):
+    x, k = res
+    gs = space_to_depth(g, s).reshape(-1, k.shape[1])  # (voxels of x, s^3 Cout), channels last
+    x2 = x.reshape(-1, k.shape[0])
+    dk = jnp.dot(x2.T, gs, preferred_element_type=jnp.float32).astype(k.dtype)  # (Cin, voxels) @ (voxels, .)
+    dx = jnp.dot(gs, k.T).reshape(x.shape)
+    return dx, dk
+
+
+_matmul_depth_to_space.defvjp(_mds_fwd, _mds_bwd)
 
 
 CONV_CHUNK_ELEMENTS = 1 << 26  # max input elements (B*d*H*W*Cin) of one XLA convolution call
@@ -240,35 +275,74 @@ def _conv_fwd(x, kernel):
     return _conv_same(x, kernel), (x, kernel)
 
 
-def _kernel_grad(x, kernel, g, pad_depth: bool = True, low_memory: bool = False) -> jax.Array:
+def kernel_grad_split(cin: int, cout: int, k: int = 3) -> int:
+    """How many of the kernel's axes (counted from W) ``_kernel_grad`` puts on x's side: the split of the
+    k^3 taps whose copies (k^s copies of x's Cin channels, k^(3-s) of g's Cout) move the fewest bytes;
+    ties go to fewer copies of x."""
+    return min(range(4), key=lambda s: (cin * k**s + cout * k ** (3 - s), s))
+
+
+def _kernel_grad(x, kernel, g, pad_depth: bool = True, low_memory: bool = False, split=None) -> jax.Array:
     """d loss / d kernel (k, k, k, Cin, Cout) of a 'same' conv from its input x and output cotangent g.
 
-    XLA:CPU lowers the kernel gradient as a convolution over the whole volume, about 2x the forward's
-    time; here it is k*k matrix products (N, k*Cin)^T (N, Cout) over the N voxels, one per (kd, kh) tap
-    pair with the kw taps side by side in channels (a k*Cin-channel copy of x, one pair at a time).
+    One matrix product over the voxels of the zero-padded grid, instead of XLA:CPU's convolution gradient
+    (about 2x the forward's time) or k*k products over im2col copies (XLA:CPU's channel concatenations
+    ran at a few GB/s): on the grid flattened to N = B (D + 2r) (H + 2r) (W + 2r) rows, tap (a, b, c)
+    pairs input row t + a S1 + b S2 + c with output row t (S1, S2: the plane and row strides), g being
+    placed at the top-left of the same grid with zeros after its last row, column and plane (so no tap
+    reaches across a row, plane or volume). The taps of the last ``split`` axes (``kernel_grad_split``)
+    go side by side on x's side, channels first (k^split Cin, N), the others on g's side (N, k^(3-split)
+    Cout): the layouts YNNPACK's dot reads without a transpose. Accumulated in float32.
+
     ``pad_depth`` False: x already carries its depth halo, (B, d + k - 1, H, W, Cin) for g (B, d, H, W,
-    Cout), as the depth slabs of ``streamed`` and ``conv3d_depth_taps`` do. ``low_memory``: k, not k*k,
-    of those copies at a time (the D taps in a loop), for ``streamed``'s whole-volume slabs.
+    Cout), as the depth slabs of ``streamed`` and ``conv3d_depth_taps`` do. ``low_memory``: the d taps one
+    at a time (a loop: XLA:CPU keeps one tap's copies live, not k), for ``streamed``'s whole-volume slabs.
     """
     k, cin, cout = kernel.shape[0], kernel.shape[3], kernel.shape[4]
-    _, d, h, w, _ = g.shape
-    r = k // 2
-    rd = r if pad_depth else 0
-    xp = jnp.pad(x, ((0, 0), (rd, rd), (r, r), (r, r), (0, 0)))
-    g2 = g.reshape(-1, cout)
+    b, d, h, w, _ = g.shape
+    r, rd = k // 2, (k // 2 if pad_depth else 0)
+    strides = ((h + 2 * r) * (w + 2 * r), w + 2 * r, 1)  # of the d, h, w axes on the flattened grid
+    n = b * (d + 2 * r) * strides[0]
+    split = kernel_grad_split(cin, cout, k) if split is None else split
+    loop = low_memory and split < 3  # the d axis on g's side: one d tap at a time
+    x_axes, g_axes = range(3 - split, 3), range(1 if loop else 0, 3 - split)
+    grid = lambda axes: [sum(t[i] * strides[a] for i, a in enumerate(axes)) for t in _taps(k, len(axes))]  # noqa: E731
 
-    def depth_tap(xa):  # xa (B, d, H + 2r, W + 2r, Cin): the rows of one D tap -> its (k, k, Cin, Cout)
-        rows = []
-        for b in range(k):
-            cols = jnp.concatenate([xa[:, :, b : b + h, c : c + w] for c in range(k)], axis=-1)
-            rows.append((cols.reshape(-1, k * cin).T @ g2).reshape(k, cin, cout))
-        return jnp.stack(rows)
-
-    if low_memory:  # XLA:CPU schedules all k*k copies at once unless the D taps are a loop (~10 % slower)
-        taps = jax.lax.map(lambda a: depth_tap(jax.lax.dynamic_slice_in_dim(xp, a, d, axis=1)), jnp.arange(k))
+    xp = jnp.pad(x, ((0, 0), (rd, rd), (r, r), (r, r), (0, 0))).reshape(n, cin)
+    most = sum((k - 1) * s for s in strides)
+    if KGRAD_X_CHANNELS_FIRST:
+        xt = jnp.pad(xp.T, ((0, 0), (0, most)))  # (Cin, N + most)
+        xw = jnp.concatenate([xt[:, o : o + n] for o in grid(x_axes)], axis=0)  # row (taps, i) at t + offset
     else:
-        taps = jnp.stack([depth_tap(xp[:, a : a + d]) for a in range(k)])
-    return taps.reshape(kernel.shape).astype(kernel.dtype)
+        xt = jnp.pad(xp, ((0, most), (0, 0)))
+        xw = jnp.concatenate([xt[o : o + n] for o in grid(x_axes)], axis=1)  # (N, taps Cin)
+    gq = jnp.pad(g, ((0, 0), (0, 2 * r), (0, 2 * r), (0, 2 * r), (0, 0))).reshape(n, cout)
+    gp = jnp.pad(gq, ((most, 0), (0, 0)))
+
+    def product(base):  # (k^split Cin, k^(3-split) Cout) of the g-side taps shifted by ``base`` more rows
+        if isinstance(base, int):
+            cols = [gp[most - base - o : most - base - o + n] for o in grid(g_axes)]
+        else:
+            cols = [jax.lax.dynamic_slice_in_dim(gp, most - base - o, n, axis=0) for o in grid(g_axes)]
+        rhs = jnp.concatenate(cols, axis=1)
+        if KGRAD_X_CHANNELS_FIRST:
+            return jnp.dot(xw, rhs, preferred_element_type=jnp.float32)
+        return jax.lax.dot_general(xw, rhs, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+    if loop:
+        out = jax.lax.map(lambda a: product(a * strides[0]), jnp.arange(k))  # [a, (x taps, i), (g taps, o)]
+        out = out.reshape(k, k**split, cin, k ** (2 - split), cout).transpose(0, 3, 1, 2, 4)
+    else:
+        out = product(0).reshape(k**split, cin, k ** (3 - split), cout).transpose(2, 0, 1, 3)
+    return out.reshape(kernel.shape).astype(kernel.dtype)
+
+
+KGRAD_X_CHANNELS_FIRST = True
+
+
+def _taps(k: int, n_axes: int) -> list[tuple[int, ...]]:
+    """Every tap of ``n_axes`` axes of a k-kernel, the last axis varying fastest."""
+    return [tuple(int(v) for v in t) for t in itertools.product(range(k), repeat=n_axes)]
 
 
 def _conv_bwd(res, g):
@@ -300,12 +374,14 @@ TRUNCATED_STD = 0.87962566103423978  # standard deviation of a standard normal t
 
 def glorot_normal(in_axis: int = -2, out_axis: int = -1) -> Callable:
     """Keras's glorot_normal: the values of ``flax.linen.initializers.glorot_normal`` (a normal truncated
-    to 2 standard deviations, variance 2 / (fan_in + fan_out)), bit for bit, but quick to start.
+    to 2 standard deviations, variance 2 / (fan_in + fan_out)), but quick to start.
 
     Flax's compiles its truncated normal once per kernel shape (~2 s each on 2 cores, ~25 s for this
     network); here it is drawn for one fixed length (a power of two, at least 2^18) and cut to the
     kernel: JAX's threefry gives the first n draws of a longer vector equal to the n draws of a vector of
-    n, so one compiled program serves every kernel (``tests/test_model.py`` checks the equality).
+    n, so one compiled program serves every kernel. The random bits are Flax's exactly; the values too up
+    to a few float32 ulps of the transcendental functions, which YNNPACK's vectorised elementwise kernels
+    (``runtime.CPU_XLA_FLAGS``) round by an element's place in the buffer (``tests/test_model.py``).
     """
 
     def init(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
@@ -317,6 +393,63 @@ def glorot_normal(in_axis: int = -2, out_axis: int = -1) -> Callable:
         return draws[:n].reshape(shape) * stddev
 
     return init
+
+
+def _mix32(h: jax.Array) -> jax.Array:
+    """A 32-bit integer hash (lowbias32: xor-shift-multiply, full avalanche), uint32 -> uint32."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x7FEB352D)
+    h = h ^ (h >> 15)
+    h = h * jnp.uint32(0x846CA68B)
+    return h ^ (h >> 16)
+
+
+def dropout(y: jax.Array, key: jax.Array, rate: float, depth: int | None = None, row0=0) -> jax.Array:
+    """Inverted dropout of y (B, n, H, W, F): each element kept with probability 1 - rate (scaled by
+    1 / (1 - rate)) by a hash of ``key`` and its flat index in the (B, depth, H, W, F) tensor whose rows
+    row0 .. row0 + n - 1 y holds (default: all of it), so that a depth slab of a tensor gets the mask of
+    those rows of the whole (``streamed``). Two rounds of a 32-bit integer hash per element instead of
+    JAX's threefry (about 80 integer operations per 32 bits; the full-resolution dropout after
+    up_2to1_conv drew 7.6 M of them per training step at 64x88x56)."""
+    b, n, h, w, f = y.shape
+    depth = n if depth is None else depth
+    if b * depth * h * w * f >= 2**32:
+        raise ValueError(f"dropout supports tensors under 2**32 elements, not {(b, depth, h, w, f)}")
+    k0, k1 = (jax.random.key_data(key).ravel()[i].astype(jnp.uint32) for i in (0, 1))
+    plane = jnp.uint32(h * w * f)
+    row0 = jnp.asarray(row0).astype(jnp.uint32)  # may be -1 (wraps): rows outside the tensor get garbage
+    first = jnp.arange(b, dtype=jnp.uint32)[:, None] * jnp.uint32(depth) + row0
+    rows = first + jnp.arange(n, dtype=jnp.uint32)[None, :]  # (B, n): each row's index in the whole tensor
+    within = jax.lax.broadcasted_iota(jnp.uint32, (h, w, f), 0) * jnp.uint32(w * f)
+    within = within + jax.lax.broadcasted_iota(jnp.uint32, (h, w, f), 1) * jnp.uint32(f)
+    within = within + jax.lax.broadcasted_iota(jnp.uint32, (h, w, f), 2)
+    idx = rows[:, :, None, None, None] * plane + within
+    bits = _mix32(_mix32(idx ^ k0) ^ k1)
+    keep = 1.0 - rate
+    mask = bits < jnp.uint32(min(int(keep * 2.0**32), 2**32 - 1))
+    return jax.lax.select(mask, y / jnp.asarray(keep, y.dtype), jnp.zeros_like(y))
+
+
+class DropoutKey(nn.Module):
+    """The 'dropout' key a module of this name draws (what flax.linen.Dropout would draw in its place)."""
+
+    @nn.compact
+    def __call__(self):
+        return self.make_rng("dropout")
+
+
+class HashDropout(nn.Module):
+    """``dropout`` as a linen module '<layer>_dr' (the original's Dropout layers), keyed by its 'dropout'
+    rng like flax.linen.Dropout; identity when ``deterministic``."""
+
+    rate: float
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, y: jax.Array) -> jax.Array:
+        if self.deterministic or self.rate == 0:
+            return y
+        return dropout(y, self.make_rng("dropout"), self.rate)
 
 
 class KerasLayer(nn.Module):
@@ -371,7 +504,7 @@ class Cerebrum7T(nn.Module):
             y = ACTIVATIONS[act](y)
         rate = dropout_rate(name, cfg)
         if rate > 0:
-            y = nn.Dropout(rate, deterministic=not train, name=name.removesuffix("_conv") + "_dr")(y)
+            y = HashDropout(rate, deterministic=not train, name=name.removesuffix("_conv") + "_dr")(y)
         return self._pin(y)
 
     def _tail(self, x: jax.Array, lvl1: jax.Array, train: bool) -> jax.Array:

@@ -1,5 +1,14 @@
-"""The process's runtime set-up that every command shares: the memory allocator and the persistent
-compilation cache.
+"""The process's runtime set-up that every command shares: the memory allocator, XLA:CPU's kernel
+libraries and the persistent compilation cache.
+
+**XLA:CPU's kernel libraries.** jaxlib 0.10.2 hands convolutions, matrix products, elementwise and
+reduction fusions to YNNPACK by default. For this network YNNPACK's convolutions and its elementwise and
+reduction fusions beat XLA's own code, and its matrix products lose to XLA's (Eigen) on the kernel
+gradient's long products: ``CPU_XLA_FLAGS`` keeps the first three (training step at 64x88x56 0.64 ->
+0.54 s, BENCHMARKS.md). ``configure_xla_flags`` adds it to ``XLA_FLAGS`` unless the flag is there, before
+XLA starts (the command line does; scripts call it first). Programs partitioned over a device mesh compile
+with convolutions only (``mesh_compiler_options``): XLA:CPU refuses the layouts that partitioning gives
+some elementwise fusions ("unsupported layout in YNN fusion").
 
 **Allocator.** XLA:CPU allocates each execution's temporary buffer as one block (1.3 GB for a training
 step at 64x88x56 with 24 filters, 0.55 GB for the demo's) and frees it when the step ends. glibc's malloc
@@ -39,9 +48,34 @@ from pathlib import Path
 JEMALLOC_CONF = "narenas:1,oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1"
 REEXEC_MARK = "CEREBRUM_JAX_REEXEC"  # set in the restarted process: never restart twice
 
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+CPU_XLA_FLAGS = f"{YNN_FLAG}=individual_convolution,eltwise,reduce"
 OFF = ("off", "none", "0", "false", "no")
 MAX_BYTES = 4 << 30  # 4 GiB: the demo's programs take ~30 MB, a full-size fold's ~100 MB
 MIN_COMPILE_SECONDS = 0.5  # cache what takes this long to compile; quicker programs are not worth a file
+
+
+def xla_flags(current: str) -> str:
+    """``XLA_FLAGS`` with ``CPU_XLA_FLAGS`` added, unless ``current`` already sets that flag."""
+    if YNN_FLAG in current:
+        return current
+    return f"{current} {CPU_XLA_FLAGS}".strip()
+
+
+def configure_xla_flags() -> None:
+    """Add ``CPU_XLA_FLAGS`` to this process's ``XLA_FLAGS`` (read when XLA starts: call it before the first
+    computation)."""
+    os.environ["XLA_FLAGS"] = xla_flags(os.environ.get("XLA_FLAGS", ""))
+
+
+def mesh_compiler_options() -> dict[str, str]:
+    """``jax.jit(..., compiler_options=)`` for a program partitioned over a mesh of CPU devices: YNNPACK
+    for convolutions only (see the module docstring); nothing elsewhere."""
+    import jax
+
+    if jax.default_backend() != "cpu" or YNN_FLAG not in os.environ.get("XLA_FLAGS", ""):
+        return {}
+    return {YNN_FLAG.removeprefix("--"): "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"}
 
 
 def default_cache_dir(env: Mapping[str, str] | None = None) -> Path | None:

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cerebrum_jax import model as M
+from cerebrum_jax import runtime
 from cerebrum_jax.choices import PRECISIONS
 
 AXES = ("data", "space")
@@ -99,7 +100,8 @@ def forward_fn(config: M.ModelConfig, mesh: Mesh) -> Callable:
         logits = M.apply(params, config, x, act_sharding=vol)
         return jax.nn.softmax(logits, axis=-1)
 
-    return jax.jit(forward, in_shardings=(rep, vol), out_shardings=vol)
+    options = runtime.mesh_compiler_options()
+    return jax.jit(forward, in_shardings=(rep, vol), out_shardings=vol, compiler_options=options)
 
 
 def state_shardings(state, mesh: Mesh):
@@ -133,6 +135,7 @@ def jit_train_step(step: Callable, mesh: Mesh, state=None, batch=None) -> Callab
         in_shardings=(state_sh, batch_sh, rep),
         out_shardings=(state_sh, rep),
         donate_argnums=(0,),
+        compiler_options=runtime.mesh_compiler_options(),
     )
 
 

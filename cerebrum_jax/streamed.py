@@ -19,9 +19,10 @@ slab: the last slab starts at D - slab and counts only its rows that no earlier 
 
 The loss is the whole-volume one: cross-entropy = sum over slabs / (B D H W), the original's multilabel
 Dice (Svanera et al., Human Brain Mapping 2021, doi:10.1002/hbm.25636; github.com/rockNroll87q/cerebrum7t)
-from the TP / FP / FN sums over all slabs. Dropout masks are bit for bit Flax's (same keys, same bits):
-levels 2-3 draw them whole with ``jax.random.bernoulli``; the full-resolution one after up_2to1_conv is
-drawn per slab from the element indices of the whole tensor (JAX's partitionable threefry).
+from the TP / FP / FN sums over all slabs. Dropout masks are bit for bit the model's (same keys, same
+bits): ``model.dropout`` hashes each element's index in the whole tensor, so levels 2-3 draw them whole and
+the full-resolution one after up_2to1_conv per slab, for the slab's rows of the whole tensor (rows outside
+the volume get masks that are never used).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
-from jax.extend.random import threefry2x32_p
 
 from cerebrum_jax import lean, losses, model
 from cerebrum_jax.losses import LossConfig
@@ -61,12 +61,6 @@ def _dropout_name(name: str) -> str:
     return name.removesuffix("_conv") + "_dr"
 
 
-class _KeyProbe(nn.Module):
-    @nn.compact
-    def __call__(self):
-        return self.make_rng("dropout")
-
-
 class _DropoutKeys(nn.Module):
     """The key each ``Cerebrum7T`` Dropout submodule (named ``names``) draws from the 'dropout' rng."""
 
@@ -74,7 +68,7 @@ class _DropoutKeys(nn.Module):
 
     @nn.compact
     def __call__(self):
-        return {n: _KeyProbe(name=n)() for n in self.names}
+        return {n: model.DropoutKey(name=n)() for n in self.names}
 
 
 def dropout_keys(config: ModelConfig, key) -> dict:
@@ -84,39 +78,6 @@ def dropout_keys(config: ModelConfig, key) -> dict:
         return {}
     keys = _DropoutKeys(tuple(_dropout_name(n) for n in names)).apply({}, rngs={"dropout": key})
     return {n: keys[_dropout_name(n)] for n in names}
-
-
-def _dropout(y: jax.Array, key, rate: float) -> jax.Array:
-    """flax.linen.Dropout on a whole tensor (same mask for the same key)."""
-    keep = 1.0 - rate
-    mask = jax.random.bernoulli(key, p=keep, shape=y.shape)
-    return jax.lax.select(mask, y / keep, jnp.zeros_like(y))
-
-
-def _dropout_rows(y: jax.Array, key, rate: float, depth: int, row0) -> jax.Array:
-    """``_dropout`` of rows row0 .. row0 + n - 1 of a (B, depth, H, W, F) tensor, given only those rows
-    y (B, n, H, W, F): the mask bits of the whole tensor's elements there, computed from their flat
-    indices as ``jax.random.bits`` does (partitionable threefry). Rows outside 0..depth-1 get garbage."""
-    b, n, h, w, f = y.shape
-    if b * depth * h * w * f >= 2**32:
-        raise ValueError(f"streamed dropout supports tensors under 2**32 elements, not {(b, depth, h, w, f)}")
-    if str(jax.random.key_impl(key)) != "threefry2x32" or not jax.config.jax_threefry_partitionable:
-        raise ValueError("streamed dropout needs JAX's partitionable threefry PRNG (the default)")
-    plane = h * w * f
-    kd = jax.random.key_data(key)
-    keep = 1.0 - rate
-
-    def row_keep(row):  # one row at a time: threefry's uint32 temporaries are a row's, not the slab's
-        base = jnp.arange(b, dtype=jnp.uint32) * jnp.uint32(depth) + row  # (B,)
-        offsets = jnp.arange(plane, dtype=jnp.uint32).reshape(h, w, f)
-        idx = base[:, None, None, None] * jnp.uint32(plane) + offsets
-        k0, k1 = (jnp.broadcast_to(kd[j], idx.shape) for j in (0, 1))
-        b1, b2 = threefry2x32_p.bind(k0, k1, jnp.zeros_like(idx), idx)
-        bits = (b1 ^ b2) >> jnp.uint32(9) | jnp.uint32(0x3F800000)
-        return jax.lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(1.0) < jnp.float32(keep)
-
-    mask = jnp.moveaxis(jax.lax.map(row_keep, (row0 + jnp.arange(n)).astype(jnp.uint32)), 0, 1)
-    return jax.lax.select(mask, y / keep, jnp.zeros_like(y))
 
 
 @jax.custom_vjp
@@ -190,7 +151,7 @@ def _levels23(params, config: ModelConfig, v: jax.Array, keys: dict) -> jax.Arra
 
     def g(name, x):
         y = lean.layer_fn(params, config, name, x)
-        return _dropout(y, keys[name], model.dropout_rate(name, config)) if name in keys else y
+        return model.dropout(y, keys[name], model.dropout_rate(name, config)) if name in keys else y
 
     lvl2 = g("enc_lvl2_block2_conv", g("enc_lvl2_block1_conv", v))
     v = g("down_2to3_conv", lvl2)
@@ -242,7 +203,7 @@ def _decode_sums(params, config, x, labels, class_weights, v, slab, up_key, hard
         up = f("up_2to1_conv", jax.lax.dynamic_slice_in_dim(vc, s // Q, slab // Q + 2, axis=1))
         up = up[:, Q - 1 : Q + slab + 1]  # up covered rows s - 4 .. s + slab + 3
         if up_key is not None:
-            up = _dropout_rows(up, up_key, model.dropout_rate("up_2to1_conv", config), d, s - 1)
+            up = model.dropout(up, up_key, model.dropout_rate("up_2to1_conv", config), d, s - 1)
         skip = up + e1  # skip_conn_lvl1
         skip = jnp.where((s - 1 + rows >= 0) & (s - 1 + rows < d), skip, jnp.zeros((), skip.dtype))
         logits = f("main_output", f("dec_lvl1_block1_conv", skip, True)).astype(jnp.float32)

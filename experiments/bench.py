@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+from cerebrum_jax import runtime
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SMALL = (64, 88, 56)
 WHOLE = (256, 352, 224)
@@ -508,6 +510,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "numpy": np.__version__,
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", "(none)"),
+        "memory allocator": runtime.active_allocator(),
     }
 
 
@@ -601,6 +604,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--worker", choices=("ours", "peer"), help=argparse.SUPPRESS)
     ARGS = p.parse_args(argv)
+    # what the cerebrum-jax command runs with (cerebrum_jax.runtime): jemalloc preloaded when installed (a
+    # restart of this script; the peer in this process gets it too), XLA:CPU's kernel libraries
+    runtime.restart_with_jemalloc([sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:])])
+    runtime.configure_xla_flags()
     pin_threads(ARGS.threads)
     if ARGS.worker:
         print(json.dumps(whole_worker(ARGS.worker, ARGS.repeats)))

@@ -23,12 +23,17 @@ import pytest
 os.environ.setdefault(
     "XLA_FLAGS", "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
 )
+
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 RUN = os.getppid() if "PYTEST_XDIST_WORKER" in os.environ else os.getpid()  # xdist: the controller's pid
 XLA_CACHE = Path(tempfile.gettempdir()) / f"cerebrum-jax-tests-xla-cache-{RUN}"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(XLA_CACHE))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+from cerebrum_jax import runtime  # noqa: E402  (after the environment above: it imports jax)
+
+runtime.configure_xla_flags()  # the kernel libraries every command uses, so that the tests run what users run
 
 
 def pytest_sessionfinish(session):

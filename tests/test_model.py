@@ -112,7 +112,12 @@ def test_glorot_normal_equals_flax_bit_for_bit(shape, in_axis, out_axis):
     ours = model.glorot_normal(in_axis=in_axis, out_axis=out_axis)(key, shape)
     flax = nn.initializers.glorot_normal(in_axis=in_axis, out_axis=out_axis)(key, shape, jnp.float32)
     assert ours.shape == shape and ours.dtype == jnp.float32
-    np.testing.assert_array_equal(np.asarray(ours), np.asarray(flax))
+    # the same random bits; the erf-inverse of them within a few ulps (YNNPACK's vectorised elementwise
+    # kernels, cerebrum_jax.runtime, round an element by its place in the buffer): 4 ulps of float32 of
+    # the values' scale (erf-inverse near 0 is the largest relative error)
+    ulps = 4 * np.finfo(np.float32).eps
+    flax = np.asarray(flax)
+    np.testing.assert_allclose(np.asarray(ours), flax, rtol=ulps, atol=ulps * float(np.max(np.abs(flax))))
 
 
 def test_init_values_do_not_depend_on_the_init_shape():
@@ -226,3 +231,47 @@ def test_conv3d_depth_taps_matches_lax():
     assert out.shape == (2, 5, 6, 5, 4)
     # sums of 81 products of N(0, 1) values: float rounding relative to the output's scale
     assert_close_to_scale(out, ref, 1e-5)
+
+
+def _mix32_numpy(h):
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x7FEB352D)
+    h = h ^ (h >> np.uint32(15))
+    h = h * np.uint32(0x846CA68B)
+    return h ^ (h >> np.uint32(16))
+
+
+def test_dropout_mask_is_the_hash_of_each_elements_index():
+    """model.dropout against a numpy computation of the same hash (uint32 arithmetic, wrapping)."""
+    y = jax.random.normal(jax.random.key(0), (2, 5, 4, 3, 6)) + 3.0  # no zeros: the mask is y != 0
+    key, rate = jax.random.key(9), 0.3
+    out = np.asarray(jax.jit(lambda v: model.dropout(v, key, rate))(y))
+    k0, k1 = np.asarray(jax.random.key_data(key)).ravel().astype(np.uint32)
+    with np.errstate(over="ignore"):
+        idx = np.arange(y.size, dtype=np.uint32).reshape(y.shape)
+        bits = _mix32_numpy(_mix32_numpy(idx ^ k0) ^ k1)
+    keep = bits < np.uint32(int(0.7 * 2**32))
+    np.testing.assert_array_equal(out != 0, keep)
+    np.testing.assert_allclose(out[keep], np.asarray(y)[keep] / 0.7, rtol=1e-6)
+
+
+def test_dropout_keeps_1_minus_rate_and_a_slab_gets_its_rows_of_the_whole():
+    y = jnp.ones((1, 40, 16, 16, 8))
+    key = jax.random.key(1)
+    whole = np.asarray(model.dropout(y, key, 0.1))
+    kept = (whole != 0).mean()
+    assert abs(kept - 0.9) < 4 * np.sqrt(0.09 / whole.size)  # 4 standard deviations of the fraction
+    slab = np.asarray(model.dropout(y[:, 12:20], key, 0.1, depth=40, row0=12))
+    np.testing.assert_array_equal(slab, whole[:, 12:20])
+    other = np.asarray(model.dropout(y, jax.random.key(2), 0.1))
+    assert 0.1 < ((other != 0) != (whole != 0)).mean() < 0.3  # another key, another mask (~2 p (1 - p))
+
+
+def test_relu_keeps_nan_and_has_jax_nn_relus_derivative():
+    """Under YNNPACK's elementwise kernels (the command's default) max(NaN, 0) is 0; ours stays NaN."""
+    x = jnp.tile(jnp.array([jnp.nan, -jnp.inf, jnp.inf, -2.0, 0.0, 3.0], jnp.float32), 4096)
+    got = np.asarray(jax.jit(model.relu)(x))[:6]
+    np.testing.assert_array_equal(got, [np.nan, 0.0, np.inf, 0.0, 0.0, 3.0])
+    finite = jnp.array([-2.0, 0.0, 3.0])
+    grads = jax.vmap(jax.grad(model.relu))(finite)
+    np.testing.assert_array_equal(grads, jax.vmap(jax.grad(jax.nn.relu))(finite))

@@ -72,6 +72,7 @@ def os_error_line(e: OSError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    runtime.configure_xla_flags()  # before XLA starts
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

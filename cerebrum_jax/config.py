@@ -37,6 +37,7 @@ from cerebrum_jax.errors import InputError
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("warmup", "finetune")
 TEST_MASKS = ("auto", "file", "labels", "none")
+LR_SCHEDULES = ("plateau", "cosine")
 RANGES = {  # TrainConfig key: (lowest, highest or None)
     "last_layer": (1, 14),
     "epochs_warmup": (0, None),
@@ -62,9 +63,11 @@ class LoopConfig:
     original's (Svanera et al., Human Brain Mapping 2021; github.com/rockNroll87q/cerebrum7t).
 
     batch_size (views per step), augment_views (random views per training volume per epoch; 0 = the
-    volumes as they are), patience (early stopping, epochs), plateau_factor / plateau_patience / min_lr
-    (reduce-on-plateau), seed (augmentation, dropout, order), slab_rows (depth slabs of the
-    full-resolution layers, ``streamed``; 0 = the plain whole-volume step).
+    volumes as they are), patience (early stopping, epochs), lr_schedule ("plateau": the original's
+    reduce-on-plateau by plateau_factor after plateau_patience epochs, down to min_lr; "cosine": each
+    phase's learning rate from its lr down to min_lr over its epochs on a half cosine, no plateau cuts),
+    seed (augmentation, dropout, order), slab_rows (depth slabs of the full-resolution layers,
+    ``streamed``; 0 = the plain whole-volume step).
     """
 
     batch_size: int = 1
@@ -75,6 +78,14 @@ class LoopConfig:
     min_lr: float = 1e-7
     seed: int = 0
     slab_rows: int = 0
+    lr_schedule: str = "plateau"
+
+    def lr_at(self, lr: float, epoch: int, epochs: int) -> float | None:
+        """The learning rate of ``epoch`` (0-based) of a phase of ``epochs`` that starts at ``lr`` under
+        the cosine schedule (``lr_schedule`` "cosine"); None under "plateau" (the controller's)."""
+        if self.lr_schedule != "cosine":
+            return None
+        return self.min_lr + 0.5 * (lr - self.min_lr) * (1.0 + math.cos(math.pi * epoch / max(epochs, 1)))
 
     @property
     def views_per_volume(self) -> int:
@@ -195,7 +206,9 @@ class TrainConfig:
     (Adam learning rates), epochs_warmup / epochs_finetune (max epochs per phase; 0 skips the phase),
     batch_size (views per step), augment_views (random views per training volume per epoch; 0 = the
     volumes as they are), augment (AugmentConfig overrides), patience (early stopping, epochs),
-    plateau_factor / plateau_patience / min_lr (reduce-on-plateau), seed.
+    plateau_factor / plateau_patience / min_lr (reduce-on-plateau), lr_schedule ("plateau", the
+    original's reduce-on-plateau, or "cosine": each phase's rate from its lr down to min_lr over its
+    epochs), seed.
     Output: prob_class (class name whose probability map is drawn; None = vessels if present, else the
     last class); surface_classes (class names whose 3-D surfaces, manual and predicted, the report shows
     and writes as GIfTI; None = white matter, grey matter and vessels where the label map has them, else
@@ -249,6 +262,7 @@ class TrainConfig:
     plateau_factor: float = LoopConfig.plateau_factor
     plateau_patience: int = LoopConfig.plateau_patience
     min_lr: float = LoopConfig.min_lr
+    lr_schedule: str = LoopConfig.lr_schedule
     seed: int = LoopConfig.seed
     prob_class: str | None = None
     surface_classes: tuple[str, ...] | None = None
@@ -290,6 +304,8 @@ class TrainConfig:
             raise InputError(
                 f"must be one of {list(NORMALIZATIONS)}, not {self.normalization!r}", "normalization"
             )
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise InputError(f"must be one of {list(LR_SCHEDULES)}, not {self.lr_schedule!r}", "lr_schedule")
         if self.test_mask not in TEST_MASKS:
             raise InputError(f"must be one of {list(TEST_MASKS)}, not {self.test_mask!r}", "test_mask")
         if self.precision not in PRECISIONS:
@@ -355,6 +371,7 @@ class TrainConfig:
             min_lr=self.min_lr,
             seed=self.seed,
             slab_rows=self.slab_rows or 0,
+            lr_schedule=self.lr_schedule,
         )
 
     def phase(self, name: str) -> PhaseConfig:

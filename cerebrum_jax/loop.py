@@ -292,6 +292,10 @@ def fit(
                 hook.phase_start(phase, n_steps, first_epoch)
             stopped = False
             for epoch in range(first_epoch, phase.epochs):
+                scheduled = schedule.lr_at(phase.lr, epoch, phase.epochs)
+                if scheduled is not None:  # the cosine schedule: this epoch's rate
+                    controller = dataclasses.replace(controller, lr=scheduled)
+                    state["opt_state"] = set_learning_rate(state["opt_state"], scheduled)
                 state, record, controller, best = _epoch(
                     run, step, state, controller, best, p_index, phase, epoch
                 )
@@ -396,6 +400,7 @@ def _epoch(run: _Run, step, state, controller, best, p_index: int, phase: Phase,
         factor=schedule.plateau_factor,
         plateau_patience=schedule.plateau_patience,
         min_lr=schedule.min_lr,
+        reduce_on_plateau=schedule.lr_schedule == "plateau",
     )
     record = {
         "phase": phase.name,

@@ -103,7 +103,7 @@ def _input_grad(kernel: jax.Array, g: jax.Array) -> jax.Array:
 
 def _conv_bwd(res, g):
     x, kernel = res
-    kernel_grad = model._kernel_grad(x, kernel, g, pad_depth=False, low_memory=True)
+    kernel_grad = model._kernel_grad(x, kernel, g, pad_depth=False)
     return _input_grad(kernel, g).astype(x.dtype), kernel_grad
 
 

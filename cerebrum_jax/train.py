@@ -209,9 +209,17 @@ class Controller:
 
 
 def controller_update(
-    c: Controller, val_loss: float, *, patience: int, factor: float, plateau_patience: int, min_lr: float
+    c: Controller,
+    val_loss: float,
+    *,
+    patience: int,
+    factor: float,
+    plateau_patience: int,
+    min_lr: float,
+    reduce_on_plateau: bool = True,
 ) -> tuple[Controller, dict]:
-    """Feed one epoch's val loss -> (new controller, events {"improved", "lr_reduced", "stop"})."""
+    """Feed one epoch's val loss -> (new controller, events {"improved", "lr_reduced", "stop"});
+    ``reduce_on_plateau`` False: early stopping only (the learning rate follows a schedule)."""
     improved = val_loss < c.best
     best, wait = (val_loss, 0) if improved else (c.best, c.wait + 1)
     lr, reduced = c.lr, False
@@ -219,7 +227,7 @@ def controller_update(
         plateau_best, plateau_wait = val_loss, 0
     else:
         plateau_best, plateau_wait = c.plateau_best, c.plateau_wait + 1
-        if plateau_wait >= plateau_patience and c.lr > min_lr:
+        if reduce_on_plateau and plateau_wait >= plateau_patience and c.lr > min_lr:
             lr, reduced, plateau_wait = max(c.lr * factor, min_lr), True, 0
     stop = wait >= patience
     new = Controller(lr, best, wait, plateau_best, plateau_wait, stop)

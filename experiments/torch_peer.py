@@ -33,6 +33,11 @@ _TABLE = (
 )
 
 
+# As the original (and cerebrum_jax.model.dropout_rate): a Dropout after every conv but these, whose rate is
+# level 1's (0); up_2to1_conv's Dropout has level 2's rate although its output is at full resolution.
+NO_DROPOUT = ("enc_lvl1_block1_conv", "down_1to2_conv", "dec_lvl1_block1_conv", "main_output")
+
+
 def _torch_layer(op: str, k: int, kernel: np.ndarray, bias: np.ndarray) -> nn.Module:
     """One torch layer with weights copied from a Keras-layout ``kernel`` (float32) and ``bias``."""
     if op == "up":  # (d, h, w, out, in) -> (in, out, d, h, w)
@@ -49,7 +54,8 @@ def _torch_layer(op: str, k: int, kernel: np.ndarray, bias: np.ndarray) -> nn.Mo
 
 
 class TorchCerebrum(nn.Module):
-    """(B, 1, D, H, W) -> (B, n_classes, D, H, W) logits; relu activations, dropout at levels 2-3."""
+    """(B, 1, D, H, W) -> (B, n_classes, D, H, W) logits; relu activations, dropout where the original has
+    it (``NO_DROPOUT``)."""
 
     def __init__(self, params: dict, dropout_rate: float = 0.1):
         super().__init__()
@@ -61,11 +67,11 @@ class TorchCerebrum(nn.Module):
         self.layers = nn.ModuleDict({name: layer(name, op, k) for name, op, k, *_ in _TABLE})
 
     def _f(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        _, _, _, act, level = next(row for row in _TABLE if row[0] == name)
+        _, _, _, act, _ = next(row for row in _TABLE if row[0] == name)
         y = self.layers[name](x)
         if act in ("enc", "dec"):
             y = F.relu(y)
-        if level > 1 and self.dropout_rate > 0:
+        if name not in NO_DROPOUT and self.dropout_rate > 0:
             y = F.dropout(y, self.dropout_rate, self.training)
         return y
 
@@ -81,27 +87,30 @@ class TorchCerebrum(nn.Module):
         return self.layers["main_output"](f("dec_lvl1_block1_conv", y))
 
 
-def forward_probabilities(net: TorchCerebrum, x: np.ndarray) -> np.ndarray:
-    """Softmax probabilities (B, D, H, W, C) float32 of channels-last ``x`` (B, D, H, W, 1), eval mode."""
+def forward_probabilities(net: TorchCerebrum, x: np.ndarray, bf16: bool = False) -> np.ndarray:
+    """Softmax probabilities (B, D, H, W, C) float32 of channels-last ``x`` (B, D, H, W, 1), eval mode
+    (``bf16``: under ``torch.autocast("cpu", torch.bfloat16)``)."""
     net.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         logits = net(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 4, 1, 2, 3))))
-        return torch.softmax(logits, dim=1).permute(0, 2, 3, 4, 1).numpy()
+        return torch.softmax(logits.float(), dim=1).permute(0, 2, 3, 4, 1).numpy()
 
 
-def make_train_step(net: TorchCerebrum, lr: float = 5e-4):
+def make_train_step(net: TorchCerebrum, lr: float = 5e-4, bf16: bool = False):
     """A training step (weighted cross-entropy, gradients, Adam) like cerebrum_jax's, for timing.
 
     Returns step(x (B, 1, D, H, W) float32 tensor, labels (B, D, H, W) int64 tensor, class_weights (C,))
-    -> loss (float).
+    -> loss (float). ``bf16``: the forward under ``torch.autocast("cpu", torch.bfloat16)`` (bfloat16
+    convolutions, float32 parameters, Adam and loss), as cerebrum_jax's ``--precision bf16``.
     """
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     net.train()
 
     def step(x: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor) -> float:
         opt.zero_grad(set_to_none=True)
-        logits = net(x)
-        loss = F.cross_entropy(logits, labels, weight=class_weights)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = net(x)
+        loss = F.cross_entropy(logits.float(), labels, weight=class_weights)
         loss.backward()
         opt.step()
         return float(loss.detach())

@@ -34,6 +34,8 @@ BAD = [
     ("lr_finetune", float("nan"), "lr_finetune: must be a finite number"),
     ("min_lr", -1e-7, "min_lr: must be >= 0"),
     ("plateau_factor", 0, "plateau_factor: must be in (0, 1]"),
+    ("lr_schedule", "linear", "lr_schedule: must be one of ['plateau', 'cosine'], not 'linear'"),
+    ("lr_schedule", 3, "lr_schedule: must be a string"),
     ("voxel_mm", "0.7", "voxel_mm: must be a finite number or null"),
     ("voxel_mm", 0, "voxel_mm: must be > 0"),
     ("dropout", 1, "dropout: must be a boolean"),

@@ -160,3 +160,24 @@ def test_run_dir_names_every_path(tmp_path):
     assert RunDir.fold_number(tmp_path / "fold-x") is None and RunDir.fold_number(tmp_path / "x-3") is None
     assert run.best == run.root / "checkpoints" / "best" and run.loop_json == run.last / "loop.json"
     assert not run.has_best() and not run.has_last()
+
+
+# (epoch, epochs, expected learning rate) of a phase at 1e-3 with min_lr 1e-5 under the cosine schedule
+COSINE = [(0, 4, 1e-3), (2, 4, 1e-5 + 0.5 * (1e-3 - 1e-5)), (4, 4, 1e-5), (1, 1, 1e-5), (0, 1, 1e-3)]
+
+
+@pytest.mark.parametrize("epoch, epochs, expected", COSINE)
+def test_cosine_learning_rate(epoch, epochs, expected):
+    schedule = LoopConfig(lr_schedule="cosine", min_lr=1e-5)
+    assert schedule.lr_at(1e-3, epoch, epochs) == pytest.approx(expected, rel=1e-12)
+    assert LoopConfig(lr_schedule="plateau").lr_at(1e-3, epoch, epochs) is None
+
+
+@pytest.mark.slow
+def test_cosine_schedule_sets_each_epochs_rate_and_never_cuts_on_a_plateau():
+    schedule = LoopConfig(augment_views=1, seed=0, lr_schedule="cosine", min_lr=1e-5, plateau_patience=0)
+    _, history = _fit(epochs=(0, 3), schedule=schedule)
+    assert [h["lr"] for h in history] == pytest.approx(
+        [schedule.lr_at(1e-3, e, 3) for e in range(3)], rel=1e-6
+    )
+    assert not any(h["lr_reduced"] for h in history)  # plateau_patience 0 would cut every epoch otherwise

@@ -347,9 +347,14 @@ _conv_same_fast_grad.defvjp(_conv_fwd, _conv_bwd)
 
 
 def conv3d_same(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """Stride-1 Conv3D with Keras 'same' padding: x (B, D, H, W, Cin), kernel (k, k, k, Cin, Cout)."""
+    """Stride-1 Conv3D with Keras 'same' padding: x (B, D, H, W, Cin), kernel (k, k, k, Cin, Cout).
+
+    The matmul kernel gradient (``_kernel_grad``) is XLA:CPU's; other backends differentiate their own
+    convolution (cuDNN's kernel gradient needs none of its copies of the cotangent)."""
     if kernel.shape[:3] == (1, 1, 1):
         return x @ kernel[0, 0, 0] + bias
+    if jax.default_backend() != "cpu":
+        return _conv_same(x, kernel) + bias
     return _conv_same_fast_grad(x, kernel) + bias
 
 

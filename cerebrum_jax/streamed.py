@@ -113,7 +113,8 @@ _conv_valid_depth.defvjp(_conv_fwd, _conv_bwd)
 def _layer(params, config: ModelConfig, name: str, x: jax.Array, valid_depth: bool = False) -> jax.Array:
     """``lean.layer_fn``, with the matmul kernel gradient for 3x3x3 convs whose input has its D halo."""
     layer = LAYERS[LAYER_NAMES.index(name)]
-    if not (valid_depth and layer.op == "conv" and layer.kernel > 1):
+    # on other backends than XLA:CPU, the convolution's own gradient (see model.conv3d_same)
+    if not (valid_depth and layer.op == "conv" and layer.kernel > 1) or jax.default_backend() != "cpu":
         return lean.layer_fn(params, config, name, x, valid_depth)
     dtype = jnp.dtype(config.compute_dtype)
     kernel, bias = params[name]["kernel"].astype(dtype), params[name]["bias"].astype(dtype)

@@ -31,7 +31,9 @@ def get_config() -> TrainConfig:
         lr_warmup=1e-3,
         lr_finetune=1e-3,
         epochs_warmup=3,
-        epochs_finetune=100,
+        # the best validation loss came at epoch 70 of 100 (early stop at 85): 70 gives the same model,
+        # 60 ended at test Dice 0.849 (without dropout), a cosine decay over 40-45 epochs at 0.829-0.833
+        epochs_finetune=70,
         augment_views=4,
         # the original's ranges are voxels of ~0.65 mm; at 3 mm the same millimetres are ~1/4.6 as many,
         # and its Gaussian blend (0.2) is far more noise than a 3 mm voxel (~100x the volume) carries

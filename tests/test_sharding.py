@@ -163,11 +163,13 @@ def test_train_memory_per_device_falls_with_devices():
 
 @pytest.mark.slow
 def test_remat_same_results_and_no_more_memory():
-    """Remat must not change loss or gradients, and must not raise the compiled footprint.
+    """Remat must not change loss or gradients, and must not raise the compiled footprint much.
 
-    XLA:CPU merges the recomputation with the forward copy (common-subexpression elimination after the
-    optimisation barriers are expanded), so on CPU the footprint is equal; the lowered program must still
-    carry the recomputation (optimization barriers) for the GPU compiler.
+    XLA:CPU merges most of the recomputation with the forward copy (common-subexpression elimination after
+    the optimisation barriers are expanded): the footprint was equal, and is 7-15 % larger since the
+    kernel gradient's and up_2to1_conv's custom gradients (their residuals are kept apart); remat is for
+    GPUs (README). A remat that kept a second copy of the activations would be ~2x. The lowered program
+    must still carry the recomputation (optimization barriers) for the GPU compiler.
     """
     remat = dataclasses.replace(CFG, remat=True)
     params, batch, key = _params(), _batch(), jax.random.PRNGKey(4)
@@ -185,7 +187,7 @@ def test_remat_same_results_and_no_more_memory():
     assert_leaves_close(g0, g1, 1e-5)
     assert "optimization_barrier" in grad.lower(params, remat).as_text()
     assert "optimization_barrier" not in grad.lower(params, CFG).as_text()
-    assert _train_memory(remat, "1x1") <= _train_memory(CFG, "1x1")
+    assert _train_memory(remat, "1x1") <= 1.2 * _train_memory(CFG, "1x1")
 
 
 @pytest.mark.slow

@@ -107,3 +107,27 @@ def test_command_runs_with_jemalloc_when_installed(choice):
     assert out.returncode == 0, out.stderr
     expected = "jemalloc" if choice == "default" and runtime.find_jemalloc(env) else "system"
     assert f"memory allocator {expected}" in out.stdout
+
+
+# (XLA_FLAGS before, after configure_xla_flags)
+FLAG_CASES = [
+    ("", runtime.CPU_XLA_FLAGS),
+    (
+        "--xla_force_host_platform_device_count=4",
+        f"--xla_force_host_platform_device_count=4 {runtime.CPU_XLA_FLAGS}",
+    ),
+    (f"{runtime.YNN_FLAG}=individual_dot", f"{runtime.YNN_FLAG}=individual_dot"),  # the user's choice is kept
+]
+
+
+@pytest.mark.parametrize("before, after", FLAG_CASES)
+def test_xla_flags(before, after):
+    assert runtime.xla_flags(before) == after
+    assert runtime.xla_flags(runtime.xla_flags(before)) == after  # idempotent
+
+
+def test_this_suite_runs_with_the_commands_flags_and_meshes_compile_convolutions_only():
+    assert runtime.CPU_XLA_FLAGS in os.environ["XLA_FLAGS"]  # tests/conftest.py
+    assert runtime.mesh_compiler_options() == {
+        runtime.YNN_FLAG.removeprefix("--"): "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"
+    }

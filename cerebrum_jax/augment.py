@@ -450,3 +450,14 @@ def view_key(seed: int, epoch: int, subject_index: int, view_index: int) -> jax.
     for value in (epoch, subject_index, view_index):
         key = jax.random.fold_in(key, value)
     return key
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def augment_views(seed, epoch, views, images, labels, cfg: AugmentConfig):
+    """The augmented views of one batch in one compiled call: ``views`` (B, 3) int32 rows of (row of
+    ``images`` (N, D, H, W, 1) / ``labels`` (N, D, H, W), subject index, view index), each view keyed
+    ``view_key(seed, epoch, subject, view)``: ``augment_batch`` of those rows and keys, (B, D, H, W, 1)
+    and (B, D, H, W). One dispatch instead of a dozen (the key chains' fold_ins, the gathers), which
+    cost 10-15 ms of the demo's 0.27 s step on a 2-core CPU."""
+    keys = jax.vmap(lambda s, v: view_key(seed, epoch, s, v))(views[:, 1], views[:, 2])
+    return _augment_batch(keys, images[views[:, 0]], labels[views[:, 0]], cfg)

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cerebrum_jax import distributed, losses, runtime, sharding, streamed
-from cerebrum_jax.augment import AugmentConfig, augment_batch, view_key
+from cerebrum_jax.augment import AugmentConfig, augment_views
 from cerebrum_jax.config import LoopConfig
 from cerebrum_jax.errors import NonFiniteLoss
 from cerebrum_jax.losses import LossConfig
@@ -363,10 +363,11 @@ def _train_batch(run: _Run, chunk: np.ndarray, epoch_id: int) -> dict:
     data, schedule = run.data, run.schedule
     mine = chunk if run.mesh is None else chunk[distributed.local_rows(len(chunk), run.mesh)]
     held = np.asarray([data.at[int(s)] for s in mine[:, 0]])
-    x, y = data.images[held], data.labels[held]
     if schedule.augment_views > 0:
-        keys = jnp.stack([view_key(schedule.seed, epoch_id, int(s), int(v)) for s, v in mine])
-        x, y = augment_batch(keys, x, y, run.augment)
+        views = np.stack([held, mine[:, 0], mine[:, 1]], axis=1).astype(np.int32)
+        x, y = augment_views(schedule.seed, epoch_id, views, data.images, data.labels, run.augment)
+    else:
+        x, y = data.images[held], data.labels[held]
     batch = {"image": x, "labels": y, "class_weights": jnp.asarray(data.weights)}
     return batch if run.mesh is None else distributed.put_batch(batch, run.mesh, len(chunk))
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.ndimage
+from tolerances import assert_close_to_scale
 
 from cerebrum_jax import augment as aug
 from cerebrum_jax.errors import InputError
@@ -294,3 +295,18 @@ def test_from_dict_accepts_lists_and_rejects_unknown_keys():
 def test_wrong_shapes_rejected(image_shape, label_shape, label_dtype):
     with pytest.raises(ValueError, match="augment"):
         aug.augment(jax.random.key(0), np.zeros(image_shape, np.float32), np.zeros(label_shape, label_dtype))
+
+
+def test_augment_views_equals_augment_batch_of_view_keys():
+    """The loop's one-call views: the same keys (view_key) and so the same views as augment_batch (one
+    compiled program instead of two: the image to float rounding of its scale, a nearest-neighbour label
+    at a rounding tie may differ, see test_batch_equals_per_sample)."""
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.normal(size=(3, 16, 16, 16, 1)).astype(np.float32))
+    labels = jnp.asarray(rng.integers(0, 3, (3, 16, 16, 16)).astype(np.int32))
+    views = np.array([[2, 7, 1], [0, 4, 3]], np.int32)  # (row, subject, view)
+    got = aug.augment_views(5, 100003, views, images, labels, CFG)
+    keys = jnp.stack([aug.view_key(5, 100003, s, v) for _, s, v in views])
+    want = aug.augment_batch(keys, images[views[:, 0]], labels[views[:, 0]], CFG)
+    assert_close_to_scale(got[0], want[0], 1e-5)
+    assert np.mean(np.asarray(got[1]) == np.asarray(want[1])) >= 0.999

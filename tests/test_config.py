@@ -134,9 +134,9 @@ def test_typed_sections_each_part_gets_one():
     assert cfg.augment_config == AugmentConfig(p_bias=0.0)  # override replaces the whole mapping
     assert cfg.loss_config is cfg.loss_config  # built once, with the config
     assert cfg.loop == LoopConfig(
-        batch_size=1, augment_views=4, patience=15, plateau_factor=0.25, plateau_patience=6, min_lr=1e-7
+        batch_size=1, augment_views=4, patience=10, plateau_factor=0.25, plateau_patience=4, min_lr=1e-7
     )
-    assert cfg.phase("warmup") == (1e-3, 3) and cfg.phase("finetune").epochs == 70
+    assert cfg.phase("warmup") == (1e-3, 3) and cfg.phase("finetune").epochs == 60
     init = cfg.init_config
     assert (
         init.dropout_rate == ModelConfig.dropout_rate

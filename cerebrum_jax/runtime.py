@@ -38,6 +38,7 @@ does nothing of this on import; a script calls ``enable_compilation_cache(defaul
 from __future__ import annotations
 
 import ctypes.util
+import importlib.util
 import os
 import sys
 from collections.abc import Mapping
@@ -120,7 +121,9 @@ def enable_compilation_cache(path: Path | None) -> Path | None:
     jax.config.update("jax_compilation_cache_dir", str(path))
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # JAX's own setting wins
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
-    if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
+    # JAX bounds the cache under a file lock and fails every cache read without the filelock package (a
+    # dependency of ours, but an environment assembled by hand may lack it): unbounded beats off
+    if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ and importlib.util.find_spec("filelock"):
         jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return path
 

@@ -385,7 +385,13 @@ def machine() -> dict:
     import jax
     import jaxlib
     import numpy as np
-    import torch
+
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:  # a GPU machine running --cases gpu only needs no peer
+        torch_version = "not installed"
 
     model = platform.processor()
     try:
@@ -403,11 +409,12 @@ def machine() -> dict:
         "python": platform.python_version(),
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,
-        "torch": torch.__version__,
+        "torch": torch_version,
         "numpy": np.__version__,
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", "(none)"),
         "memory allocator": runtime.active_allocator(),
         "float32 peak (assumed 2 FMA units per core)": host_peak(ARGS.threads)["text"],
+        "devices": ", ".join(str(d) for d in jax.devices()),
     }
 
 
@@ -528,11 +535,12 @@ def main(argv=None) -> int:
     # restart of this script; the peer in this process gets it too), XLA:CPU's kernel libraries
     runtime.restart_with_jemalloc([sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:])])
     runtime.configure_xla_flags()
-    pin_threads(ARGS.threads)
+    cases = [c for c in ARGS.cases.split(",") if c]
+    if cases != ["gpu"]:  # the GPU figures use the whole host's CPUs for what is not on the GPU
+        pin_threads(ARGS.threads)
     if ARGS.worker:
         print(json.dumps(whole_worker(ARGS.worker, ARGS.repeats)))
         return 0
-    cases = [c for c in ARGS.cases.split(",") if c]
     if ARGS.cases == default and has_bf16():
         cases[2:2] = list(BF16_CASES)
     unknown = set(cases) - set(CASES + BF16_CASES + EXTRA)

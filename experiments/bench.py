@@ -23,14 +23,15 @@ import subprocess
 import sys
 import time
 
-from cerebrum_jax import runtime
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the bench_* modules beside this one
+import bench_report  # noqa: E402
+from bench_report import BF16_CASES, CASES, EXTRA  # noqa: E402
+
+from cerebrum_jax import runtime  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SMALL = (64, 88, 56)
 WHOLE = (256, 352, 224)
-CASES = ("fwd", "train", "whole", "augment")  # ours vs peer, float32
-BF16_CASES = ("fwd_bf16", "train_bf16")  # ours --precision bf16 vs the peer under torch.autocast (bf16 hosts)
-EXTRA = ("wholetrain", "demo", "gpu")  # streamed whole-volume step vs the peer; the demo fold; GPU figures
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,8 +73,6 @@ def setup(threads: int):
     torch.set_num_threads(threads)
     import jax
     import numpy as np
-
-    sys.path.insert(0, HERE)
     import torch_peer as T
 
     from cerebrum_jax import model as M
@@ -290,7 +289,6 @@ def case_whole() -> dict:
 def case_wholetrain() -> dict:
     """The whole-volume training step: ours streamed, ours plain (compiled only), the peer; each side in
     its own subprocess, one at a time (experiments/bench_wholetrain.py)."""
-    sys.path.insert(0, HERE)
     import bench_wholetrain
 
     from cerebrum_jax import model as M
@@ -324,7 +322,6 @@ def case_augment() -> dict:
 def case_gpu() -> dict:
     """GPU figures (experiments/bench_gpu.py): whole-volume steps plain and streamed, float32 and bf16, each
     in its own process (its own peak device memory), and the demo fold on the GPU."""
-    sys.path.insert(0, HERE)
     import bench_gpu
 
     return bench_gpu.run_all(ARGS.repeats)
@@ -332,7 +329,6 @@ def case_gpu() -> dict:
 
 def case_demo() -> dict:
     """The demo fold, cold and warm compilation cache (experiments/bench_demo.py)."""
-    sys.path.insert(0, HERE)
     import bench_demo
 
     return bench_demo.run_all()
@@ -381,7 +377,9 @@ def host_peak(threads: int) -> dict:
     return {"gflops": gflops, "text": text}
 
 
-def machine() -> dict:
+def machine(devices: bool = True) -> dict:
+    """The host and versions; ``devices=False`` leaves JAX's backends unstarted (a GPU client started in
+    this process would hold most of the memory of the GPU that bench_gpu's processes measure)."""
     import jax
     import jaxlib
     import numpy as np
@@ -414,107 +412,20 @@ def machine() -> dict:
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", "(none)"),
         "memory allocator": runtime.active_allocator(),
         "float32 peak (assumed 2 FMA units per core)": host_peak(ARGS.threads)["text"],
-        "devices": ", ".join(str(d) for d in jax.devices()),
+        **({"devices": ", ".join(str(d) for d in jax.devices())} if devices else {}),
     }
-
-
-GOALS = {
-    "fwd": "<= 1.0 (aim 0.8)",
-    "train": "<= 0.8",
-    "whole": "<= 1.0, ours RSS <= 8 GB",
-    "augment": "<= 0.05",
-    "fwd_bf16": "(reported)",
-    "train_bf16": "(reported)",
-}
-LIMITS = {"fwd": 1.0, "train": 0.8, "whole": 1.0, "augment": 0.05}
-LABELS = {
-    "fwd": "forward 64x88x56",
-    "train": "train step 64x88x56 (loss, grads, Adam)",
-    "whole": "forward 256x352x224",
-    "augment": "one augmented view 256x352x224 (peer: original pipeline)",
-    "fwd_bf16": "forward 64x88x56, bf16 (peer: torch.autocast)",
-    "train_bf16": "train step 64x88x56, bf16 (peer: torch.autocast)",
-}
-
-
-def rate(gflop, seconds: float, peak: float) -> str:
-    """'GFLOP/s (share of the float32 peak)' of ``gflop`` done in ``seconds``."""
-    if not gflop:
-        return "-"
-    achieved = gflop / seconds
-    return f"{achieved:.0f} ({100 * achieved / peak:.0f} %)"
-
-
-def row(name: str, r: dict, peak: float) -> str:
-    a, b = statistics.median(r["ours"]), statistics.median(r["peer"])
-    ratio = a / b
-    rss = f"{r['ours_rss']:.2f} / {r['peer_rss']:.2f}" if "ours_rss" in r else "-"
-    limit = LIMITS.get(name)
-    ok = limit is not None and ratio <= limit and (name != "whole" or r["ours_rss"] <= 8.0)
-    met = "-" if limit is None else "yes" if ok else "NO"
-    gflop = r.get("gflop")
-    cells = [LABELS[name], f"{a:.3f}", f"{b:.3f}", f"{ratio:.2f}", f"{gflop:.1f}" if gflop else "-"]
-    cells += [rate(gflop, a, peak), rate(gflop, b, peak), rss, str(len(r["ours"])), GOALS[name], met]
-    return "| " + " | ".join(cells) + " |"
-
-
-def write_report(path: str, info: dict, par: dict, results: dict) -> None:
-    peak = host_peak(ARGS.threads)["gflops"]
-    lines = ["# Benchmarks: cerebrum-jax vs the PyTorch peer", ""]
-    lines += ["Written by `make bench` (`experiments/bench.py`). Seconds, medians; ratio = ours / peer.", ""]
-    lines += ["## Machine and settings", ""]
-    lines += [f"- {k}: {v}" for k, v in info.items()]
-    lines += [
-        f"- threads per side: {ARGS.threads} (CPU affinity + torch.set_num_threads); repeats: {ARGS.repeats} "
-        f"(augment {ARGS.aug_repeats}); warm-up call excluded; ours and peer interleaved in one process (the "
-        "same memory allocator for both)",
-        "- network: n_filters 24, 7 classes, random glorot weights shared by both sides; dropout as the "
-        "original's on both sides; loss: weighted cross-entropy; float32 unless the row says bf16",
-        f"- parity (64x88x56 probabilities): max abs diff {par['model']:.2e} (model.probabilities), "
-        f"{par['segment']:.2e} (segment's forward, lean.probabilities_lean on a CPU); limit 1e-4",
-        "- ours: forward and train step call model.probabilities / model.apply; the whole volume runs "
-        "segment's forward (on a CPU lean.probabilities_lean: depth slabs of 16, 2-D convolutions)",
-        "- GFLOP: XLA's cost analysis of our plain program (the same network's work for both sides); "
-        "GFLOP/s = GFLOP / median time, and its share of the float32 peak above",
-        "",
-        "## CPU results",
-        "",
-        "| case | ours (s) | peer (s) | ours/peer | GFLOP | ours GFLOP/s (% peak) | peer GFLOP/s (% peak) "
-        "| peak RSS GiB ours / peer | runs | goal | met |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    lines += [row(name, r, peak) for name, r in results.items() if name in CASES + BF16_CASES]
-    if "train" in results:
-        lines += ["", f"Our training step: {results['train']['ours_step']}."]
-    if not has_bf16():
-        lines += ["", "bf16 rows: not measured (this host has neither AVX512-BF16 nor AMX-BF16)."]
-    lines += ["", "Raw times (s):", ""]
-    for name, r in results.items():
-        if name in CASES + BF16_CASES:
-            ours, peer = ([round(t, 3) for t in r[side]] for side in ("ours", "peer"))
-            lines.append(f"- {name}: ours {ours}, peer {peer}")
-    if "wholetrain" in results:
-        import bench_wholetrain
-
-        lines += ["", *bench_wholetrain.report_lines(results["wholetrain"], peak)]
-    if "demo" in results:
-        import bench_demo
-
-        lines += ["", *bench_demo.report_lines(results["demo"])]
-    import bench_gpu
-
-    lines += ["", *bench_gpu.report_lines(results.get("gpu"))]
-    with open(os.path.join(HERE, "bench_notes.md")) as fh:  # the hand-written notes under the results
-        lines += ["", fh.read()]
-    with open(path + ".tmp", "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    os.replace(path + ".tmp", path)
 
 
 def main(argv=None) -> int:
     global ARGS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="BENCHMARKS.md")
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the other cases of the record beside --out (BENCHMARKS.json), measured on this host "
+        "with these versions; rerun only --cases",
+    )
     default = ",".join((*CASES, "wholetrain", "demo"))
     p.add_argument(
         "--cases",
@@ -558,13 +469,23 @@ def main(argv=None) -> int:
     runners = dict(fwd=case_fwd, train=case_train_runs, whole=case_whole, augment=case_augment, gpu=case_gpu)
     runners.update(wholetrain=case_wholetrain, demo=case_demo)
     runners.update(fwd_bf16=lambda: case_fwd("bfloat16"), train_bf16=lambda: case_train_runs("bfloat16"))
+    if ARGS.update:  # before hours of measuring: is there a record of this host to add to?
+        try:
+            bench_report.merge_previous(ARGS.out, machine(devices=False), {}, {})
+        except ValueError as e:
+            p.error(str(e))
+    settings = dict(threads=ARGS.threads, repeats=ARGS.repeats, aug_repeats=ARGS.aug_repeats)
+    settings.update(peak=host_peak(ARGS.threads)["gflops"], bf16=has_bf16())
     for name in cases:
         t = time.perf_counter()
         results[name] = runners[name]()
         print(f"{name}: done in {time.perf_counter() - t:.0f} s", flush=True)
         if name in CASES + BF16_CASES:
-            print(row(name, results[name], host_peak(ARGS.threads)["gflops"]), flush=True)
-    write_report(ARGS.out, machine(), par, results)
+            print(bench_report.row(name, results[name], settings["peak"]), flush=True)
+    info, measured = machine(), {name: bench_report.today() for name in results}
+    if ARGS.update:
+        results, measured = bench_report.merge_previous(ARGS.out, info, results, measured)
+    bench_report.write_report(ARGS.out, info, par, results, settings, measured)
     print(f"wrote {ARGS.out}")
     return 0
 

@@ -1,6 +1,8 @@
-"""The benchmark's own arithmetic (experiments/): the demo's time-to-Dice from a log, the host's peak."""
+"""The benchmark's own arithmetic (experiments/): the demo's time-to-Dice from a log, the host's peak, the
+record that ``bench.py --update`` adds a case to."""
 
 import datetime
+import json
 import sys
 from pathlib import Path
 
@@ -8,6 +10,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
 import bench  # noqa: E402
 import bench_demo  # noqa: E402
+import bench_report  # noqa: E402
+import pytest  # noqa: E402
 
 LOG = """23:59:50 fold 3: test sub-003, train ['sub-001'], grid (56, 72, 64), 4 classes
 23:59:58 warmup epoch 1: train 3.49 val 2.55 val dice 0.3283 lr 1.00e-03 *
@@ -37,3 +41,48 @@ def test_host_peak_is_cores_times_clock_times_fma_width():
     ghz, lanes = float(words[3]), int(words[10])
     assert words[:2] == ["2", "cores"] and lanes in (4, 8, 16)
     assert abs(peak["gflops"] - 2 * ghz * 2 * lanes * 2) <= 0.01 * 2 * lanes * 2 * 2  # the clock's rounding
+
+
+HOST = {"cpu": "Xeon", "cpu_vector_isa": "avx2 fma avx512f", "cpus_visible": 2, "jax": "0.10.2"}
+SETTINGS = {"threads": 2, "repeats": 3, "aug_repeats": 3, "peak": 333.0, "bf16": False}
+PARITY = {"model": 1e-7, "segment": 1e-7}
+
+
+def _fwd(t):
+    return {"ours": [t, t], "peer": [0.2, 0.2], "gflop": 14.9}
+
+
+def test_update_replaces_the_rerun_case_and_keeps_the_others(tmp_path):
+    out = str(tmp_path / "BENCHMARKS.md")
+    first = {"fwd": _fwd(0.1), "augment": {"ours": [0.5], "peer": [17.0]}}
+    bench_report.write_report(
+        out, HOST, PARITY, first, SETTINGS, {"fwd": "2026-11-30", "augment": "2026-11-30"}
+    )
+    results, measured = bench_report.merge_previous(out, HOST, {"fwd": _fwd(0.3)}, {"fwd": "2026-12-02"})
+    assert list(results) == ["fwd", "augment"] and results["fwd"]["ours"] == [0.3, 0.3]
+    assert measured == {"fwd": "2026-12-02", "augment": "2026-11-30"}
+    bench_report.write_report(out, HOST, PARITY, results, SETTINGS, measured)
+    page = Path(out).read_text()
+    assert "| forward 64x88x56 | 0.300 | 0.200 | 1.50 |" in page  # the rerun case's row, the goal not met
+    assert "augment 2026-11-30" in page and "fwd 2026-12-02" in page  # the page says which run is whose
+    assert json.loads(Path(out).with_suffix(".json").read_text())["results"]["augment"]["peer"] == [17.0]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"cpu_vector_isa": "avx2 fma (no AVX-512)"}, "another cpu_vector_isa"),
+        ({"jax": "0.11.0"}, "another jax"),
+    ],
+)
+def test_update_refuses_a_record_of_another_host_or_version(tmp_path, change, message):
+    out = str(tmp_path / "BENCHMARKS.md")
+    bench_report.write_report(out, HOST, PARITY, {"fwd": _fwd(0.1)}, SETTINGS, {"fwd": "2026-11-30"})
+    with pytest.raises(ValueError, match=message):
+        bench_report.merge_previous(out, {**HOST, **change}, {}, {})
+
+
+def test_update_without_a_record_says_so(tmp_path):
+    with pytest.raises(ValueError, match="no earlier record"):
+        bench_report.merge_previous(str(tmp_path / "BENCHMARKS.md"), HOST, {}, {})

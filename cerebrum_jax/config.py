@@ -66,7 +66,8 @@ class LoopConfig:
     volumes as they are), patience (early stopping, epochs), lr_schedule ("plateau": the original's
     reduce-on-plateau by plateau_factor after plateau_patience epochs, down to min_lr; "cosine": each
     phase's learning rate from its lr down to min_lr over its epochs on a half cosine, no plateau cuts),
-    seed (augmentation, dropout, order), slab_rows (depth slabs of the full-resolution layers,
+    lr_hold (cosine: the share of each phase's epochs, 0..1, held at its lr before the half cosine over the
+    rest), seed (augmentation, dropout, order), slab_rows (depth slabs of the full-resolution layers,
     ``streamed``; 0 = the plain whole-volume step).
     """
 
@@ -79,13 +80,19 @@ class LoopConfig:
     seed: int = 0
     slab_rows: int = 0
     lr_schedule: str = "plateau"
+    lr_hold: float = 0.0
 
     def lr_at(self, lr: float, epoch: int, epochs: int) -> float | None:
         """The learning rate of ``epoch`` (0-based) of a phase of ``epochs`` that starts at ``lr`` under
-        the cosine schedule (``lr_schedule`` "cosine"); None under "plateau" (the controller's)."""
+        the cosine schedule (``lr_schedule`` "cosine": ``lr`` for the first ``lr_hold`` of the epochs, then
+        a half cosine down to min_lr over the rest); None under "plateau" (the controller's)."""
         if self.lr_schedule != "cosine":
             return None
-        return self.min_lr + 0.5 * (lr - self.min_lr) * (1.0 + math.cos(math.pi * epoch / max(epochs, 1)))
+        hold = round(self.lr_hold * epochs)
+        if epoch < hold:
+            return lr
+        t = (epoch - hold) / max(epochs - hold, 1)
+        return self.min_lr + 0.5 * (lr - self.min_lr) * (1.0 + math.cos(math.pi * t))
 
     @property
     def views_per_volume(self) -> int:
@@ -208,7 +215,7 @@ class TrainConfig:
     volumes as they are), augment (AugmentConfig overrides), patience (early stopping, epochs),
     plateau_factor / plateau_patience / min_lr (reduce-on-plateau), lr_schedule ("plateau", the
     original's reduce-on-plateau, or "cosine": each phase's rate from its lr down to min_lr over its
-    epochs), seed.
+    epochs), lr_hold (cosine: the share of each phase's epochs held at its lr first), seed.
     Output: prob_class (class name whose probability map is drawn; None = vessels if present, else the
     last class); surface_classes (class names whose 3-D surfaces, manual and predicted, the report shows
     and writes as GIfTI; None = white matter, grey matter and vessels where the label map has them, else
@@ -263,6 +270,7 @@ class TrainConfig:
     plateau_patience: int = LoopConfig.plateau_patience
     min_lr: float = LoopConfig.min_lr
     lr_schedule: str = LoopConfig.lr_schedule
+    lr_hold: float = LoopConfig.lr_hold
     seed: int = LoopConfig.seed
     prob_class: str | None = None
     surface_classes: tuple[str, ...] | None = None
@@ -289,6 +297,8 @@ class TrainConfig:
             if value < low or (high is not None and value > high):
                 allowed = f">= {low}" if high is None else f"in {low}..{high}"
                 raise InputError(f"must be {allowed}, got {value}", name)
+        if not 0 <= self.lr_hold < 1:
+            raise InputError(f"must be in [0, 1), got {self.lr_hold}", "lr_hold")
         if not 0 < self.plateau_factor <= 1:
             raise InputError(f"must be in (0, 1], got {self.plateau_factor}", "plateau_factor")
         if self.slab_rows is not None and (self.slab_rows < 0 or self.slab_rows % 4):
@@ -372,6 +382,7 @@ class TrainConfig:
             seed=self.seed,
             slab_rows=self.slab_rows or 0,
             lr_schedule=self.lr_schedule,
+            lr_hold=self.lr_hold,
         )
 
     def phase(self, name: str) -> PhaseConfig:

@@ -35,6 +35,8 @@ BAD = [
     ("min_lr", -1e-7, "min_lr: must be >= 0"),
     ("plateau_factor", 0, "plateau_factor: must be in (0, 1]"),
     ("lr_schedule", "linear", "lr_schedule: must be one of ['plateau', 'cosine'], not 'linear'"),
+    ("lr_hold", 1, "lr_hold: must be in [0, 1), got 1"),
+    ("lr_hold", -0.1, "lr_hold: must be in [0, 1), got -0.1"),
     ("voxel_mm", "0.7", "voxel_mm: must be a finite number or null"),
     ("voxel_mm", 0, "voxel_mm: must be > 0"),
     ("dropout", 1, "dropout: must be a boolean"),
@@ -134,9 +136,9 @@ def test_typed_sections_each_part_gets_one():
     assert cfg.augment_config == AugmentConfig(p_bias=0.0)  # override replaces the whole mapping
     assert cfg.loss_config is cfg.loss_config  # built once, with the config
     assert cfg.loop == LoopConfig(
-        batch_size=1, augment_views=4, patience=10, plateau_factor=0.25, plateau_patience=4, min_lr=1e-7
+        batch_size=1, augment_views=4, patience=10, min_lr=1e-7, lr_schedule="cosine", lr_hold=0.75
     )
-    assert cfg.phase("warmup") == (1e-3, 3) and cfg.phase("finetune").epochs == 60
+    assert cfg.phase("warmup") == (1e-3, 3) and cfg.phase("finetune").epochs == 66
     init = cfg.init_config
     assert (
         init.dropout_rate == ModelConfig.dropout_rate

@@ -162,13 +162,16 @@ def test_run_dir_names_every_path(tmp_path):
     assert not run.has_best() and not run.has_last()
 
 
-# (epoch, epochs, expected learning rate) of a phase at 1e-3 with min_lr 1e-5 under the cosine schedule
-COSINE = [(0, 4, 1e-3), (2, 4, 1e-5 + 0.5 * (1e-3 - 1e-5)), (4, 4, 1e-5), (1, 1, 1e-5), (0, 1, 1e-3)]
+# (epoch, epochs, lr_hold, expected learning rate) of a phase at 1e-3 with min_lr 1e-5 under the cosine
+# schedule; with lr_hold 0.5 of 8 epochs the first 4 keep 1e-3 and the cosine runs over the other 4
+HALF = 1e-5 + 0.5 * (1e-3 - 1e-5)
+COSINE = [(0, 4, 0, 1e-3), (2, 4, 0, HALF), (4, 4, 0, 1e-5), (1, 1, 0, 1e-5), (0, 1, 0, 1e-3)]
+COSINE += [(3, 8, 0.5, 1e-3), (4, 8, 0.5, 1e-3), (6, 8, 0.5, HALF), (8, 8, 0.5, 1e-5), (0, 1, 0.5, 1e-3)]
 
 
-@pytest.mark.parametrize("epoch, epochs, expected", COSINE)
-def test_cosine_learning_rate(epoch, epochs, expected):
-    schedule = LoopConfig(lr_schedule="cosine", min_lr=1e-5)
+@pytest.mark.parametrize("epoch, epochs, hold, expected", COSINE)
+def test_cosine_learning_rate(epoch, epochs, hold, expected):
+    schedule = LoopConfig(lr_schedule="cosine", min_lr=1e-5, lr_hold=hold)
     assert schedule.lr_at(1e-3, epoch, epochs) == pytest.approx(expected, rel=1e-12)
     assert LoopConfig(lr_schedule="plateau").lr_at(1e-3, epoch, epochs) is None
 

@@ -220,15 +220,17 @@ def test_package_exports_and_cheap_import():
 
 
 @pytest.mark.slow
-def test_conv3d_depth_taps_matches_lax():
-    """'valid' along D, 'same' along H and W, as a sum of 2-D convolutions."""
+@pytest.mark.parametrize("cout", [4, model.FOLD_DEPTH_TAPS_BELOW])  # the folded form, the k 2-D convolutions
+def test_conv3d_depth_taps_matches_lax(cout):
+    """'valid' along D, 'same' along H and W, as 2-D convolutions: one over the depth taps' channels side by
+    side below FOLD_DEPTH_TAPS_BELOW output channels, a sum of k of them from there on."""
     k1, k2 = jax.random.split(jax.random.key(15))
     x = jax.random.normal(k1, (2, 7, 6, 5, 3))
-    kernel = jax.random.normal(k2, (3, 3, 3, 3, 4))
+    kernel = jax.random.normal(k2, (3, 3, 3, 3, cout))
     dn = ("NDHWC", "DHWIO", "NDHWC")
     ref = jax.lax.conv_general_dilated(x, kernel, (1, 1, 1), [(0, 0), (1, 1), (1, 1)], dimension_numbers=dn)
     out = model.conv3d_depth_taps(x, kernel)
-    assert out.shape == (2, 5, 6, 5, 4)
+    assert out.shape == (2, 5, 6, 5, cout)
     # sums of 81 products of N(0, 1) values: float rounding relative to the output's scale
     assert_close_to_scale(out, ref, 1e-5)
 

@@ -41,8 +41,10 @@ $(VENV)/.stamp-test: $(VENV)/.stamp-base
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
+# elasticdeform (the original's augmentation, the peer's side) from source: its 0.5.1 wheel is built against
+# NumPy 1.x and does not load under the pinned NumPy 2 (a C compiler is needed; seconds)
 $(VENV)/.stamp-bench: $(VENV)/.stamp-base
-	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) -m pip install --quiet --no-binary elasticdeform -e '.[bench]'
 	touch $@
 
 install: $(BASE)

@@ -301,7 +301,7 @@ def case_wholetrain() -> dict:
 def case_augment() -> dict:
     """One augmented whole-volume view: cerebrum_jax.augment vs the original scipy/elasticdeform pipeline."""
     jax, np, torch, M, T = setup(ARGS.threads)
-    from original_augment import original_augment
+    from original_augment import ELASTIC, original_augment
 
     from cerebrum_jax.augment import AugmentConfig, augment
 
@@ -316,7 +316,7 @@ def case_augment() -> dict:
         jax.block_until_ready(augment(jax.random.fold_in(key, box["i"]), ji, jl, cfg))
 
     a, b = interleave(ours, lambda: original_augment(rng, img[..., 0], labels), ARGS.aug_repeats)
-    return {"ours": a, "peer": b}
+    return {"ours": a, "peer": b, "peer_elastic": ELASTIC}
 
 
 def case_gpu() -> dict:

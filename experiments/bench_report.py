@@ -123,6 +123,9 @@ def cpu_lines(results: dict, settings: dict) -> list[str]:
     lines += [row(name, r, peak) for name, r in results.items() if name in CASES + BF16_CASES]
     if "train" in results:
         lines += ["", f"Our training step: {results['train']['ours_step']}."]
+    if "augment" in results:  # the original pipeline's elastic deformation: elasticdeform's C code, or not
+        elastic = results["augment"].get("peer_elastic", "not recorded")
+        lines += ["", f"The peer's augmentation (the original pipeline) deformed with: {elastic}."]
     if not settings["bf16"]:
         lines += ["", "bf16 rows: not measured (this host has neither AVX512-BF16 nor AMX-BF16)."]
     lines += ["", "Raw times (s):", ""]

@@ -19,6 +19,7 @@ Run as a script to time one full-size view: ``python experiments/original_augmen
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import sys
 import time
 
@@ -31,8 +32,15 @@ try:
     import elasticdeform
 except (ImportError, AttributeError):  # see _deform_grid_scipy
     # its 0.5.1 wheel is built against NumPy 1.x: under NumPy 2 its import raises AttributeError, not
-    # ImportError, so both mean "not usable here" and the scipy implementation runs instead
+    # ImportError, so both mean "not usable here" and the scipy implementation runs instead (slower: the
+    # bench says which ran; `make bench` builds elasticdeform from source so that it loads)
     elasticdeform = None
+
+ELASTIC = (
+    f"elasticdeform {importlib.metadata.version('elasticdeform')}"
+    if elasticdeform
+    else "scipy fallback (elasticdeform did not load)"
+)
 
 MAX_SHIFT = (10, 15, 10)
 MAX_ANGLE = 5

@@ -137,7 +137,14 @@ def run_all(repeats: int, slab: int, threads: int) -> dict:
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if res.returncode != 0:
             lines = [ln for ln in res.stderr.splitlines() if "rror" in ln] or res.stderr.splitlines()
-            results[side] = {"failed": (lines or [f"exit status {res.returncode}"])[-1][:300]}
+            how = (
+                f"killed by signal {-res.returncode}"
+                if res.returncode < 0
+                else f"exit status {res.returncode}"
+            )
+            if res.returncode == -9:
+                how += " (out of memory?)"
+            results[side] = {"failed": f"{how}: " + (lines or [""])[-1][:300]}
         else:
             results[side] = json.loads(res.stdout.strip().splitlines()[-1])
         print(f"wholetrain {side}: {results[side]}", flush=True)

@@ -138,7 +138,7 @@ def test_typed_sections_each_part_gets_one():
     assert cfg.loop == LoopConfig(
         batch_size=1, augment_views=4, patience=10, min_lr=1e-7, lr_schedule="cosine", lr_hold=0.75
     )
-    assert cfg.phase("warmup") == (1e-3, 3) and cfg.phase("finetune").epochs == 66
+    assert cfg.phase("warmup") == (1e-3, 3) and cfg.phase("finetune").epochs == 60
     init = cfg.init_config
     assert (
         init.dropout_rate == ModelConfig.dropout_rate

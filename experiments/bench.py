@@ -3,6 +3,8 @@
     .venv/bin/python experiments/bench.py --out BENCHMARKS.md            # everything (< 15 min, 2 cores)
     .venv/bin/python experiments/bench.py --cases fwd,train --repeats 5  # a subset
     .venv/bin/python experiments/bench.py --cases gpu                    # GPU figures (on a GPU machine)
+    .venv/bin/python experiments/bench.py --update --cases demo          # rerun one case, keep the others
+    .venv/bin/python experiments/bench.py --render                       # the page again from BENCHMARKS.json
 
 Order: parity check first (max abs probability difference <= 1e-4 with the same weights, else exit 1),
 then each case with a warm-up call excluded and the median of --repeats timed calls, ours and the peer
@@ -441,7 +443,22 @@ def main(argv=None) -> int:
     p.add_argument("--train-runs", type=int, default=3, help="interleaved runs of the train case (median)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--worker", choices=("ours", "peer"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--render",
+        action="store_true",
+        help="measure nothing: write --out again from its JSON record (after editing bench_notes.md)",
+    )
     ARGS = p.parse_args(argv)
+    if ARGS.render:
+        try:
+            with open(bench_report.record_path(ARGS.out)) as fh:
+                rec = json.load(fh)
+        except (OSError, ValueError) as e:
+            p.error(f"{bench_report.record_path(ARGS.out)}: {e}")
+        keys = ("machine", "parity", "results", "settings", "measured")
+        bench_report.write_report(ARGS.out, *(rec[k] for k in keys))
+        print(f"wrote {ARGS.out}")
+        return 0
     # what the cerebrum-jax command runs with (cerebrum_jax.runtime): jemalloc preloaded when installed (a
     # restart of this script; the peer in this process gets it too), XLA:CPU's kernel libraries
     runtime.restart_with_jemalloc([sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:])])

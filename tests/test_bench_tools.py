@@ -86,3 +86,12 @@ def test_update_refuses_a_record_of_another_host_or_version(tmp_path, change, me
 def test_update_without_a_record_says_so(tmp_path):
     with pytest.raises(ValueError, match="no earlier record"):
         bench_report.merge_previous(str(tmp_path / "BENCHMARKS.md"), HOST, {}, {})
+
+
+def test_render_writes_the_page_again_from_the_record(tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    bench_report.write_report(str(out), HOST, PARITY, {"fwd": _fwd(0.1)}, SETTINGS, {"fwd": "2026-11-30"})
+    first = out.read_text()
+    out.write_text("edited by hand")
+    assert bench.main(["--render", "--out", str(out)]) == 0
+    assert out.read_text() == first  # nothing measured: the same page from the same record

@@ -451,10 +451,9 @@ def main(argv=None) -> int:
     ARGS = p.parse_args(argv)
     if ARGS.render:
         try:
-            with open(bench_report.record_path(ARGS.out)) as fh:
-                rec = json.load(fh)
-        except (OSError, ValueError) as e:
-            p.error(f"{bench_report.record_path(ARGS.out)}: {e}")
+            rec = bench_report.load_record(ARGS.out)
+        except ValueError as e:
+            p.error(str(e))
         keys = ("machine", "parity", "results", "settings", "measured")
         bench_report.write_report(ARGS.out, *(rec[k] for k in keys))
         print(f"wrote {ARGS.out}")

@@ -48,15 +48,21 @@ def record_path(path: str) -> str:
     return os.path.splitext(path)[0] + ".json"
 
 
-def merge_previous(path: str, info: dict, results: dict, measured: dict) -> tuple[dict, dict]:
-    """This run's ``results`` on top of the record beside ``path``, in the page's order; ValueError when
-    there is no record or it was measured on another host or other versions."""
+def load_record(path: str) -> dict:
+    """The JSON record beside ``path`` (machine, parity, settings, results, measured); ValueError naming
+    it when it is missing or unreadable."""
     rec = record_path(path)
     try:
         with open(rec) as fh:
-            old = json.load(fh)
+            return json.load(fh)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{rec}: no earlier record to update ({e})") from None
+        raise ValueError(f"{rec}: no earlier record ({e})") from None
+
+
+def merge_previous(path: str, info: dict, results: dict, measured: dict) -> tuple[dict, dict]:
+    """This run's ``results`` on top of the record beside ``path``, in the page's order; ValueError when
+    there is no record or it was measured on another host or other versions."""
+    rec, old = record_path(path), load_record(path)
     differs = [k for k in SAME_HOST if k in info and old.get("machine", {}).get(k) != info[k]]
     if differs:
         raise ValueError(f"{rec}: measured with another {', '.join(differs)}: run every case again")

@@ -25,13 +25,13 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the bench_* modules beside this one
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)  # the bench_* modules beside this one
 import bench_report  # noqa: E402
 from bench_report import BF16_CASES, CASES, EXTRA  # noqa: E402
 
 from cerebrum_jax import runtime  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 SMALL = (64, 88, 56)
 WHOLE = (256, 352, 224)
 

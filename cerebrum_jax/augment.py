@@ -35,10 +35,12 @@ import numpy as np
 import scipy.ndimage
 from jax.scipy.ndimage import map_coordinates
 
+from cerebrum_jax import synth
 from cerebrum_jax.errors import InputError
 
 # fold_in tag that separates augmentation keys from other uses of the same seed (init, dropout).
 AUGMENT_TAG = 0x617567
+SYNTH_TAG = 0x73796E  # the synthetic-intensity draw: fold_in of the view's key (earlier draws unchanged)
 _HIGHEST = jax.lax.Precision.HIGHEST  # coordinates up to ~350 voxels: no bf16/tf32 matmuls
 
 
@@ -57,7 +59,9 @@ class AugmentConfig:
     embedded in a grid of max(elastic_points) points per axis whose extra rows get zero weight.
     ``intensity_mode="one"`` applies at most one intensity op per sample (the original's p 1/4, 1/4,
     1/2 sum to 1: exactly one), "independent" draws each. Labels use mirror edges like the image (the
-    original filled rotated labels with 0). ``chunk_slices``: D-slab size of the
+    original filled rotated labels with 0). ``synth``: label-conditioned intensity randomisation
+    (``synth``, off by default; the view's image replaced with probability ``p_synth`` by one drawn from
+    its labels, with the ``synth_*`` ranges). ``chunk_slices``: D-slab size of the
     resampling (memory vs. speed; the largest divisor of D not above it is used).
     """
 
@@ -87,6 +91,13 @@ class AugmentConfig:
     bias_points: int = 4
     bias_sigma: float = 0.2
     clip_min: bool = True
+    synth: bool = False
+    p_synth: float = 0.5
+    synth_std: float = 0.1
+    synth_blur: float = 1.0
+    synth_bias: float = 0.3
+    synth_gamma: float = 0.3
+    synth_noise: float = 0.05
     chunk_slices: int = 16
 
     def __post_init__(self):
@@ -115,6 +126,10 @@ class AugmentConfig:
             )
         if not self.elastic_points or min(self.elastic_points) < 2 or not self.elastic_sigmas:
             raise InputError("elastic_points must be counts >= 2 and elastic_sigmas non-empty", where)
+        if min(self.synth_std, self.synth_blur, self.synth_bias, self.synth_gamma, self.synth_noise) < 0:
+            raise InputError(
+                "synth_std, synth_blur, synth_bias, synth_gamma, synth_noise must be >= 0", where
+            )
         if len(self.max_shift_vox) != 3 or self.bias_points < 2 or self.chunk_slices < 1:
             raise InputError("max_shift_vox needs 3 values, bias_points >= 2, chunk_slices >= 1", where)
 
@@ -135,7 +150,7 @@ class AugmentParams(NamedTuple):
     elastic displacements in voxels at the control points (P = max(cfg.elastic_points)); grid_index ()
     int32, which entry of cfg.elastic_points is used; intensity (3,) bool: apply salt & pepper,
     Gaussian blend, bias field; bias_grid (B, B, B) log-gain at the bias control points;
-    noise_key: key of the voxelwise noise.
+    noise_key: key of the voxelwise noise; synth: the ``synth.SynthParams`` draw.
     """
 
     angles_deg: jax.Array
@@ -145,6 +160,7 @@ class AugmentParams(NamedTuple):
     intensity: jax.Array
     bias_grid: jax.Array
     noise_key: jax.Array
+    synth: synth.SynthParams
 
 
 # ---------------------------------------------------------------- pure operations
@@ -307,7 +323,8 @@ def rand_params(key, cfg: AugmentConfig) -> AugmentParams:
     angles, shift = rand_rigid(k_rigid, cfg)
     grid, index = rand_elastic(k_elastic, cfg)
     flags, bias_grid, noise_key = rand_intensity(k_intensity, cfg)
-    return AugmentParams(angles, shift, grid, index, flags, bias_grid, noise_key)
+    drawn = synth.rand_synth(jax.random.fold_in(key, SYNTH_TAG), cfg)
+    return AugmentParams(angles, shift, grid, index, flags, bias_grid, noise_key, drawn)
 
 
 def identity_params(cfg: AugmentConfig, key=None) -> AugmentParams:
@@ -321,6 +338,7 @@ def identity_params(cfg: AugmentConfig, key=None) -> AugmentParams:
         jnp.zeros(3, bool),
         jnp.zeros((b, b, b), jnp.float32),
         jax.random.key(0) if key is None else key,
+        synth.rand_synth(jax.random.key(0), dataclasses.replace(cfg, synth=False)),
     )
 
 
@@ -331,9 +349,14 @@ def _slab_size(depth: int, chunk: int) -> int:
     return max(c for c in range(1, min(depth, chunk) + 1) if depth % c == 0)
 
 
-def apply_spatial(params: AugmentParams, volume, labels, cfg: AugmentConfig):
+def apply_spatial(params: AugmentParams, volume, labels, cfg: AugmentConfig, extra=None):
     """Rigid + elastic as one coordinate map, one resampling: volume (D, H, W) float32 (linear) and
-    labels (D, H, W) int (nearest) -> same shapes. Evaluated in D-slabs to bound memory."""
+    labels (D, H, W) int (nearest) -> same shapes. Evaluated in D-slabs to bound memory. ``extra``
+    (D, H, W) 0/1 (a tubed skeleton) travels with the labels as one volume 2 labels + extra (the same
+    nearest samples) and is returned third."""
+    if extra is not None:
+        v, packed = apply_spatial(params, volume, 2 * labels.astype(jnp.int32) + extra, cfg)
+        return v, (packed // 2).astype(labels.dtype), (packed % 2).astype(extra.dtype)
     shape = volume.shape
     d, h, w = shape
     center = (jnp.asarray(shape, jnp.float32) - 1.0) / 2.0
@@ -397,21 +420,27 @@ def _check(image, labels, batched: bool):
         raise ValueError(f"augment: labels must be integer class indices, got {labels.dtype}")
 
 
-def apply_params(params: AugmentParams, image, labels, cfg: AugmentConfig):
-    """Deterministic view: image (D, H, W, 1) float32, labels (D, H, W) int -> the same shapes.
+def apply_params(params: AugmentParams, image, labels, cfg: AugmentConfig, extra=None):
+    """Deterministic view: image (D, H, W, 1) float32, labels (D, H, W) int -> the same shapes (and
+    ``extra`` (D, H, W) 0/1 resampled with the labels, returned third, when given).
 
-    Spatial resampling, then (clip_min) clip at the input's minimum, then the intensity ops on the
-    image. With linear interpolation the clip never acts (the original needed it after its order-5
+    Spatial resampling, then (clip_min) clip at the input's minimum, then (``cfg.synth``) the image
+    drawn from the view's labels with probability p_synth (``synth.apply_synth``), then the intensity
+    ops on the image. With linear interpolation the clip never acts (the original needed it after its order-5
     spline, which overshoots); the Gaussian blend may go below the minimum, as in the original, whose
     online intensity ops came after its offline clip.
     """
     volume = image[..., 0].astype(jnp.float32)
     floor = jnp.min(volume)
-    volume, labels = apply_spatial(params, volume, labels, cfg)
+    spatial = apply_spatial(params, volume, labels, cfg, extra)
+    volume, labels = spatial[:2]
     if cfg.clip_min:
         volume = jnp.maximum(volume, floor)
+    if cfg.synth:
+        volume = synth.apply_synth(params.synth, volume, labels)
+        floor = jnp.min(volume)
     volume = apply_intensity(params, volume, floor, cfg)
-    return volume[..., None], labels
+    return (volume[..., None], *spatial[1:]) if extra is not None else (volume[..., None], labels)
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
@@ -429,8 +458,12 @@ def augment(key, image, labels, cfg: AugmentConfig = AugmentConfig()):
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
-def _augment_batch(keys, images, labels, cfg):
-    return jax.vmap(lambda k, x, y: apply_params(rand_params(k, cfg), x, y, cfg))(keys, images, labels)
+def _augment_batch(keys, images, labels, cfg, extra=None):
+    if extra is None:
+        return jax.vmap(lambda k, x, y: apply_params(rand_params(k, cfg), x, y, cfg))(keys, images, labels)
+    return jax.vmap(lambda k, x, y, e: apply_params(rand_params(k, cfg), x, y, cfg, e))(
+        keys, images, labels, extra
+    )
 
 
 def augment_batch(keys, images, labels, cfg: AugmentConfig = AugmentConfig()):
@@ -453,11 +486,13 @@ def view_key(seed: int, epoch: int, subject_index: int, view_index: int) -> jax.
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
-def augment_views(seed, epoch, views, images, labels, cfg: AugmentConfig):
+def augment_views(seed, epoch, views, images, labels, cfg: AugmentConfig, extra=None):
     """The augmented views of one batch in one compiled call: ``views`` (B, 3) int32 rows of (row of
     ``images`` (N, D, H, W, 1) / ``labels`` (N, D, H, W), subject index, view index), each view keyed
     ``view_key(seed, epoch, subject, view)``: ``augment_batch`` of those rows and keys, (B, D, H, W, 1)
     and (B, D, H, W). One dispatch instead of a dozen (the key chains' fold_ins, the gathers), which
-    cost 10-15 ms of the demo's 0.27 s step on a 2-core CPU."""
+    cost 10-15 ms of the demo's 0.27 s step on a 2-core CPU. ``extra`` (N, D, H, W) 0/1 (the tubed
+    skeletons) is carried through each view's spatial transform with the labels and returned third."""
     keys = jax.vmap(lambda s, v: view_key(seed, epoch, s, v))(views[:, 1], views[:, 2])
-    return _augment_batch(keys, images[views[:, 0]], labels[views[:, 0]], cfg)
+    rows = views[:, 0]
+    return _augment_batch(keys, images[rows], labels[rows], cfg, None if extra is None else extra[rows])

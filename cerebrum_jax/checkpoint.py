@@ -229,6 +229,15 @@ def check_checkpoint(ckpt: Checkpoint, path) -> None:
 DEFAULT_WEIGHTS = ("weights/glasgow", "weights/demo")  # looked for in the current directory, then the repo
 
 
+def locate_weights(name: str) -> Path | None:
+    """The directory ``name`` (one of ``DEFAULT_WEIGHTS``) in the current directory, else in the
+    repository; None where neither has it."""
+    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        if (base / name).is_dir():
+            return base / name
+    return None
+
+
 def find_weights(weights: str | os.PathLike | None, log=None) -> Path:
     """The checkpoint directory to start from: ``weights``, else the first of ``DEFAULT_WEIGHTS`` found
     (weights/glasgow, then weights/demo; each in the current directory, then the repository), saying so to
@@ -236,13 +245,12 @@ def find_weights(weights: str | os.PathLike | None, log=None) -> Path:
     ``finetune`` both look the default up here."""
     if weights is not None:
         return Path(weights)
-    repo = Path(__file__).resolve().parents[1]
     for name in DEFAULT_WEIGHTS:
-        for base in (Path.cwd(), repo):
-            if (base / name).is_dir():
-                if name != DEFAULT_WEIGHTS[0] and log is not None:
-                    log(f"no Glasgow weights ({DEFAULT_WEIGHTS[0]} missing): starting from {base / name}")
-                return base / name
+        found = locate_weights(name)
+        if found is not None:
+            if name != DEFAULT_WEIGHTS[0] and log is not None:
+                log(f"no Glasgow weights ({DEFAULT_WEIGHTS[0]} missing): starting from {found}")
+            return found
     raise InputError(
         f"no checkpoint found: neither {' nor '.join(DEFAULT_WEIGHTS)} exists (run 'make weights' or pass "
         "--weights)",

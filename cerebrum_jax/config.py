@@ -209,13 +209,17 @@ class TrainConfig:
     "ce+dice": their sum), class_weights ("balanced": sklearn-style weights from the training labels'
     class frequencies, or "none"). The class weights weight the cross-entropy only (each voxel's
     -log p by its class's weight), in training and in the validation loss: with loss "dice" they have
-    no effect at all, with "ce+dice" they weight only the cross-entropy term. lr_warmup / lr_finetune
+    no effect at all, with "ce+dice" they weight only the cross-entropy term. skeleton_classes (class
+    names whose skeleton recall, Kirchhoff et al. 2024, is added to the loss times skeleton_weight; None
+    = the vessel-like classes of the label map, ``skeleton.VESSEL_LIKE``; [] = none). lr_warmup / lr_finetune
     (Adam learning rates), epochs_warmup / epochs_finetune (max epochs per phase; 0 skips the phase),
     batch_size (views per step), augment_views (random views per training volume per epoch; 0 = the
-    volumes as they are), augment (AugmentConfig overrides), patience (early stopping, epochs),
-    plateau_factor / plateau_patience / min_lr (reduce-on-plateau), lr_schedule ("plateau", the
-    original's reduce-on-plateau, or "cosine": each phase's rate from its lr down to min_lr over its
-    epochs), lr_hold (cosine: the share of each phase's epochs held at its lr first), seed.
+    volumes as they are), augment (AugmentConfig overrides), augment_voxel_mm (the voxel size, mm, the
+    augmentation's voxel ranges are meant for: shifts, elastic sigmas and the Gaussian blend are scaled
+    to the fold's voxels, ``fold.fold_augment_config``; None = used as given), patience (early
+    stopping, epochs), plateau_factor / plateau_patience / min_lr (reduce-on-plateau), lr_schedule
+    ("plateau", the original's reduce-on-plateau, or "cosine": each phase's rate from its lr down to
+    min_lr over its epochs), lr_hold (cosine: the share of each phase's epochs held at its lr first), seed.
     Output: prob_class (class name whose probability map is drawn; None = vessels if present, else the
     last class); surface_classes (class names whose 3-D surfaces, manual and predicted, the report shows
     and writes as GIfTI; None = white matter, grey matter and vessels where the label map has them, else
@@ -258,6 +262,8 @@ class TrainConfig:
     last_layer: int = 3
     loss: str = "dice"
     class_weights: str = "balanced"
+    skeleton_classes: tuple[str, ...] | None = None
+    skeleton_weight: float = 1.0
     lr_warmup: float = 1e-4
     lr_finetune: float = 5e-4
     epochs_warmup: int = 110
@@ -265,6 +271,7 @@ class TrainConfig:
     batch_size: int = LoopConfig.batch_size
     augment_views: int = LoopConfig.augment_views
     augment: dict = dataclasses.field(default_factory=dict)
+    augment_voxel_mm: float | None = None
     patience: int = LoopConfig.patience
     plateau_factor: float = LoopConfig.plateau_factor
     plateau_patience: int = LoopConfig.plateau_patience
@@ -325,7 +332,13 @@ class TrainConfig:
         from cerebrum_jax.augment import AugmentConfig
         from cerebrum_jax.losses import LossConfig
 
-        object.__setattr__(self, "_loss", LossConfig(self.loss, self.class_weights))
+        if self.augment_voxel_mm is not None and self.augment_voxel_mm <= 0:
+            raise InputError(f"must be > 0, got {self.augment_voxel_mm}", "augment_voxel_mm")
+        if self.skeleton_weight < 0:
+            raise InputError(f"must be >= 0, got {self.skeleton_weight}", "skeleton_weight")
+        object.__setattr__(
+            self, "_loss", LossConfig(self.loss, self.class_weights, skeleton_weight=self.skeleton_weight)
+        )
         known = _field_hints(AugmentConfig)
         augment = {
             k: check_value(known[k], v, f"augment.{k}") if k in known else v for k, v in self.augment.items()
@@ -338,7 +351,8 @@ class TrainConfig:
 
     @property
     def loss_config(self):
-        """The ``losses.LossConfig`` section (loss, class_weights), built once."""
+        """The ``losses.LossConfig`` section (loss, class_weights, skeleton_weight), built once; its
+        skeleton classes are resolved against the label map by ``fold.fold_loss_config``."""
         return self._loss
 
     @property

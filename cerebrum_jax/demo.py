@@ -178,10 +178,13 @@ def tissue_posteriors(t1, gm, wm, brain, iterations: int = 5) -> dict:
     return out
 
 
-def make_subject(template: dict, index: int, seed: int = SEED):
+def make_subject(template: dict, index: int, seed: int = SEED, contrast: dict | None = None, bias_sd=0.15):
     """Pseudo-subject ``index`` -> (image (X, Y, Z) float32 >= 0, labels uint8 in {0,1,2,3}, affine 4x4).
 
-    Randomness from numpy's generator seeded with (seed, index) only.
+    Randomness from numpy's generator seeded with (seed, index) only. ``contrast`` {"wm", "gm", "csf":
+    intensity} replaces the template's T1 inside the brain by the tissue posteriors' mixture of those
+    intensities (another contrast on the same anatomy; the head outside keeps the T1); ``bias_sd``: the
+    log-gain sd of the bias field.
     """
     rng = np.random.default_rng([seed, index])
     shape, out_affine = template["out_shape"], template["out_affine"]
@@ -190,9 +193,13 @@ def make_subject(template: dict, index: int, seed: int = SEED):
     tissues = np.stack([sample["wm"], sample["gm"], sample["csf"]])
     labels = (np.argmax(tissues, axis=0) + 1).astype(np.uint8)  # 1 WM, 2 GM, 3 CSF
     labels[sample["brain"] < 0.5] = 0
+    if contrast is not None:
+        brain = np.clip(sample["brain"], 0.0, 1.0)
+        mix = sum(contrast[k] * sample[k] for k in ("wm", "gm", "csf")) / np.maximum(tissues.sum(0), 1e-6)
+        sample["t1"] = brain * mix + (1.0 - brain) * sample["t1"]
     gamma = rng.uniform(0.7, 1.4)  # tissue contrast
     gain = rng.uniform(300.0, 1500.0)  # scanner units differ between sessions
-    bias = np.exp(_smooth_field(rng, shape, 4, 0.15))  # +-15 % slow multiplicative inhomogeneity
+    bias = np.exp(_smooth_field(rng, shape, 4, bias_sd))  # default +-15 %: slow multiplicative inhomogeneity
     noise = rng.normal(0.0, 0.02, shape)
     image = gain * np.clip(np.clip(sample["t1"], 0.0, None) ** gamma * bias + noise, 0.0, None)
     return image.astype(np.float32), labels, out_affine

@@ -317,7 +317,7 @@ def put_batch(local: dict, mesh, batch_size: int) -> dict:
     sharding.check_divisible((batch_size, *local["image"].shape[1:]), mesh)
     shardings, out = sharding.batch_shardings(local, mesh), {}
     for name, x in local.items():
-        if name in ("image", "labels"):
+        if name in ("image", "labels", "skeleton"):
             shape = (batch_size, *x.shape[1:])
             out[name] = from_local(local_part(x, shardings[name], shape), shardings[name], shape)
         else:

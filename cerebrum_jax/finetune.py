@@ -41,6 +41,7 @@ from cerebrum_jax import (
     results_page,
     runguard,
     sharding,
+    skeleton,
     streamed,
     train,
 )
@@ -159,8 +160,8 @@ def _train(cfg, run: RunDir, prepared: PreparedFold, record: RunRecord, run_conf
     try:
         params, history = fit(
             cfg.loop,
-            cfg.loss_config,
-            cfg.augment_config,
+            prepared.loss_config,
+            prepared.augment_config,
             run_config,
             prepared.params,
             phases,
@@ -288,6 +289,10 @@ def _evaluate(cfg, run: RunDir, prepared, record: RunRecord, probs, grids, histo
     t["predicted"] = time.perf_counter()
     grids["pred"] = predictor.labels_from(probs)
     result = metrics.evaluate(grids["pred"], grids["ref"], grids["spacing"], dict(enumerate(names)))
+    thin = skeleton.vessel_like_classes(names)  # thin classes: how much of their centre line is found
+    result["centreline"] = {
+        names[k]: skeleton.centreline_scores(grids["pred"] == k, grids["ref"] == k) for k in thin
+    }
     t["evaluated"] = time.perf_counter()
     result.update(
         {

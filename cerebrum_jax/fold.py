@@ -17,12 +17,24 @@ import jax
 import numpy as np
 
 from cerebrum_jax import data as D
-from cerebrum_jax import distributed, inputs, losses, preprocess, results_page, sharding, shares, train
-from cerebrum_jax.checkpoint import Checkpoint, find_weights, load_checkpoint
+from cerebrum_jax import (
+    distributed,
+    inputs,
+    losses,
+    preprocess,
+    results_page,
+    sharding,
+    shares,
+    skeleton,
+    train,
+)
+from cerebrum_jax.augment import AugmentConfig
+from cerebrum_jax.checkpoint import DEFAULT_WEIGHTS, Checkpoint, find_weights, load_checkpoint, locate_weights
 from cerebrum_jax.config import DataConfig, InitConfig, OutputConfig, RuntimeConfig, TrainConfig
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.inputs import PreparedSubject, Preprocessing
 from cerebrum_jax.labels import LabelMap, edit_label_map, get_label_map
+from cerebrum_jax.losses import LossConfig
 from cerebrum_jax.memory import check_training_fits
 from cerebrum_jax.model import ModelConfig
 
@@ -63,7 +75,9 @@ class PreparedFold:
     """Everything ``prepare_fold`` checked and loaded: weights_path and ckpt (None from scratch), fold
     (``FoldData``), normalization_note (why that normalisation), k_prob (the class whose probability
     map is drawn), mesh (None: one device), model_config (the new network, float32), params / frozen
-    (initial parameters, the warm-up's frozen mask), seconds (how long it took)."""
+    (initial parameters, the warm-up's frozen mask), loss_config (``cfg.loss_config`` with its skeleton
+    recall classes resolved, ``fold_loss_config``), augment_config (``cfg.augment_config`` for the fold's
+    voxels, ``fold_augment_config``), seconds (how long it took)."""
 
     weights_path: Path | None
     ckpt: Checkpoint | None
@@ -74,6 +88,8 @@ class PreparedFold:
     model_config: ModelConfig
     params: dict
     frozen: dict
+    loss_config: LossConfig
+    augment_config: AugmentConfig
     seconds: float
 
     def initial_weights(self, n_filters: int) -> tuple[str, str]:
@@ -242,6 +258,57 @@ def prob_class_index(cfg: OutputConfig, names: tuple[str, ...]) -> int:
     return names.index("vessels") if "vessels" in names else len(names) - 1
 
 
+def start_weights(cfg: InitConfig, demo: bool, log) -> str | None:
+    """The weights a fold starts from: ``cfg.weights`` when given; else weights/glasgow where it exists;
+    else, for the demo cohort (``demo``: no dataset given, the cohort the demo builds), weights/demo;
+    else "none" (from scratch at ``cfg.n_filters``), said to ``log``. weights/demo is a 12-filter network
+    pretrained on 3 template classes: on real anatomy it did worse than a random start on every class
+    (README, "Which weights a fold starts from"), so it is never the silent start of another dataset."""
+    if cfg.weights is not None or demo:
+        return cfg.weights
+    if locate_weights(DEFAULT_WEIGHTS[0]) is not None:
+        return str(locate_weights(DEFAULT_WEIGHTS[0]))
+    log(
+        f"no Glasgow weights ({DEFAULT_WEIGHTS[0]} missing: 'make weights'): training from scratch at "
+        f"n_filters {cfg.n_filters}, not from weights/demo (the demo cohort's toy network, worse than a "
+        "random start on real anatomy; --weights weights/demo to use it anyway)"
+    )
+    return "none"
+
+
+def fold_loss_config(loss: LossConfig, skeleton_classes, names) -> LossConfig:
+    """``loss`` with its skeleton recall classes resolved against the label map's class ``names``:
+    ``skeleton_classes`` None = the vessel-like classes (``skeleton.vessel_like_classes``), a list of
+    class names = those (InputError naming an unknown one or the background), () = none."""
+    if skeleton_classes is None:
+        indices = skeleton.vessel_like_classes(names)
+    else:
+        unknown = [c for c in skeleton_classes if c not in names[1:]]
+        if unknown:
+            raise InputError(
+                f"{unknown} not a foreground class of the label map: {list(names[1:])}", "skeleton_classes"
+            )
+        indices = tuple(names.index(c) for c in skeleton_classes)
+    return dataclasses.replace(loss, skeleton_classes=indices)
+
+
+def fold_augment_config(augment: AugmentConfig, reference_mm: float | None, voxel_mm) -> AugmentConfig:
+    """``augment`` for the fold's voxels: with ``reference_mm`` (the voxel size, mm, its voxel ranges were
+    set for: the original's 0.63 mm) the shifts (per axis), the elastic sigmas and the Gaussian blend's
+    weight are scaled by reference_mm / ``voxel_mm`` (3,) (the training subjects' median), so that they
+    stay the same millimetres and the same noise per tissue; the weight is never raised. None: as given."""
+    if reference_mm is None:
+        return augment
+    ratio = float(reference_mm) / np.asarray(voxel_mm, float)
+    mean = float(np.mean(ratio))
+    return dataclasses.replace(
+        augment,
+        max_shift_vox=tuple(float(v * r) for v, r in zip(augment.max_shift_vox, ratio, strict=True)),
+        elastic_sigmas=tuple(float(v * mean) for v in augment.elastic_sigmas),
+        gaussian_weight=float(augment.gaussian_weight * min(mean, 1.0)),
+    )
+
+
 def _initial_network(cfg: InitConfig, n_classes: int, seed: int, log):
     """(weights_path, ckpt, model_config, params, frozen, normalization, why): the initial checkpoint's
     network with ``n_classes`` outputs (or, for weights "none", a random init: from scratch)."""
@@ -298,8 +365,15 @@ def prepare_fold(cfg: TrainConfig, log=print) -> PreparedFold:
             "slab streaming cannot be combined with --mesh (use one or the other)", "--slab-rows"
         )
     mesh = fold_mesh(runtime, batch, data.grid)
+    init = dataclasses.replace(
+        cfg.init_config, weights=start_weights(cfg.init_config, data.data is None, log)
+    )
+    loss = fold_loss_config(cfg.loss_config, cfg.skeleton_classes, label_map.names)
+    if loss.uses_skeleton:
+        names = ", ".join(label_map.names[k] for k in loss.skeleton_classes)
+        log(f"loss: + skeleton recall of {names} (weight {loss.skeleton_weight})")
     weights_path, ckpt, model_config, params, frozen, normalization, why = _initial_network(
-        cfg.init_config, label_map.n_classes, cfg.seed, log
+        init, label_map.n_classes, cfg.seed, log
     )
     check_training_fits(runtime, batch, data.grid, label_map.n_classes, model_config.n_filters)
     log(f"input normalisation: {normalization} ({why})")
@@ -308,8 +382,26 @@ def prepare_fold(cfg: TrainConfig, log=print) -> PreparedFold:
     check_training_fits(runtime, batch, fold.grid, label_map.n_classes, model_config.n_filters)
     log(f"brain mask: {fold.preprocessing.mask} ({fold.mask_note})")
     mesh = fold_mesh(runtime, batch, fold.grid)
+    augment = fold_augment_config(cfg.augment_config, cfg.augment_voxel_mm, fold.train_voxel_mm)
+    if augment != cfg.augment_config:
+        log(
+            f"augmentation scaled from {cfg.augment_voxel_mm} mm voxels to the fold's "
+            f"{'x'.join(f'{v:.2f}' for v in fold.train_voxel_mm)} mm: shifts {augment.max_shift_vox} voxels, "
+            f"elastic sigmas {augment.elastic_sigmas}, Gaussian blend {augment.gaussian_weight:.3f}"
+        )
     if mesh is not None and fold.shares.count == 1:
         check_last_batch(len(fold.train) * cfg.loop.views_per_volume, batch, mesh.shape["data"])
     return PreparedFold(
-        weights_path, ckpt, fold, why, k_prob, mesh, model_config, params, frozen, time.perf_counter() - t0
+        weights_path,
+        ckpt,
+        fold,
+        why,
+        k_prob,
+        mesh,
+        model_config,
+        params,
+        frozen,
+        loss,
+        augment,
+        time.perf_counter() - t0,
     )

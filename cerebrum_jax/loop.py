@@ -15,6 +15,7 @@ phase key ``fold_in(key(seed), phase)`` and the step: same seed, same results, o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from cerebrum_jax import distributed, losses, runtime, sharding, streamed
+from cerebrum_jax import distributed, losses, runtime, sharding, skeleton, streamed
 from cerebrum_jax.augment import AugmentConfig, augment_views
 from cerebrum_jax.config import LoopConfig
 from cerebrum_jax.errors import NonFiniteLoss
@@ -182,13 +183,15 @@ def _none_if_nan(value) -> float | None:
 class _Data(NamedTuple):
     """A fold's arrays on the device: the training images (N', D, H, W, 1) and labels this process holds,
     their position by subject index (``at``), the validation batches, the balanced (or unit) class
-    weights."""
+    weights, the training volumes' tubed skeletons (N', D, H, W) uint8 (None: the loss has no skeleton
+    recall term)."""
 
     images: jax.Array
     labels: jax.Array
     at: dict
     val: list
     weights: np.ndarray
+    skeletons: jax.Array | None
 
 
 class _Run(NamedTuple):
@@ -207,7 +210,7 @@ class _Run(NamedTuple):
     shares: Shares
 
 
-def _device_data(train, val, n_classes: int, mesh, part: Shares, weights) -> _Data:
+def _device_data(train, val, n_classes: int, mesh, part: Shares, weights, loss: LossConfig) -> _Data:
     """The training volumes this process holds on its first device (one share: all of them, since the
     shuffled order draws any into its batch rows), the validation batches, the class ``weights`` (None:
     balanced from ``train``).
@@ -215,7 +218,8 @@ def _device_data(train, val, n_classes: int, mesh, part: Shares, weights) -> _Da
     One share: on a mesh whose "data" axis is R > 1, a validation batch is its volume repeated R times
     (the same loss; Dice differs only by the 1e-7 smoothing term), each process putting only its rows
     and depth box (``distributed.put_batch``). Several shares: each volume this process validates is a
-    batch of one on its own first device (``_validate``)."""
+    batch of one on its own first device (``_validate``). The tubed skeletons of
+    ``loss.skeleton_classes`` are computed here, once per volume (``skeleton.tubed_skeleton``)."""
     if weights is None:
         weights = losses.balanced_class_weights([y for _, y in train], n_classes)
     images = jnp.asarray(np.stack([x for x, _ in train]))[..., None]
@@ -223,19 +227,23 @@ def _device_data(train, val, n_classes: int, mesh, part: Shares, weights) -> _Da
     at = {s: i for i, s in enumerate(part.train_index)}
     copies = 1 if mesh is None or part.count > 1 else mesh.shape["data"]
     mine = copies if copies == 1 else len(range(copies)[distributed.local_rows(copies, mesh)])
-    batches = [
-        {
+    tube = functools.partial(skeleton.tubed_skeleton, classes=loss.skeleton_classes)
+    skeletons = jnp.asarray(np.stack([tube(y) for _, y in train])) if loss.uses_skeleton else None
+    batches = []
+    for x, y in val:
+        batch = {
             "image": np.repeat(x[None, ..., None], mine, axis=0),
             "labels": np.repeat(y[None], mine, axis=0),
             "class_weights": weights,
         }
-        for x, y in val
-    ]
+        if loss.uses_skeleton:
+            batch["skeleton"] = np.repeat(tube(y)[None], mine, axis=0)
+        batches.append(batch)
     if copies == 1:
         batches = [jax.tree_util.tree_map(jnp.asarray, v) for v in batches]
     else:
         batches = [distributed.put_batch(v, mesh, copies) for v in batches]
-    return _Data(images, labels, at, batches, weights)
+    return _Data(images, labels, at, batches, weights, skeletons)
 
 
 def fit(
@@ -267,7 +275,7 @@ def fit(
     epoch.
     """
     part = shares or Shares.single(len(train), len(val))
-    data = _device_data(train, val, model_config.n_classes, mesh, part, class_weights)
+    data = _device_data(train, val, model_config.n_classes, mesh, part, class_weights, loss)
     act = sharding.activation_sharding(mesh) if mesh is not None else None
     slabs = schedule.slab_rows if part.count == 1 else streamed.auto_slab_rows(np.shape(train[0][0]))
     options = runtime.mesh_compiler_options() if mesh is not None else None
@@ -365,10 +373,15 @@ def _train_batch(run: _Run, chunk: np.ndarray, epoch_id: int) -> dict:
     held = np.asarray([data.at[int(s)] for s in mine[:, 0]])
     if schedule.augment_views > 0:
         views = np.stack([held, mine[:, 0], mine[:, 1]], axis=1).astype(np.int32)
-        x, y = augment_views(schedule.seed, epoch_id, views, data.images, data.labels, run.augment)
+        x, y, *skel = augment_views(
+            schedule.seed, epoch_id, views, data.images, data.labels, run.augment, data.skeletons
+        )
     else:
         x, y = data.images[held], data.labels[held]
+        skel = [] if data.skeletons is None else [data.skeletons[held]]
     batch = {"image": x, "labels": y, "class_weights": jnp.asarray(data.weights)}
+    if skel:
+        batch["skeleton"] = skel[0]
     return batch if run.mesh is None else distributed.put_batch(batch, run.mesh, len(chunk))
 
 

@@ -110,8 +110,13 @@ def state_shardings(state, mesh: Mesh):
 
 
 def batch_shardings(batch: dict, mesh: Mesh) -> dict:
-    """Shardings for a batch dict: "image" (B,D,H,W,1) and "labels" (B,D,H,W) split, the rest replicated."""
-    split = {"image": volume_sharding(mesh), "labels": labels_sharding(mesh)}
+    """Shardings for a batch dict: "image" (B,D,H,W,1), "labels" and "skeleton" (B,D,H,W) split, the rest
+    replicated."""
+    split = {
+        "image": volume_sharding(mesh),
+        "labels": labels_sharding(mesh),
+        "skeleton": labels_sharding(mesh),
+    }
     return {k: split.get(k, replicated(mesh)) for k in batch}
 
 

@@ -162,10 +162,11 @@ def _levels23(params, config: ModelConfig, v: jax.Array, keys: dict) -> jax.Arra
     return g("dec_lvl2_block2_conv", g("dec_lvl2_block1_conv", v))
 
 
-def _slab_sums(logits, labels, class_weights, count, hard: bool) -> dict:
+def _slab_sums(logits, labels, class_weights, count, hard: bool, skel=None) -> dict:
     """Loss sums of one slab: logits (B, n, H, W, C) float32, labels (B, n, H, W), count (n,) bool (rows
     this slab counts). {"ce": weighted -log p sum, "tp", "fp", "fn": (C,)} (+ "inter", "total" (C,) of the
-    argmax prediction when ``hard``)."""
+    argmax prediction when ``hard``; + "skel_hit", "skel_n" (C,), ``losses.skeleton_sums``, when the slab's
+    tubed skeleton ``skel`` (B, n, H, W) is given)."""
     c = logits.shape[-1]
     wrow = count.astype(jnp.float32)[None, :, None, None]
     logp = jax.nn.log_softmax(logits, axis=-1)
@@ -186,10 +187,12 @@ def _slab_sums(logits, labels, class_weights, count, hard: bool) -> dict:
         pred = jax.nn.one_hot(jnp.argmax(logits, axis=-1), c, dtype=jnp.float32)
         out["inter"] = jnp.sum(pred * onehot * w, axis=axes)
         out["total"] = jnp.sum((pred + onehot) * w, axis=axes)
+    if skel is not None:
+        out["skel_hit"], out["skel_n"] = losses.skeleton_sums(logits, labels, skel * wrow.astype(skel.dtype))
     return out
 
 
-def _decode_sums(params, config, x, labels, class_weights, v, slab, up_key, hard=False) -> dict:
+def _decode_sums(params, config, x, labels, class_weights, v, slab, up_key, hard=False, skel=None) -> dict:
     """Stage C: the level-1 decoder and the loss sums, slab by slab, summed over slabs (see _slab_sums)."""
     d = x.shape[1]
     xc = jnp.pad(x, ((0, 0), (2, 2), (0, 0), (0, 0), (0, 0)))
@@ -210,7 +213,8 @@ def _decode_sums(params, config, x, labels, class_weights, v, slab, up_key, hard
         logits = f("main_output", f("dec_lvl1_block1_conv", skip, True)).astype(jnp.float32)
         lab = jax.lax.dynamic_slice_in_dim(labels, s, slab, axis=1)
         count = s + jnp.arange(slab) >= i * slab  # the last slab may overlap the one before
-        return _slab_sums(logits, lab, class_weights, count, hard)
+        sk = None if skel is None else jax.lax.dynamic_slice_in_dim(skel, s, slab, axis=1)
+        return _slab_sums(logits, lab, class_weights, count, hard, sk)
 
     starts = _slab_starts(d, slab)
     sums = jax.lax.map(body, (jnp.arange(starts.shape[0]), starts))
@@ -226,7 +230,8 @@ def _sums(params, config, batch, loss_config, slab, key, hard=False) -> dict:
     keys = dropout_keys(config, key)
     v = _levels23(params, config, _encode(params, config, x, slab), keys)
     weights = batch["class_weights"] if loss_config.class_weights == "balanced" else None
-    return _decode_sums(params, config, x, labels, weights, v, slab, keys.get("up_2to1_conv"), hard)
+    skel = batch["skeleton"] if loss_config.uses_skeleton else None
+    return _decode_sums(params, config, x, labels, weights, v, slab, keys.get("up_2to1_conv"), hard, skel)
 
 
 def _loss_from_sums(sums: dict, n_voxels: int, loss_config: LossConfig) -> tuple[jax.Array, dict]:
@@ -235,7 +240,12 @@ def _loss_from_sums(sums: dict, n_voxels: int, loss_config: LossConfig) -> tuple
     soft_dice = (tp + losses.SMOOTH) / (tp + losses.SMOOTH + 0.5 * fp + 0.5 * fn)
     dl = jnp.sum(1.0 - soft_dice)
     total = {"ce": ce, "dice": dl, "ce+dice": ce + dl}[loss_config.loss]
-    return total, {"loss": total, "ce": ce, "dice_loss": dl, "soft_dice": soft_dice}
+    metrics = {"ce": ce, "dice_loss": dl, "soft_dice": soft_dice}
+    if loss_config.uses_skeleton:
+        sl = losses.skeleton_recall_from_sums(sums["skel_hit"], sums["skel_n"], loss_config.skeleton_classes)
+        metrics["skeleton_loss"] = sl
+        total = total + loss_config.skeleton_weight * sl
+    return total, {"loss": total, **metrics}
 
 
 def loss_terms(

@@ -4,7 +4,8 @@ and the host-side early-stopping / reduce-on-plateau controller.
 The train state is a plain pytree dict {"params", "opt_state", "step"}. Steps are pure and NOT jitted:
 callers jit them (``jax.jit(step, donate_argnums=0)``, or ``sharding.jit_train_step`` over a mesh).
 Batches are {"image": (B, D, H, W, 1) float32, "labels": (B, D, H, W) int32, "class_weights": (C,)
-float32}. The epoch loop over these is ``loop.fit``; a whole fold (data, phases, run directory) is
+float32} (+ "skeleton": (B, D, H, W) uint8, the tubed reference skeleton, for a loss with a skeleton
+recall term). The epoch loop over these is ``loop.fit``; a whole fold (data, phases, run directory) is
 ``finetune.train_and_evaluate``. This module imports neither.
 """
 
@@ -159,7 +160,9 @@ def make_train_step(
             logits = model.apply(
                 params, model_config, batch["image"], train=True, key=dropout_key, act_sharding=act_sharding
             )
-            return losses.loss_terms(logits, batch["labels"], batch["class_weights"], loss_config)
+            return losses.loss_terms(
+                logits, batch["labels"], batch["class_weights"], loss_config, batch.get("skeleton")
+            )
 
         (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -181,7 +184,9 @@ def make_eval_step(
         if slab_rows:
             return streamed.eval_metrics(params, model_config, loss_config, batch, slab_rows)
         logits = model.apply(params, model_config, batch["image"], train=False, act_sharding=act_sharding)
-        _, metrics = losses.loss_terms(logits, batch["labels"], batch["class_weights"], loss_config)
+        _, metrics = losses.loss_terms(
+            logits, batch["labels"], batch["class_weights"], loss_config, batch.get("skeleton")
+        )
         metrics["soft_dice"] = losses.soft_dice_per_class(logits, batch["labels"])
         pred = jnp.argmax(logits, axis=-1)
         metrics["dice"] = losses.hard_dice_per_class(pred, batch["labels"], model_config.n_classes)

@@ -27,4 +27,5 @@ def get_config() -> TrainConfig:
         augment_views=30,
         epochs_warmup=110,
         epochs_finetune=110,
+        skeleton_classes=[],  # the paper's loss: no skeleton recall term (the default adds it for vessels)
     )

@@ -310,3 +310,69 @@ def test_augment_views_equals_augment_batch_of_view_keys():
     want = aug.augment_batch(keys, images[views[:, 0]], labels[views[:, 0]], CFG)
     assert_close_to_scale(got[0], want[0], 1e-5)
     assert np.mean(np.asarray(got[1]) == np.asarray(want[1])) >= 0.999
+
+
+@pytest.mark.slow
+def test_extra_volume_travels_exactly_with_the_labels():
+    """A skeleton carried through augment_views lands where its labels land: ``extra`` = labels == 2
+    before, so after any view it must equal the view's labels == 2 voxel for voxel."""
+    rng = np.random.default_rng(1)
+    labels = jnp.asarray(rng.integers(0, 4, (2, 16, 16, 16)).astype(np.int32))
+    images = jnp.asarray(rng.normal(size=(2, 16, 16, 16, 1)).astype(np.float32))
+    extra = (labels == 2).astype(jnp.uint8)
+    views = np.array([[0, 0, 1], [1, 1, 2], [1, 1, 3]], np.int32)
+    x, y, e = aug.augment_views(3, 7, views, images, labels, CFG, extra)
+    x0, y0 = aug.augment_views(3, 7, views, images, labels, CFG)
+    assert e.dtype == jnp.uint8 and y.dtype == labels.dtype
+    np.testing.assert_array_equal(np.asarray(e), np.asarray(y == 2))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y0))  # the labels are not changed by it
+    assert_close_to_scale(x, x0, 1e-6)
+    assert not np.array_equal(np.asarray(y[1]), np.asarray(labels[1]))  # the views did move
+
+
+SYNTH_ON = dataclasses.replace(OFF, synth=True, p_synth=1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_synth_draws_a_new_image_from_the_labels_deterministically(seed):
+    image, labels = sample(seed, n_labels=3)
+    key = aug.view_key(seed, 0, 0, 0)
+    a, la = aug.augment(key, image, labels, SYNTH_ON)
+    b, _ = aug.augment(key, image, labels, SYNTH_ON)
+    c, _ = aug.augment(aug.view_key(seed, 0, 0, 1), image, labels, SYNTH_ON)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the same key, the same image
+    assert not np.allclose(np.asarray(a), np.asarray(c))  # another key, other intensities
+    np.testing.assert_array_equal(np.asarray(la), labels)  # labels untouched (no spatial ops here)
+    a = np.asarray(a)[..., 0]
+    fg = labels > 0
+    # scaled to the real image's foreground moments
+    assert a[fg].mean() == pytest.approx(image[..., 0][fg].mean(), abs=1e-4)
+    assert a[fg].std() == pytest.approx(image[..., 0][fg].std(), rel=1e-3)
+    assert np.isfinite(a).all() and not np.allclose(a, image[..., 0])
+
+
+@pytest.mark.slow
+def test_synth_probability_zero_or_off_leaves_the_pipeline_as_it_was():
+    image, labels = sample(2)
+    key = aug.view_key(0, 1, 2, 3)
+    plain = aug.augment(key, image, labels, CFG)
+    for cfg in (dataclasses.replace(CFG, synth=True, p_synth=0.0), dataclasses.replace(CFG, p_synth=1.0)):
+        got = aug.augment(key, image, labels, cfg)
+        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(plain[0]))
+        np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(plain[1]))
+
+
+@pytest.mark.slow
+def test_synth_applies_at_its_probability():
+    image, labels = sample(3)
+    cfg = dataclasses.replace(SYNTH_ON, p_synth=0.3)
+    keys = jax.random.split(jax.random.key(0), 400)
+    applied = np.asarray(jax.vmap(lambda k: aug.rand_params(k, cfg).synth.apply)(keys))
+    assert 0.22 < applied.mean() < 0.38  # 400 draws of p 0.3: 5 standard deviations either side
+
+
+@pytest.mark.parametrize("bad", [{"synth_std": -0.1}, {"synth_blur": -1}, {"p_synth": 1.5}])
+def test_bad_synth_config(bad):
+    with pytest.raises(InputError, match="augmentation config"):
+        aug.AugmentConfig(**bad)

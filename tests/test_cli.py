@@ -96,3 +96,20 @@ def test_shared_options_take_their_help_as_keywords():
     config, mesh = options.performance_options(args, CONFIG, jax.devices()[:1])
     assert (config.compute_dtype, config.remat, mesh.shape["space"]) == ("bfloat16", True, 1)
     assert sharding.configure(CONFIG, devices=jax.devices()[:1])[0] == CONFIG
+
+
+@pytest.mark.parametrize(
+    "flag, expected",
+    [
+        (["--skeleton-classes", "auto"], None),
+        (["--skeleton-classes", "none"], ()),
+        (["--skeleton-classes", "vessels, sagittal sinus"], ("vessels", "sagittal sinus")),
+        ([], None),  # the config's default: automatic
+    ],
+)
+def test_finetune_skeleton_classes_flag(flag, expected):
+    from cerebrum_jax.cli import finetune as cli_finetune
+
+    args = build_parser().parse_args(["finetune", "--config", "schneider19", *flag])
+    cfg = cli_finetune.resolve(args)[0]
+    assert cfg.skeleton_classes == (expected if flag else ())  # schneider19: the paper's loss, no term

@@ -173,8 +173,8 @@ def test_every_key_belongs_to_one_section():
     sections = {
         "data": names(DataConfig),
         "init": names(InitConfig),
-        "loss": {"loss", "class_weights"},
-        "augment": {"augment"},
+        "loss": {"loss", "class_weights", "skeleton_classes", "skeleton_weight"},
+        "augment": {"augment", "augment_voxel_mm"},
         "phases": {f"{k}_{p}" for k in ("lr", "epochs") for p in ("warmup", "finetune")},
         "loop": names(LoopConfig) - {"slab_rows"},  # slab_rows: runtime's, resolved into the loop's
         "runtime": names(RuntimeConfig),

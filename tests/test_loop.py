@@ -184,3 +184,27 @@ def test_cosine_schedule_sets_each_epochs_rate_and_never_cuts_on_a_plateau():
         [schedule.lr_at(1e-3, e, 3) for e in range(3)], rel=1e-6
     )
     assert not any(h["lr_reduced"] for h in history)  # plateau_patience 0 would cut every epoch otherwise
+
+
+@pytest.mark.slow
+def test_fit_with_skeleton_recall_and_synthetic_intensities():
+    """The loop computes the tubed skeletons, carries them through the views and adds their recall
+    to the training and validation loss; the same seed gives the same history."""
+    params = init_params(MODEL, jax.random.key(1))
+    train, val = _volumes(2), _volumes(1, seed=9)
+    loss = LossConfig("ce+dice", "balanced", skeleton_classes=(2,), skeleton_weight=1.0)
+    augment = AugmentConfig(synth=True, p_synth=0.5)
+
+    def run(loss_config):
+        return loop.fit(SCHEDULE, loss_config, augment, MODEL, params, _phases(params, (0, 2)), train, val)[1]
+
+    with_skeleton, again, without = run(loss), run(loss), run(LOSS)
+    assert _without_seconds(with_skeleton) == _without_seconds(again)
+    assert [h["train_loss"] for h in with_skeleton] != [h["train_loss"] for h in without]
+    data = loop._device_data(train, val, 3, None, loop.Shares.single(2, 1), None, loss)
+    assert data.skeletons.shape == (2, *SHAPE) and int(data.skeletons.sum()) > 0
+    assert np.all(np.asarray(train[0][1])[np.asarray(data.skeletons[0]) == 1] == 2)  # class 2's centre
+    metrics = jax.jit(loop.make_eval_step(MODEL, loss))(params, data.val[0])
+    plain = jax.jit(loop.make_eval_step(MODEL, LOSS))(params, data.val[0])
+    assert 0 < float(metrics["skeleton_loss"]) <= 1  # the validation loss has the term too
+    np.testing.assert_allclose(metrics["loss"], plain["loss"] + metrics["skeleton_loss"], rtol=1e-5)

@@ -93,3 +93,62 @@ def test_hard_dice_per_class():
 def test_bad_loss_config(kw):
     with pytest.raises(InputError):
         losses.LossConfig(**kw)
+
+
+def _np_skeleton_recall(logits, labels, skel, classes):
+    p = _np_softmax(logits)
+    terms = []
+    for k in classes:
+        on = (labels == k) & (skel == 1)
+        terms.append((p[..., k][on].sum() + 1e-7) / (on.sum() + 1e-7))
+    return 1.0 - np.mean(terms)
+
+
+@pytest.mark.parametrize(
+    "seed, classes, density",
+    [(0, (1,), 0.2), (1, (1, 2), 0.05), (2, (2,), 0.0), (3, (1, 2, 3), 0.5)],  # density 0: nothing to recall
+)
+def test_skeleton_recall_loss_matches_numpy(seed, classes, density):
+    logits, labels = _case(seed, n_classes=4)
+    skel = (np.random.default_rng(seed + 20).uniform(size=labels.shape) < density).astype(np.uint8)
+    got = float(losses.skeleton_recall_loss(logits, labels, skel, classes))
+    np.testing.assert_allclose(got, _np_skeleton_recall(logits, labels, skel, classes), rtol=1e-5, atol=1e-7)
+    assert 0.0 <= got <= 1.0
+    if density == 0:
+        assert got == pytest.approx(0.0, abs=1e-6)
+
+
+def test_skeleton_recall_rewards_the_centre_line_only():
+    """A perfect prediction on the skeleton voxels gives 0 whatever it does elsewhere; a wrong one 1."""
+    labels = np.zeros((1, 4, 4, 4), np.int32)
+    labels[0, :, 1:3, 1:3] = 1
+    skel = np.zeros_like(labels, np.uint8)
+    skel[0, :, 1, 1] = 1
+    right = np.where(labels[..., None] == np.arange(2), 20.0, -20.0).astype(np.float32)
+    wrong = -right
+    assert float(losses.skeleton_recall_loss(right, labels, skel, (1,))) == pytest.approx(0.0, abs=1e-6)
+    assert float(losses.skeleton_recall_loss(wrong, labels, skel, (1,))) == pytest.approx(1.0, abs=1e-6)
+    off_skeleton = right.copy()
+    off_skeleton[0, :, 2, 2] = wrong[0, :, 2, 2]  # wrong away from the centre line: no change
+    assert float(losses.skeleton_recall_loss(off_skeleton, labels, skel, (1,))) == pytest.approx(0, abs=1e-6)
+
+
+def test_loss_terms_add_the_weighted_skeleton_term():
+    logits, labels = _case(7, n_classes=3)
+    skel = (np.random.default_rng(1).uniform(size=labels.shape) < 0.3).astype(np.uint8)
+    plain_cfg = losses.LossConfig("ce+dice", "none")
+    skel_cfg = losses.LossConfig("ce+dice", "none", skeleton_classes=(2,), skeleton_weight=0.5)
+    plain, _ = losses.loss_terms(logits, labels, None, plain_cfg)
+    total, m = losses.loss_terms(logits, labels, None, skel_cfg, skel)
+    expected = _np_skeleton_recall(logits, labels, skel, (2,))
+    np.testing.assert_allclose(float(m["skeleton_loss"]), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(total), float(plain) + 0.5 * expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs a 'skeleton'"):
+        losses.loss_terms(logits, labels, None, skel_cfg)
+    assert "skeleton_loss" not in losses.loss_terms(logits, labels, None, plain_cfg, skel)[1]
+
+
+@pytest.mark.parametrize("classes, weight", [((0,), 1.0), ((1,), -1.0)])
+def test_bad_skeleton_config(classes, weight):
+    with pytest.raises(InputError, match="skeleton_classes"):
+        losses.LossConfig("ce+dice", skeleton_classes=classes, skeleton_weight=weight)

@@ -141,3 +141,23 @@ def test_streamed_bf16_step_as_close_to_float32_as_the_plain_one():
     # partial sums at different points), so a floor that does not: 0.05, about bf16's rounding (2^-8)
     # compounded over the 14 layers a gradient passes; a wrong streamed gradient is off by O(1)
     assert err <= max(2 * plain_err, 0.05), (err, plain_err)
+
+
+@pytest.mark.slow
+def test_streamed_skeleton_recall_equals_plain():
+    """The skeleton recall term summed slab by slab: the same loss and gradients as the whole volume."""
+    params = init_params(CFG, jax.random.key(4))
+    batch = _batch(1, seed=2)
+    rng = np.random.default_rng(3)
+    batch["skeleton"] = jnp.asarray((rng.uniform(size=batch["labels"].shape) < 0.2).astype(np.uint8))
+    loss = LossConfig("ce+dice", "balanced", skeleton_classes=(1, 2), skeleton_weight=2.0)
+    tx = train.make_optimizer(_frozen(params, ()), LR)
+    out = {}
+    for slab in (0, 8):
+        step = train.make_train_step(CFG, loss, tx, slab_rows=slab)
+        _, out[slab] = _compiled(step, train.init_state(params, tx), batch, jax.random.key(1))
+    for name in ("loss", "skeleton_loss", "grad_norm"):
+        np.testing.assert_allclose(out[8][name], out[0][name], rtol=1e-5, err_msg=name)
+    assert 0 < float(out[0]["skeleton_loss"]) < 1
+    ev = {s: _compiled(train.make_eval_step(CFG, loss, slab_rows=s), params, batch) for s in (0, 16)}
+    np.testing.assert_allclose(ev[16]["skeleton_loss"], ev[0]["skeleton_loss"], rtol=1e-5)

@@ -115,6 +115,14 @@ def _add_training_options(p) -> None:
         "no effect, with ce+dice they weight the ce term",
     )
     p.add_argument(
+        "--skeleton-classes",
+        metavar="NAMES",
+        help="classes whose skeleton recall (Kirchhoff et al. 2024: the soft recall of the reference's "
+        "centre line, for thin structures) is added to the loss: comma-separated class names, 'auto' "
+        "(the vessel-like classes of the label map: the config default) or 'none'; its weight is the "
+        "config key skeleton_weight (default 1)",
+    )
+    p.add_argument(
         "--batch-size", type=int, help="augmented views per training step (default: 1, as the original)"
     )
 
@@ -183,6 +191,10 @@ def resolve(args: argparse.Namespace):
         values.setdefault("epochs_finetune", args.epochs)
     if args.grid is not None:
         values["grid"] = _grid(args.grid)
+    if args.skeleton_classes is not None:
+        text = args.skeleton_classes.strip()
+        names = () if text == "none" else tuple(n.strip() for n in text.split(",") if n.strip())
+        values["skeleton_classes"] = None if text == "auto" else names
     if args.drop_label:
         values["drop_labels"] = cfg.drop_labels + tuple(args.drop_label)
     if args.merge_label:

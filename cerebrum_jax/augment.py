@@ -6,7 +6,8 @@ views drawn on the accelerator that trains. Layout, MONAI style:
 1. pure operations: ``affine_matrix``, ``spline_weights``, ``elastic_field``, ``resample``,
    ``gaussian_blend``, ``salt_and_pepper``, ``bias_field``;
 2. random draws of their parameters from a key: ``rand_rigid``, ``rand_elastic``, ``rand_intensity``,
-   ``rand_params`` (-> ``AugmentParams``);
+   ``synth.rand_synth`` (the label-conditioned image, its pure operations in ``synth``), ``rand_params``
+   (-> ``AugmentParams``);
 3. the composed pipeline: ``apply_params`` (deterministic), ``augment(key, image, labels, cfg)`` (jit,
    ``cfg`` static) and ``augment_batch`` (its ``jax.vmap`` over keys), plus ``view_key`` for the key of
    one view (seed, epoch, subject, view).
@@ -438,7 +439,7 @@ def apply_params(params: AugmentParams, image, labels, cfg: AugmentConfig, extra
         volume = jnp.maximum(volume, floor)
     if cfg.synth:
         volume = synth.apply_synth(params.synth, volume, labels)
-        floor = jnp.min(volume)
+        floor = jnp.where(params.synth.apply, jnp.min(volume), floor)  # a view left real keeps its floor
     volume = apply_intensity(params, volume, floor, cfg)
     return (volume[..., None], *spatial[1:]) if extra is not None else (volume[..., None], labels)
 

@@ -201,9 +201,10 @@ class TrainConfig:
     many shares, each filling its own block of every batch's rows, so that a process reads only the
     shares its devices' rows draw from: ``shares``; None = one per group of processes along the mesh's
     "data" axis in a distributed run, else 1: any subject may land in any row).
-    Model: weights (checkpoint dir; None = weights/glasgow if present, else weights/demo; "none" = train
-    from scratch: random init with n_filters level-1 channels (default 24, the published width), no
-    warm-up phase), dropout
+    Model: weights (checkpoint dir; None = weights/glasgow if present, else weights/demo for the demo
+    cohort and from scratch for any other data, ``fold.start_weights``; "none" = train from scratch:
+    random init with n_filters level-1 channels (default 24, the published width), no warm-up phase),
+    dropout
     (rate 0.1 at levels 2-3 when True), last_layer (1..14: how many of the last layers get new weights).
     Training: loss ("dice": the original's multilabel soft Dice; "ce": categorical cross-entropy;
     "ce+dice": their sum), class_weights ("balanced": sklearn-style weights from the training labels'

@@ -190,6 +190,12 @@ def write_report(path, metrics: dict, figures: dict[str, str | os.PathLike], met
         value = value.replace("|", "\\|").replace("\n", " ")
         lines.append(f"| {key} | {value} |")
     lines += ["", "## Test-subject metrics", "", metrics_table(metrics), ""]
+    if metrics.get("centreline"):  # thin classes: how much of the reference's centre line was found
+        lines += ["| thin class | centre-line recall | centre-line precision | clDice |", "|---|---|---|---|"]
+        for name, c in metrics["centreline"].items():
+            cells = (fmt(c[k], 3) for k in ("cl_recall", "cl_precision", "cldice"))
+            lines.append(f"| {name.replace('|', '/')} | {' | '.join(cells)} |")
+        lines.append("")
     if figures:
         lines += ["## Figures", ""]
         for caption, fig_path in figures.items():

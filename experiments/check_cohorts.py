@@ -1,7 +1,7 @@
 """The cohorts of the few-label checks (``experiments/checks.py``), built from the demo's template.
 
 NOT 7T data: the demo's pseudo-subjects (``cerebrum_jax.demo``: ICBM 2009a deformed, 3 mm) with
-- ``vessels``: a fifth class, random branching vessel trees (radius 0.5-2 voxels) drawn at 4x the
+- ``vessels``: a fifth class, random branching vessel trees (radius 0.5-1.5 voxels) drawn at 4x the
   resolution and averaged down, so the image has the partial volume of a real acquisition (a voxel is
   "vessels" where the tube fills at least half of it; its intensity mixes tissue and bright blood by the
   filled fraction, as arteries are bright in MP2RAGE UNI): a few thousand voxels per volume;

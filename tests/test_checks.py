@@ -73,8 +73,8 @@ def test_table_and_benchmarks_section(tmp_path):
         },
     }
     text = checks.table("vessels", results)
-    assert text.splitlines()[0] == "| variant | wm | vessels | mean | vessels centre line | train s |"
-    assert "| recipe | 0.850 | n/a | 0.500 | 0.600 | 90 |" in text
+    assert text.splitlines()[0] == "| variant | wm | vessels | mean | vessels centre line |"
+    assert "| recipe | 0.850 | n/a | 0.500 | 0.600 |" in text
     page = tmp_path / "B.md"
     page.write_text("# Benchmarks\n")
     checks.write_section(page, "vessels", text)

@@ -504,12 +504,12 @@ def test_json_config_round_trip(tmp_path, good):
         config.load_config(path)
 
 
-@pytest.mark.parametrize("name", ["demo", "schneider19", "fewlabel"])
+@pytest.mark.parametrize("name", ["demo", "schneider19", "fewlabel", "fewlabel_synth"])
 def test_shipped_experiments_load(name):
     cfg = config.load_config(name)
     assert cfg.grid is not None and all(g % 8 == 0 for g in cfg.grid)
     n = label_map_of(cfg.data_config).n_classes
-    assert n == {"demo": 4, "schneider19": 8, "fewlabel": 8}[name]
+    assert n == {"demo": 4, "schneider19": 8, "fewlabel": 8, "fewlabel_synth": 8}[name]
     reduced = label_map_of(cfg.override(labels="schneider-reduced").data_config).n_classes
     assert reduced == 7
 

@@ -139,3 +139,15 @@ def test_classes_absent_from_both_are_na_everywhere(tmp_path):
     assert summary["classes"]["sagittal sinus"]["dice"] == {"mean": None, "sd": None, "n": 0}
     assert summary["mean_dice"]["mean"] == pytest.approx((result["mean_dice"] + 0.5) / 2)
     assert "| sagittal sinus | n/a | n/a | n/a |" in report.cv_summary_markdown(summary)
+
+
+def test_report_gives_the_thin_classes_centre_lines(tmp_path):
+    image, ref, pred = phantom()
+    result = metrics.evaluate(pred, ref, (0.7, 0.7, 0.7), dict(enumerate(NAMES)))
+    result["centreline"] = {"vessels|x": {"cl_recall": 0.75, "cl_precision": None, "cldice": None}}
+    text = report.write_report(tmp_path / "report.md", result, {}, {"fold": 1}).read_text()
+    assert "| vessels/x | 0.750 | n/a | n/a |" in text
+    plain = report.write_report(
+        tmp_path / "plain.md", {**result, "centreline": {}}, {}, {"fold": 1}
+    ).read_text()
+    assert "centre-line recall" not in plain

@@ -65,8 +65,9 @@ def add_parser(sub) -> None:
     p.add_argument("--data", help="dataset root (Schneider or BIDS layout; default: the config's / demo)")
     p.add_argument(
         "--weights",
-        help="initial checkpoint (default: weights/glasgow, else weights/demo); 'none': train from scratch "
-        "(random init with the config's n_filters, default 24; no warm-up phase)",
+        help="initial checkpoint (default: weights/glasgow; without it weights/demo for the demo cohort, "
+        "from scratch for any other data); 'none': train from scratch (random init with the config's "
+        "n_filters, default 24; no warm-up phase)",
     )
     p.add_argument(
         "--test-mask",

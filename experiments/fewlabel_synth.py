@@ -8,7 +8,8 @@ blur, bias field, gamma, noise).
 Measured (``python -m experiments.checks contrast``, BENCHMARKS.md *Accuracy*; trained on the demo's
 T1-like contrast, tested on grey matter brighter than white matter): mean Dice over WM / GM / CSF 0.46
 against 0.20 without the randomisation (p 0.2: 0.28). Its price on a test subject of the training
-contrast (the vessel check): about 0.08 Dice on WM and GM at the same number of steps; so ``fewlabel``
+contrast (the vessel check): 0.06 Dice on WM, 0.05 on GM, 0.13 on CSF at the same number of
+steps; so ``fewlabel``
 stays the recipe for same-contrast data. Runtime: as ``fewlabel``.
 """
 

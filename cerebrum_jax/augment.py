@@ -441,7 +441,7 @@ def apply_params(params: AugmentParams, image, labels, cfg: AugmentConfig, extra
         volume = synth.apply_synth(params.synth, volume, labels)
         floor = jnp.where(params.synth.apply, jnp.min(volume), floor)  # a view left real keeps its floor
     volume = apply_intensity(params, volume, floor, cfg)
-    return (volume[..., None], *spatial[1:]) if extra is not None else (volume[..., None], labels)
+    return (volume[..., None], *spatial[1:])  # (image, labels) or (image, labels, extra)
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
@@ -460,8 +460,7 @@ def augment(key, image, labels, cfg: AugmentConfig = AugmentConfig()):
 
 @functools.partial(jax.jit, static_argnames="cfg")
 def _augment_batch(keys, images, labels, cfg, extra=None):
-    if extra is None:
-        return jax.vmap(lambda k, x, y: apply_params(rand_params(k, cfg), x, y, cfg))(keys, images, labels)
+    # extra None is an empty pytree: vmap passes it through
     return jax.vmap(lambda k, x, y, e: apply_params(rand_params(k, cfg), x, y, cfg, e))(
         keys, images, labels, extra
     )

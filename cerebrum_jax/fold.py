@@ -266,8 +266,9 @@ def start_weights(cfg: InitConfig, demo: bool, log) -> str | None:
     (README, "Which weights a fold starts from"), so it is never the silent start of another dataset."""
     if cfg.weights is not None or demo:
         return cfg.weights
-    if locate_weights(DEFAULT_WEIGHTS[0]) is not None:
-        return str(locate_weights(DEFAULT_WEIGHTS[0]))
+    glasgow = locate_weights(DEFAULT_WEIGHTS[0])
+    if glasgow is not None:
+        return str(glasgow)
     log(
         f"no Glasgow weights ({DEFAULT_WEIGHTS[0]} missing: 'make weights'): training from scratch at "
         f"n_filters {cfg.n_filters}, not from weights/demo (the demo cohort's toy network, worse than a "

@@ -48,7 +48,10 @@ VARIANTS = {
         "+mm augmentation": MM,
         "+mm +skeleton recall": {**MM, "skeleton_classes": None},
         "+mm +unweighted ce": UNWEIGHTED,
+        "+unweighted ce +skeleton recall (voxel ranges)": {**TODAY, "class_weights": "none", "skeleton_classes": None},
+        "today +skeleton recall": {**TODAY, "skeleton_classes": None},
         "recipe (+mm +unweighted +skeleton recall)": RECIPE,
+        "recipe x3 skeleton weight": {**RECIPE, "skeleton_weight": 3.0},
         "recipe +synth p 0.5 (fewlabel_synth)": {**RECIPE, "augment": SYNTH},
     },
     "contrast": {
@@ -97,7 +100,8 @@ def summarise(result: dict) -> dict:
 
 
 def run_check(check: str, out: Path, epochs: int, only=None) -> dict:
-    """Run every variant of ``check`` (or those in ``only``) -> {variant: summary}."""
+    """Run every variant of ``check`` (or those in ``only``) -> {variant: summary}, merged with the
+    variants an earlier call wrote to the same ``out`` (in ``VARIANTS`` order)."""
     from cerebrum_jax.finetune import train_and_evaluate  # imported here: jax
 
     root = {
@@ -116,7 +120,10 @@ def run_check(check: str, out: Path, epochs: int, only=None) -> dict:
         results[name] = summarise(
             train_and_evaluate(variant_config(base, overrides), workdir, progress=False)
         )
-    fsafe.write_text(out / f"{check}.json", json.dumps(results, indent=2) + "\n")
+    summary = out / f"{check}.json"  # earlier variants of this --out are kept: --variants reruns some
+    done = json.loads(summary.read_text()) if summary.is_file() else {}
+    results = {n: results.get(n, done.get(n)) for n in VARIANTS[check] if n in results or n in done}
+    fsafe.write_text(summary, json.dumps(results, indent=2) + "\n")
     return results
 
 

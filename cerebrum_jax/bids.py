@@ -20,6 +20,7 @@ import json
 import re
 from pathlib import Path
 
+from cerebrum_jax.errors import InputError
 from cerebrum_jax.fsafe import write_text
 
 BIDS_VERSION = "1.10.0"
@@ -87,18 +88,29 @@ def find_dataset_root(path: str | Path) -> Path | None:
     return None
 
 
+def read_description(folder: str | Path | None) -> dict | None:
+    """The dataset_description.json object of a dataset folder (None: no folder or no such file);
+    InputError naming the file when it is not JSON or not a JSON object."""
+    if folder is None or not (path := Path(folder) / "dataset_description.json").is_file():
+        return None
+    try:
+        desc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: not JSON, not UTF-8
+        raise InputError(f"not a readable JSON file ({type(e).__name__}); fix or remove it", path) from None
+    if not isinstance(desc, dict):
+        raise InputError(f"must be a JSON object, not a {type(desc).__name__}; fix or remove it", path)
+    return desc
+
+
 def source_dataset(folder: str | Path | None) -> dict | None:
     """SourceDatasets entry {URL (file URI), DOI when the dataset declares one} of a dataset folder."""
     if folder is None:
         return None
     folder = Path(folder).absolute()
     entry = {"URL": folder.as_uri()}
-    try:
-        desc = json.loads((folder / "dataset_description.json").read_text())
-        if isinstance(desc.get("DatasetDOI"), str) and desc["DatasetDOI"]:
-            entry["DOI"] = desc["DatasetDOI"]
-    except (OSError, ValueError):
-        pass
+    desc = read_description(folder) or {}
+    if isinstance(desc.get("DatasetDOI"), str) and desc["DatasetDOI"]:
+        entry["DOI"] = desc["DatasetDOI"]
     return entry
 
 
@@ -223,6 +235,8 @@ def _check_description(folder: Path) -> list[str]:
         desc = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         return [f"{path}: missing or not JSON ({type(e).__name__})"]
+    if not isinstance(desc, dict):
+        return [f"{path}: must be a JSON object"]
     problems = [
         f"{path}: {k} must be a {t.__name__}"
         for k, t in _DESC_TYPES.items()

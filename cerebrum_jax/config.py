@@ -495,19 +495,46 @@ def check_value(hint, value, name: str) -> Any:
 
 
 def find_config(name_or_file: str) -> Path:
-    """``experiments/<name>.py`` (the package's own experiments first, then the current directory's: a
-    folder that happens to hold an experiments/demo.py never replaces the shipped demo) or an existing
-    .py / .json file. ``finetune`` prints which file it uses."""
+    """``experiments/<name>.py`` of the package's own experiments, or an existing .py / .json file given
+    by its path. A name is never looked up in the current directory: a config is Python and runs as code,
+    so a folder that happens to hold an experiments/<name>.py must not run it unasked (give its path to
+    run it). ``finetune`` prints which file it uses."""
     path = Path(name_or_file)
     if path.suffix in (".py", ".json"):
         if not path.is_file():
             raise InputError("config file does not exist", path)
         return path
-    for base in (REPO, Path.cwd()):
-        candidate = base / "experiments" / f"{name_or_file}.py"
-        if candidate.is_file():
-            return candidate
-    raise InputError("no such experiment (experiments/<name>.py, or a .py/.json file)", name_or_file)
+    candidate = REPO / "experiments" / f"{name_or_file}.py"
+    if "/" not in name_or_file and candidate.is_file():
+        return candidate
+    hint = f" (to run ./experiments/{name_or_file}.py, give its path)" if _local(name_or_file) else ""
+    raise InputError(
+        f"no such experiment in {REPO / 'experiments'} (or give a .py/.json file){hint}", name_or_file
+    )
+
+
+def _local(name: str) -> bool:
+    """Whether the current directory holds experiments/<name>.py (said in the refusal, never run)."""
+    return (Path.cwd() / "experiments" / f"{name}.py").is_file()
+
+
+def _run_experiment(path: Path):
+    """Execute an experiment file and return its ``get_config()``; anything it raises (or a
+    ``sys.exit``) is one InputError naming the file, not a traceback."""
+    spec = importlib.util.spec_from_file_location(f"cerebrum_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise InputError("experiment file defines no get_config()", path)
+        return module.get_config()
+    except InputError:
+        raise
+    except SystemExit as e:  # sys.exit() in a config: not the tool's exit status
+        raise InputError(f"the experiment called sys.exit({e.code!r}) while loading", path) from None
+    except Exception as e:
+        reason = " ".join(str(e).split())[:200]
+        raise InputError(f"cannot load experiment ({type(e).__name__}: {reason})", path) from None
 
 
 def load_config(name_or_file: str | os.PathLike) -> TrainConfig:
@@ -522,17 +549,7 @@ def load_config(name_or_file: str | os.PathLike) -> TrainConfig:
         if not isinstance(values, dict):
             raise InputError("a JSON config must be an object {key: value}", path)
         return TrainConfig().override(str(path), **values)
-    spec = importlib.util.spec_from_file_location(f"cerebrum_experiment_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except InputError:
-        raise
-    except Exception as e:
-        raise InputError(f"cannot load experiment ({type(e).__name__}: {e})", path) from None
-    if not hasattr(module, "get_config"):
-        raise InputError("experiment file defines no get_config()", path)
-    config = module.get_config()
+    config = _run_experiment(path)
     if not isinstance(config, TrainConfig):
         raise InputError("get_config() must return a TrainConfig", path)
     return config

@@ -13,6 +13,8 @@ Two on-disk layouts are read (``find_subjects``):
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cerebrum_jax.bids import find_dataset_root, read_description
 from cerebrum_jax.errors import InputError
 
 CONTRASTS = ("uni", "inv1", "inv2", "t1", "t2s")
@@ -57,6 +60,7 @@ def find_subjects(
     root = Path(root)
     if not root.is_dir():
         raise InputError("data directory does not exist", root)
+    read_description(find_dataset_root(root))  # its SourceDatasets entry at the end: refuse it now
     if layout not in LAYOUTS:
         raise InputError(f"unknown layout {layout!r}; use one of {', '.join(LAYOUTS)}", root)
     base = _schneider_base(root)
@@ -146,3 +150,35 @@ def split_fold(
         raise InputError("holding out a validation subject needs at least 3 subjects", "--val-subject")
     val = [s for s in train if s.id == val_subject]
     return [s for s in train if s.id != val_subject], val, test
+
+
+@functools.lru_cache(maxsize=256)
+def _file_key(path: Path, size: int, mtime_ns: int) -> str:
+    """sha256 of a file's bytes (cached by path, size and modification time: every fold asks again)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_identity(path: Path) -> str:
+    """What makes two label or image files the same: their content (a symbolic link, a hard link and a
+    byte-identical copy are all the same file)."""
+    st = Path(path).stat()
+    return _file_key(Path(path).resolve(), st.st_size, st.st_mtime_ns)
+
+
+def check_distinct(subjects: Sequence[Subject]) -> None:
+    """InputError unless no two subjects have one image file by content: a link to a subject's image, or a
+    copy of it under another subject id, would train on a test subject's own image and labels in some
+    fold. Label files alone may be equal: synthetic cohorts draw several images from one label map."""
+    seen: dict[str, Subject] = {}
+    for s in subjects:
+        other = seen.setdefault(file_identity(s.image), s)
+        if other is not s:
+            raise InputError(
+                f"the image of subject {s.id} is the same file (by content) as the image of subject "
+                f"{other.id} ({other.image}): a fold would test on an image it trained on; remove the copy",
+                s.image,
+            )

@@ -114,7 +114,9 @@ def fold_subjects(data: DataConfig, log=print) -> tuple[Path, list[D.Subject]]:
         log(f"data: the offline demo cohort at {root} (template-derived, not 7T data)")
     else:
         root = Path(data.data)
-    return root, D.find_subjects(root, data.layout, data.contrast, data.seg_name, data.mask_name)
+    subjects = D.find_subjects(root, data.layout, data.contrast, data.seg_name, data.mask_name)
+    D.check_distinct(subjects)  # reads every image file once (sha256), before any fold
+    return root, subjects
 
 
 def resolve_test_mask(requested: str, subjects: list[D.Subject]) -> tuple[str, str]:

@@ -67,8 +67,10 @@ def with_background(labels: dict[int, str]) -> dict[int, str]:
 def _table(path: str | os.PathLike) -> list[tuple[int, dict[str, str]]]:
     """The rows of a tab-separated label table as (line number, {column (lower case): value (stripped)});
     InputError naming ``path`` unless it is UTF-8 with a header holding the columns 'index' and 'name'."""
-    text = read_text(path, "label table")
-    reader = csv.DictReader(io.StringIO(text), delimiter="\t")
+    text = read_text(path, "label table").removeprefix("\ufeff")  # a UTF-8 BOM (spreadsheet exports)
+    # QUOTE_NONE: a quote is a character of the name; csv's quoting would let a name starting with '"'
+    # swallow the rows after it
+    reader = csv.DictReader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE)
     fields = [f.strip().lower() for f in reader.fieldnames or []]
     if "index" not in fields or "name" not in fields:
         raise InputError("label table needs a tab-separated header with columns 'index' and 'name'", path)
@@ -145,6 +147,11 @@ class LabelMap:
         pairs = {0: 0}
         for index, (_, values) in enumerate(classes):
             for v in values:
+                if pairs.get(int(v), index) != index:
+                    raise ValueError(
+                        f"source value {int(v)} is listed under two classes ({names[pairs[int(v)]]!r} and "
+                        f"{names[index]!r})"
+                    )
                 pairs[int(v)] = index
         return cls(names, tuple(sorted(pairs.items())))
 
@@ -243,6 +250,8 @@ class LabelMap:
                 raise InputError(f"line {line}: index and source must be integers", path) from None
             if index in classes:
                 raise InputError(f"line {line}: class index {index} appears twice", path)
+            if not row["name"] or row["name"] in classes.values():
+                raise InputError(f"line {line}: empty or repeated class name {row['name']!r}", path)
             classes[index] = row["name"]
         classes = with_background(classes)
         if sorted(classes) != list(range(len(classes))):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -26,11 +28,19 @@ def load_nifti(path: str | os.PathLike, *, what: str = "image", allow_nonfinite:
     if path.is_dir():
         raise InputError(f"{what} is a directory, not a NIfTI file", path)
     try:
-        img = nib.load(str(path))
+        with _nibabel_notes() as notes:  # its header fixes, said here (or not at all), not on stderr
+            img = nib.load(str(path))
     except Exception as e:  # nibabel raises many types for foreign or truncated files
         raise InputError(f"not a readable NIfTI file ({type(e).__name__}: {_first_line(e)})", path) from None
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise InputError(f"not a NIfTI image (nibabel read it as {type(img).__name__})", path)
+    unplaced = int(img.header["qform_code"]) == 0 and int(img.header["sform_code"]) == 0
+    if unplaced and any("pixdim[1,2,3]" in n for n in notes):  # nibabel set the 0 sizes to 1 mm
+        raise InputError(
+            f"{what} voxel sizes (pixdim) are 0 and there is no qform/sform: its voxel size is unknown "
+            "(not taken as 1 mm); fix the header",
+            path,
+        )
     check_geometry(img, path, what)
     shape = img.shape
     if len(shape) == 4 and shape[3] == 1:
@@ -78,6 +88,25 @@ def check_geometry(img, path, what: str = "image") -> None:
     zooms = np.asarray(img.header.get_zooms()[:3], np.float64)
     if not (np.isfinite(zooms).all() and (zooms != 0).all()):
         raise InputError(f"{what} voxel sizes (pixdim) {tuple(zooms.tolist())} must be finite, not 0", path)
+
+
+@contextlib.contextmanager
+def _nibabel_notes():
+    """Collect the messages nibabel logs while reading a header (its 'nibabel.global' logger prints them
+    on stderr: 'pixdim[1,2,3] should be non-zero; setting 0 dims to 1', 'data code 999 not
+    recognized'), so that a bad file ends in the tool's one line. Yields the list of messages."""
+    logger, notes = logging.getLogger("nibabel.global"), []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            notes.append(record.getMessage())
+
+    handlers, propagate = logger.handlers[:], logger.propagate
+    logger.handlers, logger.propagate = [Collect()], False
+    try:
+        yield notes
+    finally:
+        logger.handlers, logger.propagate = handlers, propagate
 
 
 def _first_line(e: Exception) -> str:

@@ -49,6 +49,17 @@ def class_tag(name: str) -> str:
     return words[0][0].lower() + words[0][1:] + "".join(w[0].upper() + w[1:] for w in words[1:])
 
 
+def class_tags(classes: dict[int, str]) -> dict[int, str]:
+    """{label value: desc label} of ``classes`` ({value: name}), one file name each: names whose tags
+    collide (case aside, for case-insensitive file systems: 'white matter' and 'white-matter') get their
+    label value appended ('whiteMatter1', 'whiteMatter7')."""
+    tags = {v: class_tag(n) for v, n in classes.items()}
+    counts: dict[str, int] = {}
+    for t in tags.values():
+        counts[t.lower()] = counts.get(t.lower(), 0) + 1
+    return {v: f"{t}{v}" if counts[t.lower()] > 1 else t for v, t in tags.items()}
+
+
 def resolve_classes(requested, names: dict[int, str], present=None) -> dict[int, str]:
     """{label value: name} of the classes to draw.
 
@@ -269,10 +280,10 @@ def write_class_surfaces(
     from cerebrum_jax import surface_render
 
     out_dir = Path(out_dir)
-    records = []
+    records, tags = [], class_tags(classes)
     for value, name in classes.items():
         got = compare_class(ref_labels, pred_labels, value, affine, max_faces)
-        stem = f"{prefix}_desc-{class_tag(name)}"
+        stem = f"{prefix}_desc-{tags[value]}"
         rec = {"class": name, "label": int(value), "faces": {}, "distance_mm": got["stats"], "files": {}}
         rec["note"] = got["note"]
         for key in ("ref", "pred"):

@@ -82,14 +82,42 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except InputError as e:
-        print(f"cerebrum-jax {args.command}: error: {e}", file=sys.stderr)
+        say(args.command, f"error: {e}")
         return 2
     except OSError as e:  # a file the command could not read or write: name it, no traceback
-        print(f"cerebrum-jax {args.command}: error: {os_error_line(e)}", file=sys.stderr)
+        say(args.command, f"error: {os_error_line(e)}")
         return 2
     except KeyboardInterrupt:
-        print(f"cerebrum-jax {args.command}: interrupted", file=sys.stderr)
+        say(args.command, "interrupted")
         return 130
+    except Exception as e:  # a defect of ours, not of the input: one line, the traceback kept in a file
+        say(args.command, f"internal error: {type(e).__name__}: {e} ({bug_report(e)})")
+        return 1
+
+
+def one_line(text: str) -> str:
+    """``text`` with its control characters escaped (a file name holding a newline stays on the line)."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(text))
+
+
+def say(command: str, text: str) -> None:
+    """The tool's one stderr line: 'cerebrum-jax COMMAND: TEXT'."""
+    print(one_line(f"cerebrum-jax {command}: {text}"), file=sys.stderr, flush=True)
+
+
+def bug_report(e: Exception) -> str:
+    """Write the traceback of ``e`` to a file in the temporary directory; the words that name it."""
+    import tempfile
+    import traceback
+
+    try:
+        fd, path = tempfile.mkstemp(prefix="cerebrum-jax-traceback-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(version_line() + "\n" + " ".join(sys.argv) + "\n\n")
+            f.write("".join(traceback.format_exception(e)))
+    except OSError:
+        return "a defect of cerebrum-jax; please report it with the command"
+    return f"a defect of cerebrum-jax; please report it with the traceback in {path}"
 
 
 def entry() -> int:

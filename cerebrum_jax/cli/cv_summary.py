@@ -56,16 +56,41 @@ def collect(run_dir: Path) -> tuple[list[dict], list[Path]]:
             result = json.loads(path.read_text())
         except ValueError as e:
             raise InputError(f"not readable as JSON ({e})", path) from None
-        missing = [
-            k for k in ("fold", "classes", "mean_dice") if not isinstance(result, dict) or k not in result
-        ]
-        if missing:
-            raise InputError(f"not a fold's metrics.json (no {', '.join(missing)})", path)
+        check_fold_metrics(result, path)
         names = list(result["classes"])
         if results and names != list(results[0]["classes"]):
             raise InputError(f"classes {names} differ from fold {results[0]['fold']}'s", path)
         results.append(result)
     return results, unfinished
+
+
+def _number_or_none(v) -> bool:
+    return v is None or (isinstance(v, int | float) and not isinstance(v, bool))
+
+
+def check_fold_metrics(result, path: Path) -> None:
+    """InputError naming ``path`` unless ``result`` has what the summary reads: an integer ``fold``, a
+    number (or null) ``mean_dice``, and ``classes`` {name: {"dice", "hd95_mm", "vs": number or null}}."""
+    if not isinstance(result, dict):
+        raise InputError(f"not a fold's metrics.json (a JSON {type(result).__name__}, not an object)", path)
+    missing = [k for k in ("fold", "classes", "mean_dice") if k not in result]
+    if missing:
+        raise InputError(f"not a fold's metrics.json (no {', '.join(missing)})", path)
+    if not isinstance(result["fold"], int) or isinstance(result["fold"], bool):
+        raise InputError(f"'fold' must be an integer, got {result['fold']!r}", path)
+    if not _number_or_none(result["mean_dice"]):
+        raise InputError(f"'mean_dice' must be a number or null, got {result['mean_dice']!r}", path)
+    classes = result["classes"]
+    if not isinstance(classes, dict) or not classes:
+        raise InputError("'classes' must be an object {class name: metrics}", path)
+    for name, m in classes.items():
+        bad = [
+            k
+            for k in ("dice", "hd95_mm", "vs")
+            if not isinstance(m, dict) or not _number_or_none(m.get(k, ""))
+        ]
+        if bad:
+            raise InputError(f"class {name!r}: {', '.join(bad)} missing or not a number", path)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -59,7 +59,13 @@ def add_parser(sub) -> None:
         description=DESCRIPTION,
         epilog=EPILOG,
     )
-    p.add_argument("--config", default="demo", help="experiment: experiments/NAME.py, or a .py/.json file")
+    p.add_argument(
+        "--config",
+        default="demo",
+        help="experiment: a NAME of the package's experiments/ (demo, schneider19, fewlabel, ...), or the "
+        "path of a .py/.json file (a .py config is Python and runs as code; names are never looked up in "
+        "the current directory)",
+    )
     p.add_argument("--fold", default=None, help="fold K (1..N subjects) or 'all' (default: the config's)")
     p.add_argument("--out", default=None, help="output directory (default: runs/<config name>)")
     p.add_argument("--data", help="dataset root (Schneider or BIDS layout; default: the config's / demo)")

@@ -69,6 +69,18 @@ def performance_options(args: argparse.Namespace, config: ModelConfig, devices=N
     )
 
 
+def host_port(text: str) -> str:
+    """argparse type of --coordinator: HOST:PORT (an IPv6 host in brackets) with a port 1..65535,
+    refused here rather than by the C++ client's log lines once JAX starts."""
+    host, sep, port = text.rpartition(":")
+    ok = bool(sep and host and port.isdigit() and 1 <= int(port) <= 65535)
+    if ok and host.startswith("["):
+        ok = host.endswith("]") and len(host) > 2
+    if not ok or any(c.isspace() for c in host) or (":" in host and not host.startswith("[")):
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT with a port 1..65535, got {text!r}")
+    return text
+
+
 def add_distributed_args(parser: argparse.ArgumentParser) -> None:
     """Add --distributed, --coordinator, --num-processes, --process-id, --init-timeout and
     --heartbeat-timeout (read by ``distributed.initialize``) to ``parser``."""
@@ -80,7 +92,12 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
         help="join the other processes of this run (every process runs the same command); the cluster "
         "(SLURM, Open MPI, Kubernetes) is detected by JAX unless --coordinator etc. are given",
     )
-    g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 (implies --distributed)")
+    g.add_argument(
+        "--coordinator",
+        type=host_port,
+        metavar="HOST:PORT",
+        help="address of process 0 (implies --distributed)",
+    )
     g.add_argument("--num-processes", type=int, metavar="N", help="number of processes (with --coordinator)")
     g.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1 (with --coordinator)")
     g.add_argument(

@@ -80,6 +80,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--tta-axes",
         default="lr",
+        type=tta_axes,
         metavar="AXES",
         help="axes mirrored by --tta: lr (the voxel axis nearest the left-right axis, from the affine; "
         "default), all, or voxel axes such as 0,2 (every combination is averaged: 2^n passes)",
@@ -93,6 +94,16 @@ def add_parser(sub) -> None:
         precision_help="bf16: bfloat16 convolutions with float32 parameters and softmax (default float32)",
     )
     options.add_distributed_args(p)  # --distributed: the inputs split across processes
+
+
+def tta_axes(text: str) -> str:
+    """argparse type of --tta-axes: ``text`` when ``predictor.mirror_axes`` takes it (a usage error
+    otherwise, before any work)."""
+    try:
+        predictor.mirror_axes(text, np.eye(4))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def output_stem(path: Path) -> str:
@@ -118,6 +129,7 @@ def check_inputs(
     stems: dict[str, Path] = {}
     for i, path in enumerate(paths):
         data, img = nifti.load_nifti(path)
+        bids.read_description(bids.find_dataset_root(path))  # read for SourceDatasets at the end
         if masks is not None:
             mask, mimg = nifti.load_nifti(masks[i], what="mask")
             inputs.check_same_grid(path, img, masks[i], mimg, data.shape, mask.shape)

@@ -68,9 +68,11 @@ def _unplaced(t: Path) -> Path:
     return t / "u.nii"
 
 
-def _unknown_datatype(f, t: Path) -> Path:
-    raw = bytearray((nib.save(nib.load(f["img"]), t / "x.nii"), (t / "x.nii").read_bytes())[1])
-    raw[70:72] = (999).to_bytes(2, "little")  # datatype code
+def _patched_header(f, t: Path, offset: int, value: int) -> Path:
+    """The tiny image as .nii with the int16 header field at byte ``offset`` set to ``value``."""
+    nib.save(nib.load(f["img"]), t / "x.nii")
+    raw = bytearray((t / "x.nii").read_bytes())
+    raw[offset : offset + 2] = value.to_bytes(2, "little")
     (t / "x.nii").write_bytes(bytes(raw))
     return t / "x.nii"
 
@@ -168,8 +170,12 @@ CASES = {  # name: (argv from (files, tmp_path), the one line holds this)
         "u.nii: image voxel sizes (pixdim) are 0 and there is no qform/sform",
     ),
     "unknown NIfTI datatype: only the tool's line": (
-        lambda f, t: _seg(f, t, "--", str(_unknown_datatype(f, t))),
+        lambda f, t: _seg(f, t, "--", str(_patched_header(f, t, 70, 999))),  # datatype
         "x.nii: not a readable NIfTI file (HeaderDataError: data code 999 not recognized)",
+    ),
+    "NIfTI dim[0] = 9: only the tool's line": (
+        lambda f, t: _seg(f, t, "--", str(_patched_header(f, t, 40, 9))),  # dim[0]: nibabel tries swapped
+        "x.nii: not a readable NIfTI file (HeaderDataError",
     ),
     "a file name holding a newline": (
         lambda f, t: ["evaluate", str(_newline_name(f, t)), str(f["lab"])],

@@ -204,16 +204,17 @@ class TrainConfig:
     Model: weights (checkpoint dir; None = weights/glasgow if present, else weights/demo for the demo
     cohort and from scratch for any other data, ``fold.start_weights``; "none" = train from scratch:
     random init with n_filters level-1 channels (default 24, the published width), no warm-up phase),
-    dropout
-    (rate 0.1 at levels 2-3 when True), last_layer (1..14: how many of the last layers get new weights).
-    Training: loss ("dice": the original's multilabel soft Dice; "ce": categorical cross-entropy;
-    "ce+dice": their sum), class_weights ("balanced": sklearn-style weights from the training labels'
-    class frequencies, or "none"). The class weights weight the cross-entropy only (each voxel's
-    -log p by its class's weight), in training and in the validation loss: with loss "dice" they have
-    no effect at all, with "ce+dice" they weight only the cross-entropy term. skeleton_classes (class
-    names whose skeleton recall, Kirchhoff et al. 2024, is added to the loss times skeleton_weight; None
-    = the vessel-like classes of the label map, ``skeleton.VESSEL_LIKE``; [] = none). lr_warmup / lr_finetune
-    (Adam learning rates), epochs_warmup / epochs_finetune (max epochs per phase; 0 skips the phase),
+    dropout (rate 0.1 at levels 2-3 when True),
+    last_layer (1..14: how many of the last layers get new weights).
+    Training: loss ("dice": the original's multilabel soft Dice; "ce": categorical cross-entropy; "ce+dice":
+    their sum), class_weights ("balanced": sklearn-style weights from the training labels' class
+    frequencies; "sqrt": their square roots; or "none"). The class weights weight the cross-entropy only
+    (each voxel's -log p by its class's weight), in training and in the validation loss: with loss "dice"
+    they have no effect at all, with "ce+dice" they weight only the cross-entropy term. skeleton_classes
+    (class names whose skeleton recall, Kirchhoff et al. 2024, is added to the loss times skeleton_weight;
+    None = the vessel-like classes of the label map, ``skeleton.VESSEL_LIKE``; [] = none).
+    lr_warmup / lr_finetune (Adam learning rates),
+    epochs_warmup / epochs_finetune (max epochs per phase; 0 skips the phase),
     batch_size (views per step), augment_views (random views per training volume per epoch; 0 = the
     volumes as they are), augment (AugmentConfig overrides), augment_voxel_mm (the voxel size, mm, the
     augmentation's voxel ranges are meant for: shifts, elastic sigmas and the Gaussian blend are scaled

@@ -18,7 +18,7 @@ from cerebrum_jax.errors import InputError
 
 SMOOTH = 1e-7  # the original's dice_coef_multilabel smoothing term
 LOSSES = ("ce", "dice", "ce+dice")
-CLASS_WEIGHTS = ("balanced", "none")
+CLASS_WEIGHTS = ("balanced", "sqrt", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +27,8 @@ class LossConfig:
 
     loss: "ce" (weighted categorical cross-entropy), "dice" (the original's multilabel Dice, a Tversky
     loss with alpha = beta = 0.5) or "ce+dice" (their sum). class_weights: "balanced" (from training
-    label frequencies, see ``balanced_class_weights``) or "none" (all 1); they weight the cross-entropy.
+    label frequencies, see ``balanced_class_weights``), "sqrt" (their square roots: a rare class weighs
+    less than balanced) or "none" (all 1); they weight the cross-entropy (``ce_weights``).
     skeleton_classes: class indices whose skeleton recall (``skeleton_recall_loss``) is added to the
     loss, times ``skeleton_weight``; () = no such term (the batch then needs no "skeleton").
     """
@@ -128,11 +129,18 @@ def skeleton_recall_loss(logits, labels, skeleton, classes) -> jax.Array:
     return skeleton_recall_from_sums(*skeleton_sums(logits, labels, skeleton), classes)
 
 
+def ce_weights(class_weights, kind: str):
+    """The cross-entropy's weights, (C,) or None, from the balanced ``class_weights`` of the batch for
+    ``LossConfig.class_weights`` ``kind``: "balanced" as they are, "sqrt" their square roots, "none" None."""
+    if kind == "none" or class_weights is None:
+        return None
+    return jnp.sqrt(class_weights) if kind == "sqrt" else class_weights
+
+
 def loss_terms(logits, labels, class_weights, cfg: LossConfig, skeleton=None) -> tuple[jax.Array, dict]:
     """(total loss, {"loss", "ce", "dice_loss"} (+ "skeleton_loss")) for ``cfg``; ce and dice_loss are
     always reported, skeleton_loss when ``cfg.uses_skeleton`` (then ``skeleton`` (B, D, H, W) is needed)."""
-    weights = class_weights if cfg.class_weights == "balanced" else None
-    ce = weighted_cross_entropy(logits, labels, weights)
+    ce = weighted_cross_entropy(logits, labels, ce_weights(class_weights, cfg.class_weights))
     dl = dice_loss(logits, labels)
     total = {"ce": ce, "dice": dl, "ce+dice": ce + dl}[cfg.loss]
     metrics = {"ce": ce, "dice_loss": dl}

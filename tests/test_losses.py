@@ -63,6 +63,18 @@ def test_loss_terms_combine(loss):
     np.testing.assert_allclose(float(total), float(expected), rtol=1e-6)
 
 
+@pytest.mark.parametrize("kind,power", [("balanced", 1.0), ("sqrt", 0.5), ("none", 0.0)])
+def test_class_weight_kinds_weight_the_cross_entropy(kind, power):
+    """class_weights "balanced" / "sqrt" / "none": the cross-entropy of loss_terms weighted by the
+    balanced weights to the power 1, 1/2 and 0, checked against numpy."""
+    logits, labels = _case(7)
+    w = losses.balanced_class_weights([labels], 3)
+    _, m = losses.loss_terms(logits, labels, w, losses.LossConfig(loss="ce", class_weights=kind))
+    picked = np.take_along_axis(_np_softmax(logits), labels[..., None], -1)[..., 0]
+    ref = -(np.log(picked) * (w.astype(np.float64) ** power)[labels]).mean()
+    np.testing.assert_allclose(float(m["ce"]), ref, rtol=1e-5)
+
+
 @pytest.mark.slow
 def test_perfect_prediction_has_near_zero_losses():
     _, labels = _case(6)

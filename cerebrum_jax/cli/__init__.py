@@ -90,8 +90,11 @@ def _terminate(signum, frame):
 @contextlib.contextmanager
 def sigterm_raises():
     """SIGTERM raises ``Terminated`` in the main thread for the block (then the previous handler again);
-    elsewhere (a thread, where no handler can be set) nothing changes."""
-    if threading.current_thread() is not threading.main_thread():
+    elsewhere (a thread, where no handler can be set), or where SIGTERM is ignored, nothing changes."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    ):
         yield
         return
     previous = signal.signal(signal.SIGTERM, _terminate)

@@ -28,7 +28,7 @@ from failure_kit import (  # noqa: F401  (files: a fixture)
     tree,
 )
 
-from cerebrum_jax import checkpoint, fsafe
+from cerebrum_jax import checkpoint, fsafe, runhooks
 from cerebrum_jax.cli import main, sigterm_raises
 from cerebrum_jax.errors import InputError, Terminated
 
@@ -103,6 +103,14 @@ def test_sigterm_during_training_keeps_the_checkpoints(files, tmp_path):
     assert sorted(q.name for q in (out / "fold-1" / "checkpoints").iterdir()) == ["best", "last"]
     loop = json.loads((out / "fold-1" / "checkpoints" / "last" / "loop.json").read_text())
     assert len(loop["state_sha256"]) == 64 and leftovers(out) == []
+    p = start_finetune(files, out, "--epochs", "500", "--resume")  # what the requeued job runs
+    log = out / "fold-1" / "log.txt"
+    wait_for_log(p, log, "resuming at phase")
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 143 and leftovers(out) == [], err.decode()
+    resumed = [line for line in log.read_text().splitlines() if "resuming at phase" in line]
+    assert resumed and resumed[0].endswith(f", epoch {loop['next_epoch'] + 1}"), resumed
 
 
 class _Sigterm:
@@ -172,6 +180,40 @@ def test_disk_full_during_a_checkpoint_save_keeps_the_last_good_one(files, small
     assert str(disk) in str(e.value) and "\n" not in str(e.value)
     assert tree(ck) == good and sorted(p.name for p in disk.iterdir()) == ["ck", "filler"]  # nothing else
     assert checkpoint.load_checkpoint(ck).meta.get("next") is None  # the previous one, complete
+
+
+def test_disk_full_during_a_save_of_checkpoints_last(files, small_disk, monkeypatch):
+    """The resumable state (params, Adam's state, loop.json) into a full disk midway: refused, and the
+    checkpoints/last of the epoch before still complete (its loop.json digest matches its state)."""
+    disk = small_disk("2m")
+    last = disk / "checkpoints" / "last"
+    state = {"params": files["params"], "opt_state": files["params"], "step": np.int32(3)}
+    runhooks.save_last(last, state, {"next_epoch": 3})
+    good = tree(last)
+    fill(disk, 4096)
+    monkeypatch.setattr(fsafe, "SPACE_MARGIN", -(1 << 30))  # past the up-front check: fails while writing
+    with pytest.raises(InputError, match="no space left on device while writing checkpoint last"):
+        runhooks.save_last(last, state, {"next_epoch": 4})
+    assert tree(last) == good and sorted(p.name for p in last.parent.iterdir()) == ["last"]
+    loop = json.loads((last / "loop.json").read_text())
+    assert loop["next_epoch"] == 3 and loop["state_sha256"] == checkpoint.state_digest(last / "state")
+
+
+@pytest.mark.slow
+def test_finetune_into_a_nearly_full_disk(files, small_disk):
+    """A fine-tuning run whose disk has room for its log and config but not a checkpoint: one line naming
+    the checkpoints directory, exit 2, no temporary directory of a save."""
+    disk = small_disk("2m")
+    fill(disk, 160 << 10)
+    r = subprocess.run(
+        [sys.executable, "-m", "cerebrum_jax", "--compile-cache", "off", *finetune_args(files, disk / "run")],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "no space left on device" in r.stderr.lower() and "Traceback" not in r.stderr, r.stderr
+    assert leftovers(disk / "run") == [], leftovers(disk / "run")
 
 
 @pytest.mark.slow  # real processes importing jax: what a user sees on stderr, Orbax's threads included

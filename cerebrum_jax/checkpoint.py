@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import sys
-import threading
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -142,22 +141,27 @@ def tree_bytes(tree) -> int:
     return sum(int(getattr(leaf, "nbytes", 0)) for leaf in jax.tree_util.tree_leaves(tree))
 
 
-def _drop_closed_loop(unraisable, previous=sys.unraisablehook) -> None:
-    """sys.unraisablehook without the "Event loop is closed" of Orbax's callbacks that arrive after a failed
-    save closed its event loop (a traceback each, after the one-line message); others as before."""
-    exc = unraisable.exc_value
-    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
-        return
-    previous(unraisable)
+class _DropClosedLoop:
+    """A sys.unraisablehook without the "Event loop is closed" of Orbax's callbacks that arrive after a
+    failed save closed its event loop (a traceback each, after the one-line message); others go to the hook
+    it replaced."""
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, unraisable) -> None:
+        exc = unraisable.exc_value
+        if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+            self.previous(unraisable)
 
 
 @contextlib.contextmanager
 def quiet_orbax():
     """An Orbax save or restore without absl's ERROR log lines of its writer threads (a failure raises in
     this thread, and the command line says it in one line) and without the late "Event loop is closed"
-    tracebacks of a failed save."""
-    if sys.unraisablehook is not _drop_closed_loop and threading.current_thread() is threading.main_thread():
-        sys.unraisablehook = _drop_closed_loop
+    tracebacks of a failed save (the hook stays: they come after the block)."""
+    if not isinstance(sys.unraisablehook, _DropClosedLoop):
+        sys.unraisablehook = _DropClosedLoop(sys.unraisablehook)
     logger = logging.getLogger("absl")
     level = logger.level
     logger.setLevel(logging.CRITICAL)

@@ -9,7 +9,8 @@ Ctrl-C (SIGINT) ends a command with "interrupted", exit 130; SIGTERM (what SLURM
 send) with "terminated", exit 143: ``main`` turns SIGTERM into ``Terminated`` (a KeyboardInterrupt), so a
 checkpoint save in progress is finished or dropped alike (``fsafe.deferred_interrupt``). The console script
 (``entry``) then leaves with ``os._exit``: Python's finalisation, tearing down while XLA's compile threads
-still run, died of SIGSEGV after "interrupted" in 8 of 9 trials of a Ctrl-C during the first compile.
+still run, was reported to die of SIGSEGV after "interrupted" (issue 21: 8 of 9 trials of a Ctrl-C during
+the first compile), and it waited for those threads to finish first.
 """
 
 from __future__ import annotations

@@ -197,6 +197,25 @@ def write_segment_description(folder, inputs) -> Path:
     return write_dataset_description(folder, git_commit(), [source_dataset(r) for r in roots] or None)
 
 
+def foreign_description(folder: str | Path) -> str | None:
+    """What makes ``folder`` somebody else's dataset, or None: the kind of the dataset_description.json
+    there when cerebrum-jax did not write it (a raw dataset: DatasetType "raw" or none; another
+    pipeline's derivative). ``segment`` writes its derivative files only into a folder of its own."""
+    path = Path(folder) / "dataset_description.json"
+    if not path.exists():
+        return None
+    try:
+        desc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return "an unreadable dataset_description.json"
+    if not isinstance(desc, dict) or desc.get("DatasetType", "raw") != "derivative":
+        return "a raw BIDS dataset's dataset_description.json"
+    names = [g.get("Name") for g in desc.get("GeneratedBy") or [] if isinstance(g, dict)]
+    if NAME not in names:
+        return f"the dataset_description.json of another pipeline's derivative ({', '.join(map(str, names))})"
+    return None
+
+
 def git_commit() -> str | None:
     """The commit of the cerebrum-jax checkout that runs (None outside a git checkout)."""
     import subprocess

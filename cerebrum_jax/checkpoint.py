@@ -16,11 +16,13 @@ these checkpoints on its own (process 0 writes them; ``distributed.local_checkpo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import os
-import tempfile
+import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -31,7 +33,15 @@ import orbax.checkpoint as ocp
 from cerebrum_jax.choices import NORMALIZATIONS
 from cerebrum_jax.distributed import local_checkpointer_options
 from cerebrum_jax.errors import InputError
-from cerebrum_jax.fsafe import deferred_interrupt, remove_tree, replace_dir
+from cerebrum_jax.fsafe import (
+    check_space,
+    deferred_interrupt,
+    is_no_space,
+    no_space,
+    remove_tree,
+    replace_dir,
+    temp_dir,
+)
 from cerebrum_jax.model import DIVISOR, ModelConfig
 
 FORMAT = "cerebrum-jax-checkpoint"
@@ -108,19 +118,57 @@ def save_checkpoint(
         **(meta or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    check_space(path.parent, tree_bytes(tree), f"checkpoint {path.name}")
+    tmp = temp_dir(path)
     try:
-        with deferred_interrupt():  # Ctrl-C: once the checkpoint is complete under its final name
+        with deferred_interrupt(), quiet_orbax():  # Ctrl-C, SIGTERM: once the checkpoint is complete
             with ocp.StandardCheckpointer(**local_checkpointer_options()) as ckptr:
                 ckptr.save(tmp / STATE_DIR, tree)
                 ckptr.wait_until_finished()
             info[DIGEST_KEY] = state_digest(tmp / STATE_DIR)
             (tmp / META_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
             replace_dir(tmp, path)
-    except BaseException:
+    except BaseException as e:
         remove_tree(tmp)  # Orbax's writer threads may still be filling it
+        if isinstance(e, Exception) and is_no_space(e):  # Orbax's RESOURCE_EXHAUSTED traceback otherwise
+            raise no_space(path.parent, f"checkpoint {path.name}") from None
         raise
     return path
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of the arrays of ``tree`` (what an Orbax save writes, before compression)."""
+    return sum(int(getattr(leaf, "nbytes", 0)) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+class _DropClosedLoop:
+    """A sys.unraisablehook without the "Event loop is closed" of Orbax's callbacks that arrive after a
+    failed save closed its event loop (a traceback each, after the one-line message); others go to the hook
+    it replaced."""
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, unraisable) -> None:
+        exc = unraisable.exc_value
+        if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+            self.previous(unraisable)
+
+
+@contextlib.contextmanager
+def quiet_orbax():
+    """An Orbax save or restore without absl's ERROR log lines of its writer threads (a failure raises in
+    this thread, and the command line says it in one line) and without the late "Event loop is closed"
+    tracebacks of a failed save (the hook stays: they come after the block)."""
+    if not isinstance(sys.unraisablehook, _DropClosedLoop):
+        sys.unraisablehook = _DropClosedLoop(sys.unraisablehook)
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def read_meta(path: str | os.PathLike) -> dict:

@@ -41,7 +41,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from cerebrum_jax.errors import InputError
+from cerebrum_jax.errors import InputError, Terminated
 
 LAUNCH_KEYS = ("coordinator", "num_processes", "process_id")
 
@@ -185,8 +185,10 @@ def guarded(command: str) -> Callable:
 def exit_now(command: str, e: BaseException) -> None:
     """Print ``e`` as one line naming this process and ``os._exit`` (no shutdown barrier, no hang)."""
     who = f"process {process_index()} of {process_count()}"
-    if isinstance(e, InputError | OSError | KeyboardInterrupt):
-        code, what = (130 if isinstance(e, KeyboardInterrupt) else 2), one_line(e) or "interrupted"
+    if isinstance(e, KeyboardInterrupt):  # Ctrl-C, or SIGTERM (Terminated)
+        code, what = (143, "terminated") if isinstance(e, Terminated) else (130, "interrupted")
+    elif isinstance(e, InputError | OSError):
+        code, what = 2, one_line(e)
     elif type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError"):
         code = 1
         what = f"lost another process (a collective or the coordination service failed): {one_line(e)}"

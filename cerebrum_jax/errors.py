@@ -19,3 +19,9 @@ class NonFiniteLoss(RuntimeError):
     ``finetune.train_and_evaluate`` adds to the message which of them exist. Defined here, beside
     InputError, so that the command line catches it without importing the training stack (jax, optax,
     orbax)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM, Kubernetes and ``kill`` send to end a job), raised in the main thread by the
+    command line's handler. A KeyboardInterrupt, so that everything that finishes or drops a save at Ctrl-C
+    (``fsafe.deferred_interrupt``) does the same here; the command line says "terminated", exit 143."""

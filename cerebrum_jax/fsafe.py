@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from cerebrum_jax.errors import InputError
+from cerebrum_jax.errors import InputError, Terminated
 
 LOCK_NAME = ".cerebrum-jax.lock"
 
@@ -64,7 +64,7 @@ class DirLock:
 
     def _acquire(self, command: str) -> int:
         for _ in range(10):  # the holder may remove the file between our open and flock: open it again
-            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -82,6 +82,20 @@ class DirLock:
                     return fd
             os.close(fd)
         raise InputError("cannot take the lock file (it keeps being replaced)", self.file)
+
+    def _open(self) -> int:
+        """The lock file, opened without following a symbolic link (one planted in its place would have the
+        lock record written through it, over a file elsewhere): InputError naming a link."""
+        try:
+            return os.open(self.file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            self._cleanup_created()
+            raise InputError(
+                "is a symbolic link, not followed: a run writes only its own files; remove the link",
+                self.file,
+            ) from None
 
     def release(self, remove_created: bool = True) -> None:
         """Remove the lock file and drop the lock (idempotent); then the directories this lock created, if
@@ -144,13 +158,17 @@ def check_own_files(directory: str | os.PathLike) -> None:
 TEMP_PATTERNS = (".last.*", ".best.*", ".*.old-*", ".*.tmp*")
 
 
-def remove_leftovers(directory: str | os.PathLike, patterns=TEMP_PATTERNS, log=None) -> list[Path]:
+def remove_leftovers(
+    directory: str | os.PathLike, patterns=TEMP_PATTERNS, log=None, recursive: bool = True
+) -> list[Path]:
     """Remove the temporary files and directories of writes that were killed before their rename (names
     as ``atomic_path``, ``replace_dir`` and the checkpoint savers make them) anywhere under
-    ``directory``; call it only while holding the directory's lock. Returns what was removed."""
+    ``directory`` (only in it: not ``recursive``); call it only while holding the directory's lock.
+    Returns what was removed."""
     removed = []
     for pattern in patterns:
-        for p in sorted(Path(directory).rglob(pattern)):
+        found = Path(directory).rglob(pattern) if recursive else Path(directory).glob(pattern)
+        for p in sorted(found):
             if p.name == LOCK_NAME or not (p.exists() or p.is_symlink()):
                 continue
             if p.is_dir() and not p.is_symlink():
@@ -164,22 +182,37 @@ def remove_leftovers(directory: str | os.PathLike, patterns=TEMP_PATTERNS, log=N
     return removed
 
 
+def _held_signals() -> list[int]:
+    """The signals ``deferred_interrupt`` holds: SIGINT, and SIGTERM where a Python handler takes it (the
+    command line's, raising ``Terminated``); one left to its default or ignored keeps its meaning."""
+    held = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if callable(signal.getsignal(signum)):
+            held.append(signum)
+    return held
+
+
 @contextlib.contextmanager
 def deferred_interrupt():
-    """Hold Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt: for Orbax saves and restores,
-    whose background threads, interrupted, left the process waiting 300 s at exit and printing tracebacks
-    ("cannot schedule new futures after shutdown", "Event loop is closed"), and a temporary directory behind.
-    A no-op outside the main thread (where Python delivers signals)."""
+    """Hold Ctrl-C (SIGINT) and SIGTERM until the block ends, then raise KeyboardInterrupt (``Terminated``
+    for SIGTERM): for Orbax saves and restores, whose background threads, interrupted, left the process
+    waiting 300 s at exit and printing tracebacks ("cannot schedule new futures after shutdown", "Event loop
+    is closed"), and a temporary directory behind. A no-op outside the main thread (where Python delivers
+    signals)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received = []
-    previous = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    previous = {signum: signal.getsignal(signum) for signum in _held_signals()}
+    for signum in previous:
+        signal.signal(signum, lambda signum, frame: received.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if signal.SIGTERM in received:
+        raise Terminated
     if received:
         raise KeyboardInterrupt
 
@@ -229,11 +262,26 @@ def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     set_default_mode(src)  # mkdtemp made it 0700
     old = None
     if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        old = dst.with_name(f".{dst.name[:TEMP_STEM]}.old-{os.getpid()}")
         os.replace(dst, old)
     os.replace(src, dst)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+TEMP_STEM = 60  # characters of the final name kept in a temporary one: well within NAME_MAX (255 bytes)
+
+
+def temp_prefix(path: Path) -> str:
+    """'.NAME.' for the temporary name beside ``path``, NAME cut short so that prefix, random part and
+    suffixes stay within the file system's name limit whatever the final name's length."""
+    return f".{path.name[:TEMP_STEM]}."
+
+
+def temp_dir(path: str | os.PathLike) -> Path:
+    """A new temporary directory beside ``path`` (for a directory written whole, then ``replace_dir``)."""
+    path = Path(path)
+    return Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent))
 
 
 @contextlib.contextmanager
@@ -242,21 +290,24 @@ def atomic_path(path: str | os.PathLike):
 
     The temporary name keeps the final suffixes (``.nii.gz``) so writers that look at the
     extension behave the same. The result gets the umask's default permissions (not mkstemp's 0600).
+    An OSError of the write (a full disk) names ``path``, not the temporary name, which is removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a directory, not replaced by a file", str(path))
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=f".tmp{suffix[:12]}", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
         set_default_mode(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename in (None, tmp) and e.errno is not None:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise
 
 
@@ -276,3 +327,41 @@ def remove_tree(path: Path, tries: int = 50) -> None:
         if not os.path.lexists(path):
             return
         time.sleep(0.1)
+
+
+def is_no_space(e: BaseException) -> bool:
+    """Whether ``e`` (or what caused it) is a full disk: ENOSPC/EDQUOT, or TensorStore's (Orbax's)
+    RESOURCE_EXHAUSTED / "No space left on device" in the text of another exception type."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e)
+        if "No space left on device" in text or "RESOURCE_EXHAUSTED" in text or "Disk quota exceeded" in text:
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+def no_space(directory: str | os.PathLike, what: str) -> InputError:
+    """The one-line error of a write into ``directory`` that ran out of space (nothing was replaced)."""
+    return InputError(
+        f"no space left on device while writing {what}; nothing was replaced (the previous one, if any, is "
+        "kept): free space or choose another output directory",
+        directory,
+    )
+
+
+SPACE_MARGIN = 128 << 10  # bytes beyond the arrays that a checkpoint save needs (Orbax's metadata: ~80 KiB)
+
+
+def check_space(directory: str | os.PathLike, nbytes: int, what: str) -> None:
+    """``no_space`` before a write of about ``nbytes`` into ``directory`` when the file system has less
+    free: refused in one line before Orbax starts (a save that runs out midway logs pages of tracebacks from
+    its writer threads, and still fails)."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return  # the write itself will say what is wrong
+    if st.f_bavail * st.f_frsize < nbytes + SPACE_MARGIN:
+        raise no_space(directory, f"{what} (about {(nbytes + SPACE_MARGIN) >> 10} KiB needed)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from cerebrum_jax.checkpoint import find_weights as resolve_weights
 from cerebrum_jax.checkpoint import load_checkpoint
 from cerebrum_jax.cli import options
 from cerebrum_jax.errors import InputError
-from cerebrum_jax.fsafe import dir_lock
+from cerebrum_jax.fsafe import dir_lock, remove_leftovers
 from cerebrum_jax.inputs import NORMALIZATIONS, Preprocessing, of_checkpoint
 
 DESCRIPTION = (
@@ -146,10 +147,48 @@ def check_inputs(
             raise InputError(f"has the same output name {stem!r} as {stems[stem]}", path)
         stems[stem] = path
         for target in output_files(out, stem, probseg) if out is not None else []:
+            check_name_length(path, target)
             if target.is_dir():
                 raise InputError("output name is taken by a directory", target)
     if out is not None and (out / "dseg.tsv").is_dir():
         raise InputError("output name is taken by a directory", out / "dseg.tsv")
+
+
+NAME_MAX = 255  # bytes of one file name on Linux's file systems (ext4, xfs, tmpfs, NFS)
+
+
+def check_name_length(source: Path, target: Path) -> None:
+    """InputError naming the input ``source`` when its output name ``target`` is longer than a file system
+    takes: found before any work rather than after the volume was segmented."""
+    size = len(os.fsencode(target.name))
+    if size > NAME_MAX:
+        raise InputError(
+            f"its output name {target.name[:40]}... would be {size} bytes, over the file system's limit of "
+            f"{NAME_MAX}: give the input a shorter name",
+            source,
+        )
+
+
+SEGMENT_TEMPS = (".*.tmp.nii.gz", ".*.tmp.nii", ".*.tmp.json", ".*.tmp.tsv")  # fsafe.atomic_path's names
+
+
+def check_out(out: Path, classes) -> None:
+    """InputError unless ``out`` may take segment's derivative files: never a raw BIDS dataset or another
+    pipeline's folder (their dataset_description.json would be overwritten), nor a folder whose own
+    dseg.tsv differs from this model's label table and was not written by cerebrum-jax."""
+    foreign = bids.foreign_description(out)
+    if foreign is not None:
+        raise InputError(
+            f"holds {foreign}; segment writes its own dataset_description.json and dseg.tsv and never over "
+            "another dataset's: choose a folder of its own, e.g. --out DATASET/derivatives/cerebrum-jax",
+            out,
+        )
+    tsv = out / "dseg.tsv"
+    ours = (out / "dataset_description.json").is_file()
+    if tsv.is_file() and not ours and tsv.read_text(errors="replace") != labels.dseg_text(classes):
+        raise InputError(
+            "holds a dseg.tsv of other labels that segment would overwrite: choose another --out", out
+        )
 
 
 def performance_options(args: argparse.Namespace, config):
@@ -269,6 +308,11 @@ def _warner(path: Path):
     return warn
 
 
+def _say(out: Path):
+    """A ``log(text)`` printing 'OUT: text' on stdout."""
+    return lambda text: print(f"{out}: {text}", flush=True)
+
+
 def segment_one(
     args: argparse.Namespace, models, mesh, out: Path, path: Path, mask_path: Path | None
 ) -> None:
@@ -314,6 +358,8 @@ def run(args: argparse.Namespace) -> int:
     masks = [Path(m) for m in args.mask] if args.mask else None
 
     def check():
+        if out.is_dir():
+            check_out(out, models[0][1].classes)
         distributed.unique_names(paths, output_stem)  # names of every input; the files of this share
         check_inputs(
             [paths[i] for i in mine],
@@ -335,6 +381,8 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)  # fails fast on an unwritable place, before any compute
     lock = dir_lock(out, "segment")  # one run at a time into OUT (InputError naming the other's pid)
     try:
+        if not distributed.is_running():  # a killed segment's temporary files: ours to remove, under the lock
+            remove_leftovers(out, SEGMENT_TEMPS, log=_say(out), recursive=False)
         for i in mine:
             segment_one(args, models, mesh, out, paths[i], None if masks is None else masks[i])
         distributed.barrier("segmented")

@@ -274,11 +274,10 @@ def test_a_defect_is_one_line_with_the_traceback_in_a_file(tmp_path, capsys, mon
     def broken(args):
         raise KeyError("an internal key")
 
-    monkeypatch.setattr(cv_summary, "run", broken)
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
     import tempfile
 
-    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setattr(cv_summary, "run", broken)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the traceback goes
     code = main(["cv-summary", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

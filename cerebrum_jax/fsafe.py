@@ -281,7 +281,10 @@ def temp_prefix(path: Path) -> str:
 def temp_dir(path: str | os.PathLike) -> Path:
     """A new temporary directory beside ``path`` (for a directory written whole, then ``replace_dir``)."""
     path = Path(path)
-    return Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent))
+    try:
+        return Path(tempfile.mkdtemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent))
+    except OSError as e:  # name the user's path, not the temporary one
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
 
 
 @contextlib.contextmanager
@@ -297,7 +300,10 @@ def atomic_path(path: str | os.PathLike):
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "is a directory, not replaced by a file", str(path))
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=f".tmp{suffix[:12]}", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=f".tmp{suffix[:12]}", dir=path.parent)
+    except OSError as e:  # e.g. a folder that takes no new files (/proc): name the user's path
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     os.close(fd)
     try:
         yield Path(tmp)
@@ -363,5 +369,7 @@ def check_space(directory: str | os.PathLike, nbytes: int, what: str) -> None:
         st = os.statvfs(directory)
     except OSError:
         return  # the write itself will say what is wrong
+    if st.f_blocks == 0:
+        return  # no block storage at all (/proc, /sys): the write itself will say what is wrong
     if st.f_bavail * st.f_frsize < nbytes + SPACE_MARGIN:
         raise no_space(directory, f"{what} (about {(nbytes + SPACE_MARGIN) >> 10} KiB needed)")

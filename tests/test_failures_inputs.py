@@ -177,6 +177,18 @@ CASES = {  # name: (argv from (files, tmp_path), the one line holds this)
         lambda f, t: _seg(f, t, "--", str(_patched_header(f, t, 40, 9))),  # dim[0]: nibabel tries swapped
         "x.nii: not a readable NIfTI file (HeaderDataError",
     ),
+    "evaluate --json into a folder that takes no files": (
+        lambda f, t: ["evaluate", str(f["lab"]), str(f["lab"]), "--json", "/proc/x.json"],
+        "error: /proc/x.json: No such file or directory",  # the user's path, not the temporary one
+    ),
+    "convert into a folder that takes no directories": (
+        lambda f, t: ["convert", str(f["h5"]), "/proc/x"],
+        "error: /proc/x: No such file or directory",
+    ),
+    "convert --to-keras into a folder that takes no files": (
+        lambda f, t: ["convert", "--to-keras", str(f["ck"]), "/proc/x.h5"],
+        "error: /proc/x.h5: No such file or directory",
+    ),
     "a file name holding a newline": (
         lambda f, t: ["evaluate", str(_newline_name(f, t)), str(f["lab"])],
         "two\\nlines.nii.gz: prediction",

@@ -48,7 +48,11 @@ VARIANTS = {
         "+mm augmentation": MM,
         "+mm +skeleton recall": {**MM, "skeleton_classes": None},
         "+mm +unweighted ce": UNWEIGHTED,
-        "+unweighted ce +skeleton recall (voxel ranges)": {**TODAY, "class_weights": "none", "skeleton_classes": None},
+        "+unweighted ce +skeleton recall (voxel ranges)": {
+            **TODAY,
+            "class_weights": "none",
+            "skeleton_classes": None,
+        },
         "today +skeleton recall": {**TODAY, "skeleton_classes": None},
         "recipe (+mm +unweighted +skeleton recall)": RECIPE,
         "recipe x3 skeleton weight": {**RECIPE, "skeleton_weight": 3.0},

@@ -213,6 +213,7 @@ def test_checkpoint_without_digest_still_loads_and_nan_params_are_refused(files,
     (ck / "cerebrum.json").write_text(json.dumps({**meta, "version": 1}))
     loaded = checkpoint.load_checkpoint(ck)  # a checkpoint from before the digest
     assert "state_sha256" not in loaded.meta
+    assert capsys.readouterr().err.count("not verified") == 1  # its one warning line
     bad = jax.tree_util.tree_map(np.asarray, files["params"])
     bad["enc_lvl1_block1_conv"]["kernel"] = bad["enc_lvl1_block1_conv"]["kernel"].copy()
     bad["enc_lvl1_block1_conv"]["kernel"][0, 0, 0, 0, 0] = np.nan

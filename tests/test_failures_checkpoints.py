@@ -155,6 +155,17 @@ def test_an_undigested_checkpoint_loads_with_one_warning(files, tmp_path, capsys
     assert list((tmp_path / "seg").glob("*dseg.nii.gz"))
 
 
+@pytest.mark.slow  # one epoch of fine-tuning
+def test_finetune_from_undigested_weights_warns_once_in_its_log(files, tmp_path, capsys):
+    ck = copy_ck(files, tmp_path)
+    undigested(ck)
+    args = finetune_args(files, tmp_path / "out")
+    args[args.index("--weights") + 1] = str(ck)
+    assert main(args) == 0, capsys.readouterr().err
+    log = (tmp_path / "out" / "fold-1" / "log.txt").read_text()
+    assert log.count(UNVERIFIED) == 1 and f"{ck}: {UNVERIFIED}" in log, log
+
+
 def test_the_digest_covers_every_file_of_state(files, tmp_path):
     """The digest changes with each file's name, size and bytes, and with files added or removed."""
     ck = copy_ck(files, tmp_path)

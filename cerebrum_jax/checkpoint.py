@@ -5,9 +5,14 @@ Layout of a checkpoint directory::
     CKPT/cerebrum.json   model config, class names, input normalisation kind, provenance
     CKPT/state/          Orbax StandardCheckpointer tree {"params": ..., ["normalization": {"mean", "std"}]}
 
-cerebrum.json records ``state_sha256`` (``state_digest``: every file of state/ in a stable order), checked
-on load, so a flipped byte is refused instead of loading as NaN weights; checkpoints written before the
-digest existed load without it. Non-finite parameters are refused on load as well.
+cerebrum.json records ``state_sha256`` (``state_digest``: the path, size and bytes of every file of state/ in
+a stable order), checked on every load, so a flipped byte, a truncated, missing or extra file is refused
+instead of loading as NaN weights. Checkpoints are written as version 2, which must carry the digest (a
+version-2 record without it is corrupt, not "old"); version-1 records from before the digest load with one
+warning line ("not verified") and are refused where a copy would be made of them (``require_digest``).
+The digest detects corruption and accidental change; it is no signature: whoever can write the directory
+can rewrite the digest as well. ``check_meta`` validates every field of cerebrum.json on reading it.
+Non-finite parameters are refused on load as well.
 
 Directories are written under a temporary name and renamed at the end, so a failed write
 leaves nothing half-written under the final name. In a multi-process run each process reads and writes
@@ -42,12 +47,14 @@ from cerebrum_jax.fsafe import (
     replace_dir,
     temp_dir,
 )
-from cerebrum_jax.model import DIVISOR, ModelConfig
+from cerebrum_jax.inputs import CROPS, MASKS
+from cerebrum_jax.model import ACTIVATIONS, DIVISOR, ModelConfig
 
 FORMAT = "cerebrum-jax-checkpoint"
 META_FILE = "cerebrum.json"
 STATE_DIR = "state"
 DIGEST_KEY = "state_sha256"
+VERSION = 2  # 2: state_sha256 is required; 1: written before the digest existed (loads unverified)
 
 
 class Checkpoint(NamedTuple):
@@ -111,7 +118,7 @@ def save_checkpoint(
         tree["normalization"] = {k: np.asarray(norm_volumes[k], np.float32) for k in ("mean", "std")}
     info = {
         "format": FORMAT,
-        "version": 1,
+        "version": VERSION,
         "model": config_to_dict(config),
         "classes": classes,
         "normalization": normalization,
@@ -142,9 +149,10 @@ def tree_bytes(tree) -> int:
 
 
 class _DropClosedLoop:
-    """A sys.unraisablehook without the "Event loop is closed" of Orbax's callbacks that arrive after a
-    failed save closed its event loop (a traceback each, after the one-line message); others go to the hook
-    it replaced."""
+    """A sys.unraisablehook without the "Event loop is closed" reports of Orbax: when one write or read of
+    a save or restore fails, Orbax closes its asyncio loop while tensorstore's other operations are still
+    in flight, and each of their callbacks then reports the RuntimeError through ``sys.unraisablehook`` (a
+    traceback each, after the one-line message, until exit). Others go to the hook it replaced."""
 
     def __init__(self, previous):
         self.previous = previous
@@ -159,7 +167,8 @@ class _DropClosedLoop:
 def quiet_orbax():
     """An Orbax save or restore without absl's ERROR log lines of its writer threads (a failure raises in
     this thread, and the command line says it in one line) and without the late "Event loop is closed"
-    tracebacks of a failed save (the hook stays: they come after the block)."""
+    tracebacks of a failed save or restore (``_DropClosedLoop``; the hook stays: they come after the
+    block)."""
     if not isinstance(sys.unraisablehook, _DropClosedLoop):
         sys.unraisablehook = _DropClosedLoop(sys.unraisablehook)
     logger = logging.getLogger("absl")
@@ -185,22 +194,31 @@ def read_meta(path: str | os.PathLike) -> dict:
         raise InputError(f"not a cerebrum-jax checkpoint (no {META_FILE})", path) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"corrupt {META_FILE} ({e})", path) from None
-    if info.get("format") != FORMAT:
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
         raise InputError(f"{META_FILE} is not a {FORMAT} description", path)
+    check_meta(info, path)
     return info
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read a checkpoint written by ``save_checkpoint``; params come back as numpy float32 arrays."""
+def load_checkpoint(path: str | os.PathLike, *, require_digest: bool = False, warn=None) -> Checkpoint:
+    """Read a checkpoint written by ``save_checkpoint``; params come back as numpy float32 arrays.
+
+    A version-1 checkpoint without ``state_sha256`` is refused with ``require_digest`` (a conversion
+    would hand on unverified weights as if they were sound), else loaded after one line to ``warn``
+    (default: stderr)."""
     path = Path(path).absolute()
     info = read_meta(path)
-    check_digest(path, info.pop(DIGEST_KEY, None))
-    try:
-        with deferred_interrupt(), ocp.StandardCheckpointer(**local_checkpointer_options()) as ckptr:
-            tree = ckptr.restore(path / STATE_DIR)
-    except Exception as e:
-        raise InputError(f"cannot restore Orbax state ({type(e).__name__}: {str(e)[:200]})", path) from None
+    digest = info.pop(DIGEST_KEY, None)
+    if digest is None:
+        why = f"no {DIGEST_KEY} in {META_FILE} (a checkpoint from before digests): {STATE_DIR}/"
+        if require_digest:
+            raise InputError(f"{why} cannot be verified; not converted", path)
+        (warn or _stderr)(f"warning: {path}: {why} not verified")
+    check_digest(path, digest)
+    tree = _restore(path)
     tree = jax.tree_util.tree_map(lambda a: np.asarray(a), tree)
+    if not isinstance(tree, dict) or not isinstance(tree.get("params"), dict):
+        raise InputError(f"{STATE_DIR}/ holds no 'params' tree", path)
     config = config_from_dict(info.pop("model"))
     classes = info.pop("classes")
     normalization = info.pop("normalization", "zscore")
@@ -209,6 +227,21 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     ckpt = Checkpoint(tree["params"], config, classes, normalization, tree.get("normalization"), info)
     check_checkpoint(ckpt, path)
     return ckpt
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _restore(path: Path) -> dict:
+    """The Orbax tree of ``path``/state; InputError (one line) when Orbax cannot read it."""
+    try:
+        with deferred_interrupt(), quiet_orbax():
+            with ocp.StandardCheckpointer(**local_checkpointer_options()) as ckptr:
+                return ckptr.restore(path / STATE_DIR)
+    except Exception as e:
+        reason = " ".join(str(e).split())[:200]
+        raise InputError(f"cannot restore Orbax state ({type(e).__name__}: {reason})", path) from None
 
 
 def state_digest(state_dir: str | os.PathLike) -> str:
@@ -272,6 +305,89 @@ def check_checkpoint(ckpt: Checkpoint, path) -> None:
             )
         if not all(np.isfinite(ckpt.norm_volumes[k]).all() for k in ("mean", "std")):
             raise InputError("mean/std volumes hold NaN or infinite values: not loaded", path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The schema of cerebrum.json: every field a reader uses, checked once when it is read
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def _require(ok: bool, path, field: str, want: str, got) -> None:
+    if not ok:
+        raise InputError(f"{META_FILE}: {field} must be {want}, got {got!r}"[:300], path)
+
+
+def _one_of(choices) -> str:
+    return "one of " + ", ".join(map(str, choices))
+
+
+def check_meta(info: dict, path) -> None:
+    """InputError naming ``path`` and the field unless ``info`` (a cerebrum.json) is a well-formed record:
+    version, model config, class names, normalisation, digest, preprocessing record, train_voxel_mm."""
+    _require(info.get("version") in (1, VERSION), path, "version", _one_of((1, VERSION)), info.get("version"))
+    digest = info.get(DIGEST_KEY)
+    if info["version"] >= 2 or digest is not None:  # a v2 record without its digest: corrupt, not old
+        ok = isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
+        _require(ok, path, DIGEST_KEY, "64 hex digits (version 2 records carry it)", digest)
+    model = info.get("model")
+    _require(isinstance(model, dict), path, "model", "an object", model)
+    _check_model(model, path)
+    classes = info.get("classes")
+    ok = isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+    _require(ok and len(classes) == model["n_classes"], path, "classes",
+             f"a list of {model['n_classes']} names (model.n_classes)", classes)  # fmt: skip
+    normalization = info.get("normalization", "zscore")
+    _require(normalization in NORMALIZATIONS, path, "normalization", _one_of(NORMALIZATIONS), normalization)
+    if info.get("preprocessing") is not None:
+        _check_preprocessing(info["preprocessing"], path)
+    voxel = info.get("train_voxel_mm")
+    if voxel is not None:
+        ok = isinstance(voxel, list) and len(voxel) == 3 and all(_is_number(v) and v > 0 for v in voxel)
+        _require(ok, path, "train_voxel_mm", "3 positive numbers (mm)", voxel)
+
+
+def _check_model(model: dict, path) -> None:
+    for key, low in (("n_filters", 1), ("n_classes", 2)):
+        v = model.get(key)
+        _require(_is_int(v) and v >= low, path, f"model.{key}", f"an integer >= {low}", v)
+    for key in ("enc_activation", "dec_activation"):
+        v = model.get(key, "relu")
+        _require(isinstance(v, str) and v in ACTIVATIONS, path, f"model.{key}", _one_of(ACTIVATIONS), v)
+    v = model.get("dropout_rate", 0.1)
+    _require(_is_number(v) and 0 <= v < 1, path, "model.dropout_rate", "a number in [0, 1)", v)
+    v = model.get("compute_dtype", "float32")
+    dtypes = ("float32", "bfloat16")
+    _require(isinstance(v, str) and v in dtypes, path, "model.compute_dtype", _one_of(dtypes), v)
+    v = model.get("remat", False)
+    _require(isinstance(v, bool), path, "model.remat", "true or false", v)
+
+
+def _check_preprocessing(rec, path) -> None:
+    _require(isinstance(rec, dict), path, "preprocessing", "an object", rec)
+    for key, choices, default in (("mask", MASKS, "none"), ("crop", CROPS, "none"),
+                                  ("normalization", NORMALIZATIONS, "zscore")):  # fmt: skip
+        v = rec.get(key, default)
+        _require(isinstance(v, str) and v in choices, path, f"preprocessing.{key}", _one_of(choices), v)
+    v = rec.get("margin", 4)
+    _require(_is_int(v) and v >= 0, path, "preprocessing.margin", "an integer >= 0", v)
+    grid = rec.get("grid")
+    if grid is not None:
+        ok = (
+            isinstance(grid, list)
+            and len(grid) == 3
+            and all(_is_int(g) and g > 0 and g % DIVISOR == 0 for g in grid)
+        )
+        _require(ok, path, "preprocessing.grid", f"3 positive multiples of {DIVISOR} or null", grid)
+    v = rec.get("voxel_mm")
+    if v is not None:
+        _require(_is_number(v) and v > 0, path, "preprocessing.voxel_mm", "a positive number (mm) or null", v)
 
 
 DEFAULT_WEIGHTS = ("weights/glasgow", "weights/demo")  # looked for in the current directory, then the repo

@@ -113,9 +113,14 @@ def _model_config(f: h5py.File, path: Path) -> dict | None:
     try:
         cfg = json.loads(_text(f.attrs["model_config"]))
         layers = cfg["config"]["layers"]
-        return {(entry.get("name") or entry["config"]["name"]): entry for entry in layers}
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise InputError(f"unreadable model_config ({type(e).__name__}: {e})", path) from None
+    # every entry an object with a config object: the graph checks below read them without further ado
+    if not isinstance(layers, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("config"), dict) for e in layers
+    ):
+        raise InputError("unreadable model_config: its layers must be objects with a 'config' object", path)
+    return {str(entry.get("name") or entry["config"].get("name")): entry for entry in layers}
 
 
 def _config_from_model_config(layers: dict, path: Path) -> ModelConfig:
@@ -158,6 +163,20 @@ def _config_from_model_config(layers: dict, path: Path) -> ModelConfig:
         )
     except (ValueError, KeyError, TypeError) as e:
         raise InputError(f"unsupported model_config ({e})", path) from None
+
+
+def _config_from_kernels(weights: dict, path: Path) -> ModelConfig:
+    """n_filters and n_classes of a weights-only file: the output channels of its first and last kernel."""
+    shapes = {n: getattr(weights[n].get("kernel"), "shape", None) for n in (LAYER_NAMES[0], "main_output")}
+    for name, shape in shapes.items():
+        if shape is None or len(shape) != 5:
+            raise InputError(f"layer {name}: kernel has shape {shape}, expected a 3-D convolution's 5", path)
+    try:
+        return ModelConfig(
+            n_filters=int(shapes[LAYER_NAMES[0]][-1]), n_classes=int(shapes["main_output"][-1])
+        )
+    except ValueError as e:
+        raise InputError(f"unsupported weights ({e})", path) from None
 
 
 def _check_shapes(weights: dict, config: ModelConfig, path: Path) -> dict:
@@ -229,10 +248,7 @@ def _read_open(f: h5py.File, path: Path) -> tuple[dict, ModelConfig, dict]:
     else:
         if LAYER_NAMES[0] not in weights or "main_output" not in weights:
             raise InputError("not a CEREBRUM-7T weights file (no enc_lvl1_block1_conv / main_output)", path)
-        config = ModelConfig(
-            n_filters=int(weights[LAYER_NAMES[0]]["kernel"].shape[-1]),
-            n_classes=int(weights["main_output"]["kernel"].shape[-1]),
-        )
+        config = _config_from_kernels(weights, path)
     params = _check_shapes(weights, config, path)
     any_names = [w for n in weights for w in (_read_attr_list(root[n], "weight_names") or [])]
     attrs = {**root.attrs, **f.attrs}

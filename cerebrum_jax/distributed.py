@@ -427,7 +427,8 @@ def shared_tmp_dir(path: Path) -> Path:
 
 def save_state(path: Path, state, extra_files: dict[str, str]) -> None:
     """Orbax multi-process save of ``state`` (global arrays) to PATH/state by every process, the
-    ``extra_files`` {name: text} written by process 0, then swapped into place by process 0."""
+    ``extra_files`` {name: text, or a function of the saved state/ directory giving the text (a digest of
+    it)} written by process 0, then swapped into place by process 0."""
     import orbax.checkpoint as ocp
 
     from cerebrum_jax import fsafe
@@ -441,7 +442,7 @@ def save_state(path: Path, state, extra_files: dict[str, str]) -> None:
         ckptr.wait_until_finished()
     if is_main():
         for name, text in extra_files.items():
-            (tmp / name).write_text(text)
+            (tmp / name).write_text(text(tmp / "state") if callable(text) else text)
         fsafe.replace_dir(tmp, path)
     barrier(f"saved {path}")
 

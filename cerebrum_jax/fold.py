@@ -325,7 +325,7 @@ def _initial_network(cfg: InitConfig, n_classes: int, seed: int, log):
         normalization, why = preprocess.resolve_normalization(cfg.normalization, "zscore")
         return None, None, model_config, params, frozen, normalization, why
     weights_path = find_weights(cfg.weights, log)
-    ckpt = load_checkpoint(weights_path)
+    ckpt = load_checkpoint(weights_path, warn=log)  # an undigested one: its warning in the run's log
     model_config = train.finetune_model_config(ckpt, n_classes, cfg.dropout_rate)
     params, frozen = train.load_finetune_init(ckpt, n_classes, cfg.last_layer, key)
     normalization, why = preprocess.resolve_normalization(cfg.normalization, ckpt.normalization)

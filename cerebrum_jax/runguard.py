@@ -6,7 +6,8 @@ the whole run, and on ``--resume`` checks, before anything is loaded or written,
 
 - no file of the run is a symbolic link (a log.txt linked elsewhere would be appended through),
 - config.json and checkpoints/last/loop.json are readable and well formed, and checkpoints/last/state
-  has the sha256 that loop.json records (``runhooks.save_last``),
+  has the sha256 that loop.json records (``runhooks.save_last``; every loop.json it writes records one,
+  so a loop.json without it is corrupt, not old: a digest that may be deleted would protect nothing),
 - the config equals the run's config.json but for the performance-only keys ``PERFORMANCE_KEYS``
   (how to compute, not what: the device mesh, rematerialisation, the convolution precision),
 
@@ -60,8 +61,12 @@ def check_resume(run_dir: Path, cfg, log=print) -> None:
     if run.config_json.exists():
         check_same_config(run.config_json, cfg)
     if run.loop_json.exists():
+        # every loop.json save_last writes holds the digest: one without it was edited (a downgrade), and a
+        # digest that may be deleted would protect nothing
         digest = read_loop(run.loop_json).get("state_sha256")
-        if digest is not None and (not run.last_state.is_dir() or state_digest(run.last_state) != digest):
+        if not isinstance(digest, str):
+            raise InputError(f"corrupt loop.json: no 'state_sha256' of state/; {NO_RESUME}", run.loop_json)
+        if not run.last_state.is_dir() or state_digest(run.last_state) != digest:
             raise InputError(
                 f"state/ is missing or does not match the sha256 in loop.json (corrupt); {NO_RESUME}",
                 run.last,

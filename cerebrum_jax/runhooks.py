@@ -36,7 +36,11 @@ def save_last(path: Path, state: dict, loop: dict) -> None:
 
     In a multi-process run every process saves (Orbax multi-process) and process 0 writes loop.json."""
     if distributed.process_count() > 1:
-        return distributed.save_state(path, state, {LOOP_JSON: json.dumps(loop, indent=1) + "\n"})
+
+        def text(state_dir: Path) -> str:  # the digest of the state the processes wrote, as on one process
+            return json.dumps({**loop, "state_sha256": state_digest(state_dir)}, indent=1) + "\n"
+
+        return distributed.save_state(path, state, {LOOP_JSON: text})
     path = Path(path).absolute()  # Orbax refuses relative checkpoint paths
     path.parent.mkdir(parents=True, exist_ok=True)
     fsafe.check_space(path.parent, tree_bytes(state), f"checkpoint {path.name}")

@@ -55,7 +55,6 @@ VARIANTS = {
         },
         "today +skeleton recall": {**TODAY, "skeleton_classes": None},
         "recipe (+mm +unweighted +skeleton recall)": RECIPE,
-        "recipe x3 skeleton weight": {**RECIPE, "skeleton_weight": 3.0},
         "+mm +sqrt-balanced ce +skeleton recall": {**RECIPE, "class_weights": "sqrt"},
         "+sqrt-balanced ce +skeleton recall (voxel ranges)": {
             **TODAY,

@@ -103,7 +103,8 @@ def test_missing_directory_and_missing_state(tmp_path, params):
     with pytest.raises(InputError, match="does not match the sha256 recorded in cerebrum.json"):
         load_checkpoint(path)
     meta = json.loads((path / checkpoint.META_FILE).read_text())
-    del meta[checkpoint.DIGEST_KEY]  # as a checkpoint from before the digest: Orbax's own error
+    del meta[checkpoint.DIGEST_KEY]  # as a (version 1) checkpoint from before the digest: Orbax's own error
+    meta["version"] = 1
     (path / checkpoint.META_FILE).write_text(json.dumps(meta))
     with pytest.raises(InputError, match="cannot restore Orbax state"):
         load_checkpoint(path)

@@ -156,14 +156,15 @@ def test_resume_refuses_a_broken_run_directory(files, tmp_path, capsys, case, me
 
 
 @pytest.mark.slow  # prepares the fold (new layers' init) before the state is read
-def test_resume_from_an_undigested_corrupt_last_state(files, tmp_path, capsys):
-    """A loop.json from before the digest, beside a state/ Orbax cannot read: one line, not its traceback."""
+def test_resume_from_a_corrupt_last_state_with_its_digest(files, tmp_path, capsys):
+    """A state/ Orbax cannot read, written so (its digest matches): one line, not Orbax's traceback."""
     run = stored_run(files, tmp_path / "r")
     last = run / "checkpoints" / "last"
     (last / "state").mkdir()
     (last / "state" / "_METADATA").write_text("{broken")
     controller = {"lr": 1e-3, "best": 1.0, "wait": 0, "plateau_best": 1.0, "plateau_wait": 0, "stop": False}
     loop = {"phase": 0, "next_epoch": 1, "controller": controller, "best": float("inf"), "history": []}
+    loop["state_sha256"] = checkpoint.state_digest(last / "state")
     (last / "loop.json").write_text(json.dumps(loop))
     one_error_line(capsys, main(finetune_args(files, tmp_path / "r", "--resume")), "last: cannot restore (")
 
@@ -209,9 +210,10 @@ def test_checkpoint_without_digest_still_loads_and_nan_params_are_refused(files,
     ck = _copy_checkpoint(files["ck"], tmp_path / "old")
     meta = json.loads((ck / "cerebrum.json").read_text())
     assert len(meta.pop("state_sha256")) == 64
-    (ck / "cerebrum.json").write_text(json.dumps(meta))
+    (ck / "cerebrum.json").write_text(json.dumps({**meta, "version": 1}))
     loaded = checkpoint.load_checkpoint(ck)  # a checkpoint from before the digest
     assert "state_sha256" not in loaded.meta
+    assert capsys.readouterr().err.count("not verified") == 1  # its one warning line
     bad = jax.tree_util.tree_map(np.asarray, files["params"])
     bad["enc_lvl1_block1_conv"]["kernel"] = bad["enc_lvl1_block1_conv"]["kernel"].copy()
     bad["enc_lvl1_block1_conv"]["kernel"][0, 0, 0, 0, 0] = np.nan

@@ -118,7 +118,7 @@ def _to_keras(args) -> int:
 
     dest = Path(args.dest)
     _check_dest(dest, args.force, kind="file")
-    ckpt = load_checkpoint(args.source)
+    ckpt = load_checkpoint(args.source, require_digest=True)  # no unverified weights handed on
     convert.write_keras_h5(dest, ckpt.params, ckpt.config)
     print(f"wrote {dest} (Keras {convert.KERAS2_VERSION} layout, {ckpt.config.n_classes} classes)")
     return 0

@@ -214,9 +214,7 @@ def load_models(args: argparse.Namespace, n_inputs: int):
     for path in paths:
         ckpt = load_checkpoint(path)  # checks params and normalisation volumes against the config
         if models and list(ckpt.classes) != list(models[0][1].classes):
-            raise InputError(
-                f"classes {ckpt.classes} differ from {models[0].ckpt.classes} of {paths[0]}", path
-            )
+            raise InputError(f"classes {ckpt.classes} differ from {models[0][1].classes} of {paths[0]}", path)
         if ckpt.config.n_classes > 256:
             raise InputError(f"{ckpt.config.n_classes} classes do not fit uint8 labels", path)
         pre = of_checkpoint(ckpt)

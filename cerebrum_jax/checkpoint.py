@@ -340,9 +340,10 @@ def check_meta(info: dict, path) -> None:
     _require(isinstance(model, dict), path, "model", "an object", model)
     _check_model(model, path)
     classes = info.get("classes")
-    ok = isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+    ok = isinstance(classes, list) and all(isinstance(c, str) and c for c in classes)
+    ok = ok and len(set(classes)) == len(classes)  # one name per output channel (dseg.tsv, file names)
     _require(ok and len(classes) == model["n_classes"], path, "classes",
-             f"a list of {model['n_classes']} names (model.n_classes)", classes)  # fmt: skip
+             f"a list of {model['n_classes']} distinct names (model.n_classes)", classes)  # fmt: skip
     normalization = info.get("normalization", "zscore")
     _require(normalization in NORMALIZATIONS, path, "normalization", _one_of(NORMALIZATIONS), normalization)
     if info.get("preprocessing") is not None:

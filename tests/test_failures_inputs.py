@@ -96,6 +96,12 @@ def _duplicate(f, t: Path, how: str) -> Path:
     return root
 
 
+def _input_named_as_output(f, t: Path) -> Path:
+    """An input in --out named as segment's output of it (sub-01: its dseg)."""
+    (t / "out").mkdir()
+    return Path(shutil.copy(f["img"], t / "out" / "sub-01_space-orig_desc-cerebrum_dseg.nii.gz"))
+
+
 def _seg(f, t, *extra):
     return ["segment", "--weights", str(f["ck"]), "--out", str(t / "out"), *extra]
 
@@ -188,6 +194,10 @@ CASES = {  # name: (argv from (files, tmp_path), the one line holds this)
     "convert --to-keras into a folder that takes no files": (
         lambda f, t: ["convert", "--to-keras", str(f["ck"]), "/proc/x.h5"],
         "error: /proc/x.h5: No such file or directory",
+    ),
+    "segment's output name is its input": (
+        lambda f, t: _seg(f, t, "--", str(_input_named_as_output(f, t))),
+        "sub-01_space-orig_desc-cerebrum_dseg.nii.gz: is one of the inputs: segment would overwrite it",
     ),
     "a file name holding a newline": (
         lambda f, t: ["evaluate", str(_newline_name(f, t)), str(f["lab"])],
@@ -376,3 +386,13 @@ def test_surfaces_page_escapes_class_names(files, tmp_path):
     )
     assert all(os.sep not in n and ".." not in n for r in records for n in r["files"].values())
     _check_page(html_report.write_surfaces_html(tmp_path / "s.html", records, tmp_path, HOSTILE[0]))
+
+
+def test_cv_summary_of_folds_without_a_mean_dice_says_n_a(tmp_path, capsys):
+    """Every fold's mean Dice null (n/a): a summary that says n/a, exit 0, not a crash after writing."""
+    run = _fold_metrics(tmp_path, mean_dice=None)
+    data = json.loads((run / "fold-1" / "metrics.json").read_text())
+    (run / "fold-1" / "metrics.json").write_text(json.dumps({**data, "mean_dice": None}))
+    assert main(["cv-summary", str(run)]) == 0
+    assert "mean Dice n/a" in capsys.readouterr().out
+    assert json.loads((run / "cv_summary.json").read_text())["mean_dice"]["mean"] is None

@@ -108,8 +108,7 @@ def run(args: argparse.Namespace) -> int:
     summary = report.cv_summary(results)
     fsafe.write_text(run_dir / "cv_summary.json", json.dumps(summary, indent=2) + "\n")
     fsafe.write_text(run_dir / "cv_summary.md", report.cv_summary_markdown(summary))
-    mean = summary["mean_dice"]["mean"]
-    print(
-        f"cross-validation over folds {summary['folds']}: mean Dice {mean:.4f} -> {run_dir / 'cv_summary.md'}"
-    )
+    mean = summary["mean_dice"]["mean"]  # None when every fold's mean Dice is null (n/a)
+    shown = "n/a" if mean is None else f"{mean:.4f}"
+    print(f"cross-validation over folds {summary['folds']}: mean Dice {shown} -> {run_dir / 'cv_summary.md'}")
     return 0

@@ -128,6 +128,7 @@ def check_inputs(
     ``masks``: one mask path per input, on the input's grid.
     """
     stems: dict[str, Path] = {}
+    given = [*paths, *(masks or [])]
     for i, path in enumerate(paths):
         data, img = nifti.load_nifti(path)
         bids.read_description(bids.find_dataset_root(path))  # read for SourceDatasets at the end
@@ -148,6 +149,10 @@ def check_inputs(
         stems[stem] = path
         for target in output_files(out, stem, probseg) if out is not None else []:
             check_name_length(path, target)
+            if any(target.exists() and target.samefile(g) for g in given):
+                raise InputError(
+                    "is one of the inputs: segment would overwrite it; choose another --out", target
+                )
             if target.is_dir():
                 raise InputError("output name is taken by a directory", target)
     if out is not None and (out / "dseg.tsv").is_dir():

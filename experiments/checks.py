@@ -27,7 +27,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from cerebrum_jax import fsafe
+from cerebrum_jax import fsafe, runtime
 from cerebrum_jax.checkpoint import locate_weights
 from cerebrum_jax.config import load_config
 
@@ -178,6 +178,7 @@ def main(argv=None) -> int:
         "--write", action="store_true", help="put the tables into BENCHMARKS.md and bench_notes.md"
     )
     args = p.parse_args(argv)
+    runtime.configure_xla_flags()  # the kernels every command uses (before XLA starts): what users run
     only = set(args.variants.split(",")) if args.variants else None
     for check in VARIANTS if args.check == "all" else [args.check]:
         results = run_check(check, args.out, args.epochs, only)

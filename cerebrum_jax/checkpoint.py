@@ -124,16 +124,26 @@ def save_checkpoint(
         "normalization": normalization,
         **(meta or {}),
     }
+    return write_state_dir(path, tree, META_FILE, info, **local_checkpointer_options())
+
+
+def write_state_dir(path: Path, tree, meta_name: str, meta: dict, *, indent: int = 2, **options) -> Path:
+    """Write ``path``/state (the Orbax tree ``tree``, ``ocp.StandardCheckpointer(**options)``) and
+    ``path``/``meta_name`` (``meta`` plus the state's digest, ``DIGEST_KEY``) under a temporary name beside
+    ``path`` and rename it into place (an existing ``path`` replaced only then). Ctrl-C and SIGTERM wait for
+    the end; a full disk is one InputError naming the directory (refused before Orbax starts where the free
+    space is short), the temporary directory removed. The one writer of checkpoints and of a run's
+    checkpoints/last."""
     path.parent.mkdir(parents=True, exist_ok=True)
     check_space(path.parent, tree_bytes(tree), f"checkpoint {path.name}")
     tmp = temp_dir(path)
     try:
         with deferred_interrupt(), quiet_orbax():  # Ctrl-C, SIGTERM: once the checkpoint is complete
-            with ocp.StandardCheckpointer(**local_checkpointer_options()) as ckptr:
+            with ocp.StandardCheckpointer(**options) as ckptr:
                 ckptr.save(tmp / STATE_DIR, tree)
                 ckptr.wait_until_finished()
-            info[DIGEST_KEY] = state_digest(tmp / STATE_DIR)
-            (tmp / META_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+            text = json.dumps({**meta, DIGEST_KEY: state_digest(tmp / STATE_DIR)}, indent=indent, default=str)
+            (tmp / meta_name).write_text(text + "\n")
             replace_dir(tmp, path)
     except BaseException as e:
         remove_tree(tmp)  # Orbax's writer threads may still be filling it

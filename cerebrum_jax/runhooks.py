@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from cerebrum_jax import distributed, fsafe
-from cerebrum_jax.checkpoint import load_checkpoint, quiet_orbax, state_digest, tree_bytes
+from cerebrum_jax.checkpoint import load_checkpoint, state_digest, write_state_dir
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.fsafe import deferred_interrupt
 from cerebrum_jax.loop import Controller, EpochEnd, Hooks, Resume
@@ -41,23 +41,8 @@ def save_last(path: Path, state: dict, loop: dict) -> None:
             return json.dumps({**loop, "state_sha256": state_digest(state_dir)}, indent=1) + "\n"
 
         return distributed.save_state(path, state, {LOOP_JSON: text})
-    path = Path(path).absolute()  # Orbax refuses relative checkpoint paths
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fsafe.check_space(path.parent, tree_bytes(state), f"checkpoint {path.name}")
-    tmp = fsafe.temp_dir(path)
-    try:
-        with deferred_interrupt(), quiet_orbax(), ocp.StandardCheckpointer() as ckptr:  # Ctrl-C: after it
-            ckptr.save(tmp / STATE, state)
-            ckptr.wait_until_finished()
-        loop = {**loop, "state_sha256": state_digest(tmp / STATE)}  # checked on --resume (runguard)
-        (tmp / LOOP_JSON).write_text(json.dumps(loop, indent=1) + "\n")
-        fsafe.replace_dir(tmp, path)
-    except Exception as e:
-        if fsafe.is_no_space(e):  # one line naming the directory; the previous checkpoints/last is kept
-            raise fsafe.no_space(path.parent, f"checkpoint {path.name}") from None
-        raise
-    finally:
-        fsafe.remove_tree(tmp)  # Orbax's writer threads may still be filling it after a failure
+    # Orbax refuses relative checkpoint paths; the digest is checked on --resume (runguard)
+    write_state_dir(Path(path).absolute(), state, LOOP_JSON, loop, indent=1)
 
 
 def load_last(path: Path, like_state: dict) -> dict:

@@ -17,27 +17,30 @@ Python API (pure functions on arrays)::
     cj.evaluate(pred, ref, spacing, {1: "wm", 2: "gm"})                # Dice, HD95, VS per class
 
 ``cerebrum_jax.segment`` is the function; its module stays importable as usual
-(``from cerebrum_jax.segment import forward_fn, prepare``). Names from the modules that pull in
-scipy, optax or orbax (augmentation, training, metrics, checkpoints) are imported on first use, so
-``import cerebrum_jax`` costs only jax, flax and the model.
+(``from cerebrum_jax.segment import forward_fn, prepare``). Every name is imported on first use
+(PEP 562), so ``import cerebrum_jax`` (and the command line's start, which must be able to answer a
+Ctrl-C with its own line from its first instant) costs no jax, scipy, optax or orbax import.
 """
 
 import importlib
+import sys
+import types
 
-from cerebrum_jax.losses import (
-    LossConfig,
-    balanced_class_weights,
-    dice_loss,
-    loss_terms,
-    soft_dice_per_class,
-    weighted_cross_entropy,
-)
-from cerebrum_jax.model import Cerebrum7T, ModelConfig, apply, init_params, probabilities
-from cerebrum_jax.segment import labels_from, segment  # binds cerebrum_jax.segment to the function
-
-# name -> module, imported on first access (PEP 562). No name here equals a submodule's name, so
-# importing a submodule never shadows one of them.
+# name -> module, imported on first access
 _LAZY = {
+    "LossConfig": "losses",
+    "balanced_class_weights": "losses",
+    "dice_loss": "losses",
+    "loss_terms": "losses",
+    "soft_dice_per_class": "losses",
+    "weighted_cross_entropy": "losses",
+    "Cerebrum7T": "model",
+    "ModelConfig": "model",
+    "apply": "model",
+    "init_params": "model",
+    "probabilities": "model",
+    "segment": "segment",  # the function, not its module: see _Package
+    "labels_from": "segment",
     "AugmentConfig": "augment",
     "augment_batch": "augment",
     "apply_params": "augment",
@@ -58,22 +61,20 @@ _LAZY = {
     "predict_volume": "predictor",
 }
 
-__all__ = [
-    "Cerebrum7T",
-    "ModelConfig",
-    "apply",
-    "init_params",
-    "probabilities",
-    "segment",
-    "labels_from",
-    "LossConfig",
-    "weighted_cross_entropy",
-    "soft_dice_per_class",
-    "dice_loss",
-    "loss_terms",
-    "balanced_class_weights",
-    *_LAZY,
-]
+
+class _Package(types.ModuleType):
+    """The package module. Importing the submodule ``cerebrum_jax.segment`` would bind the package's
+    ``segment`` to that module (the import system sets it after loading); the function's name wins."""
+
+    def __setattr__(self, name, value):
+        if name == "segment" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+__all__ = list(_LAZY)
 __version__ = "0.1.0"
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from cerebrum_jax.errors import InputError, Terminated
+from cerebrum_jax.errors import InputError, Terminated, first_line, one_line
 
 LAUNCH_KEYS = ("coordinator", "num_processes", "process_id")
 
@@ -89,7 +89,8 @@ def initialize(args) -> None:
         )
     except (RuntimeError, ValueError) as e:  # no cluster detected, coordinator unreachable, ...
         hint = "" if given["coordinator"] else launch_hint()
-        raise InputError(f"cannot start the distributed run: {one_line(e)}{hint}", "--distributed") from None
+        message = f"cannot start the distributed run: {first_line(e)}{hint}"
+        raise InputError(message, "--distributed") from None
 
 
 def launch_options(args, env=None) -> dict:
@@ -156,12 +157,6 @@ def describe() -> str:
 # Failures
 
 
-def one_line(e: BaseException) -> str:
-    """The first non-empty line of an exception's message (XLA errors run over many lines)."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return (lines[0] if lines else type(e).__name__)[:400]
-
-
 def guarded(command: str) -> Callable:
     """Decorator for a CLI ``run(args)``: in a distributed run, any exception becomes one line on stderr
     naming this process, and the process exits at once (status 2 for bad input, 1 otherwise) instead of
@@ -187,15 +182,17 @@ def exit_now(command: str, e: BaseException) -> None:
     who = f"process {process_index()} of {process_count()}"
     if isinstance(e, KeyboardInterrupt):  # Ctrl-C, or SIGTERM (Terminated)
         code, what = (143, "terminated") if isinstance(e, Terminated) else (130, "interrupted")
-    elif isinstance(e, InputError | OSError):
-        code, what = 2, one_line(e)
+    elif isinstance(e, InputError):  # our own one-line message: whole (a file name may hold a newline)
+        code, what = 2, str(e)
+    elif isinstance(e, OSError):
+        code, what = 2, first_line(e)
     elif type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError"):
         code = 1
-        what = f"lost another process (a collective or the coordination service failed): {one_line(e)}"
+        what = f"lost another process (a collective or the coordination service failed): {first_line(e)}"
     else:
-        code, what = 1, f"{type(e).__name__}: {one_line(e)}"
+        code, what = 1, f"{type(e).__name__}: {first_line(e)}"
     sys.stdout.flush()
-    print(f"cerebrum-jax {command}: error: {who}: {what}", file=sys.stderr, flush=True)
+    print(one_line(f"cerebrum-jax {command}: error: {who}: {what}"), file=sys.stderr, flush=True)
     os._exit(code)
 
 

@@ -1,5 +1,6 @@
 """The exception types the command line turns into a one-line message: InputError (bad input, exit
-status 2) and NonFiniteLoss (a run that diverged, exit status 1). No imports: every module may use them."""
+status 2) and NonFiniteLoss (a run that diverged, exit status 1), and ``one_line``, how such a message is
+printed. No imports: every module may use them."""
 
 
 class InputError(Exception):
@@ -25,3 +26,16 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (what SLURM, Kubernetes and ``kill`` send to end a job), raised in the main thread by the
     command line's handler. A KeyboardInterrupt, so that everything that finishes or drops a save at Ctrl-C
     (``fsafe.deferred_interrupt``) does the same here; the command line says "terminated", exit 143."""
+
+
+def one_line(text: str) -> str:
+    """``text`` with its control characters escaped: a file name holding a newline or a terminal escape
+    stays on the tool's one line and cannot rewrite the terminal."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(text))
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message (XLA's and nibabel's run over many lines), at
+    most 400 characters; the type's name when the message is empty."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[0] if lines else type(e).__name__)[:400]

@@ -10,7 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from cerebrum_jax.errors import InputError
+from cerebrum_jax.errors import InputError, first_line
 from cerebrum_jax.fsafe import atomic_path
 
 
@@ -31,7 +31,7 @@ def load_nifti(path: str | os.PathLike, *, what: str = "image", allow_nonfinite:
         with _nibabel_notes() as notes:  # its header fixes, said here (or not at all), not on stderr
             img = nib.load(str(path))
     except Exception as e:  # nibabel raises many types for foreign or truncated files
-        raise InputError(f"not a readable NIfTI file ({type(e).__name__}: {_first_line(e)})", path) from None
+        raise InputError(f"not a readable NIfTI file ({type(e).__name__}: {first_line(e)})", path) from None
     if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
         raise InputError(f"not a NIfTI image (nibabel read it as {type(img).__name__})", path)
     unplaced = int(img.header["qform_code"]) == 0 and int(img.header["sform_code"]) == 0
@@ -50,7 +50,7 @@ def load_nifti(path: str | os.PathLike, *, what: str = "image", allow_nonfinite:
     try:
         data = np.asarray(img.dataobj)
     except Exception as e:
-        raise InputError(f"cannot read voxel data ({type(e).__name__}: {_first_line(e)})", path) from None
+        raise InputError(f"cannot read voxel data ({type(e).__name__}: {first_line(e)})", path) from None
     if not (np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_) or np.iscomplexobj(data):
         raise InputError(f"{what} data of type {data.dtype} cannot be read as real numbers", path)
     data = data.reshape(shape)
@@ -107,11 +107,6 @@ def _nibabel_notes():
         yield notes
     finally:
         logger.handlers, logger.propagate = handlers, propagate
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else ""
 
 
 def save_nifti(path, data: np.ndarray, like: nib.Nifti1Image | None = None, affine=None, dtype=None) -> Path:

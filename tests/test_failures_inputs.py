@@ -9,15 +9,25 @@ import html.parser
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from failure_kit import files, finetune_args, one_error_line, tree  # noqa: F401  (files: a fixture)
+from failure_kit import (  # noqa: F401  (files: a fixture)
+    REPO_ROOT,
+    files,
+    finetune_args,
+    one_error_line,
+    tree,
+)
 
 from cerebrum_jax import html_report, surfaces
 from cerebrum_jax.cli import main, one_line
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
 
 
 def _dataset_with_description(f, t: Path, content) -> Path:
@@ -286,6 +296,20 @@ def test_surfaces_of_two_classes_with_one_desc_tag_write_two_files(files, tmp_pa
 
 def test_one_line_escapes_control_characters():
     assert one_line("a\nb\rc\td\x1b[31m é") == "a\\nb\\rc\\td\\x1b[31m é"
+
+
+def test_a_distributed_runs_exit_line_is_escaped_too():
+    """``distributed.exit_now`` (a failing process of a multi-process run) prints its own line: a file name
+    with a newline or a terminal escape stays on it."""
+    code = (
+        "from cerebrum_jax.distributed import exit_now; from cerebrum_jax.errors import InputError; "
+        "exit_now('segment', InputError('not a NIfTI file', 'a\\nb\\x1b[31m.nii'))"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
+    assert p.returncode == 2 and len(p.stderr.splitlines()) == 1, p.stderr
+    assert p.stderr.strip() == (
+        "cerebrum-jax segment: error: process 0 of 1: a\\nb\\x1b[31m.nii: not a NIfTI file"
+    ), p.stderr
 
 
 def test_a_defect_is_one_line_with_the_traceback_in_a_file(tmp_path, capsys, monkeypatch):

@@ -88,6 +88,100 @@ def test_signal_during_the_first_compile(files, tmp_path, signum, code, word):
     assert leftovers(out) == [], leftovers(out)  # no checkpoints/.last.* and no lock file
 
 
+@pytest.mark.parametrize("delay", [0.4, 0.8, 1.6])
+def test_ctrl_c_while_python_imports_jax(files, tmp_path, delay):
+    """Before the fix the package's own import (jax, flax) ran before any handler: a Ctrl-C in the first
+    seconds ended with Python's traceback; one inside jaxlib's or numpy's initialisation with a broken
+    import ("internal error") or SIGSEGV. The command line imports nothing heavy before ``main``, and
+    ``main`` holds the signal until its imports end."""
+    out = tmp_path / "run"
+    p = start_finetune(files, out)
+    time.sleep(delay)  # the subcommands' imports take seconds; the run has not started
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    err = err.decode()
+    assert p.returncode == 130, err
+    assert err.strip().splitlines()[-1] in ("cerebrum-jax: interrupted", "cerebrum-jax finetune: interrupted")
+    assert "Traceback" not in err, err
+
+
+def test_the_command_line_imports_no_jax_before_its_handlers():
+    code = "import sys, cerebrum_jax.cli; print(sorted(m for m in sys.modules if m.split('.')[0] in {m_}))"
+    code = code.replace("{m_}", repr({"jax", "jaxlib", "flax", "numpy", "scipy", "optax", "orbax"}))
+    out = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def _chained(exc: BaseException, via: BaseException, how: str) -> BaseException:
+    setattr(exc, how, via)
+    return exc
+
+
+CHAINS = [  # (exception, the interrupt behind it)
+    (
+        _chained(ImportError("numpy._core.multiarray failed to import"), KeyboardInterrupt(), "__cause__"),
+        KeyboardInterrupt,
+    ),
+    (
+        _chained(AttributeError("x"), _chained(ImportError(), Terminated(), "__context__"), "__context__"),
+        Terminated,
+    ),
+    (ValueError("a defect"), None),
+    (_chained(ValueError("a defect"), ImportError("no module"), "__cause__"), None),
+]
+
+
+@pytest.mark.parametrize("exc, behind", CHAINS)
+def test_an_interrupt_behind_an_import_error_is_an_interrupt(exc, behind):
+    from cerebrum_jax.cli import interrupt_behind
+
+    found = interrupt_behind(exc)
+    assert (type(found) if found is not None else None) is behind
+
+
+SWALLOWED = """
+import gc, sys, time
+from cerebrum_jax.cli import sigterm_raises, swallowed_interrupts_redelivered
+from cerebrum_jax.errors import Terminated
+
+class Bomb:
+    def __del__(self):
+        raise {exc}
+
+def callback(phase, info):  # XLA's kind of garbage-collection callback
+    if phase == "start":
+        gc.callbacks.remove(callback)
+        raise {exc}
+
+with sigterm_raises(), swallowed_interrupts_redelivered():
+    try:
+        {trigger}
+        time.sleep(3)
+        print("went on")
+    except Terminated:
+        print("Terminated")
+    except KeyboardInterrupt:
+        print("KeyboardInterrupt")
+"""
+TRIGGERS = {"gc callback": "gc.callbacks.append(callback); gc.collect()", "__del__": "Bomb()"}
+
+
+@pytest.mark.parametrize("where", TRIGGERS)
+@pytest.mark.parametrize(
+    "exc, seen",
+    [("KeyboardInterrupt", "KeyboardInterrupt"), ("Terminated", "Terminated"), ("ValueError", "went on")],
+)
+def test_an_interrupt_swallowed_by_a_callback_is_delivered_again(where, exc, seen):
+    """A Ctrl-C that landed in one of XLA's garbage-collection callbacks was printed as "Exception
+    ignored" and lost (the run went on); any other exception there keeps Python's report."""
+    code = SWALLOWED.format(exc=exc, trigger=TRIGGERS[where])
+    p = subprocess.run(
+        [sys.executable, "-c", code], env=ENV, capture_output=True, text=True, preexec_fn=_signals_default
+    )
+    assert p.stdout.strip() == seen, (p.stdout, p.stderr)
+    assert ("Exception ignored" in p.stderr) == (exc == "ValueError"), p.stderr
+
+
 @pytest.mark.slow
 def test_sigterm_during_training_keeps_the_checkpoints(files, tmp_path):
     """SIGTERM (a preempted SLURM or Kubernetes job) mid-training: "terminated", exit 143, checkpoints/last

@@ -15,6 +15,7 @@ the first compile), and it waited for those threads to finish first.
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import contextlib
 import importlib
@@ -23,8 +24,8 @@ import signal
 import sys
 import threading
 
-from cerebrum_jax import __version__, runtime
-from cerebrum_jax.errors import InputError, Terminated
+from cerebrum_jax import __version__, fsafe, runtime
+from cerebrum_jax.errors import InputError, Terminated, one_line
 
 SUBCOMMANDS = ("convert", "segment", "evaluate", "finetune", "surfaces", "cv_summary")
 
@@ -38,10 +39,14 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def version_line() -> str:
     """'cerebrum-jax VERSION (jax V, memory allocator A)': what a bug report needs first."""
-    import jax
+    try:
+        import jax
 
+        jax_version = jax.__version__
+    except Exception as e:  # a bug report is written even when jax itself cannot be imported
+        jax_version = f"not importable: {type(e).__name__}"
     allocator = runtime.active_allocator()
-    return f"cerebrum-jax {__version__} (jax {jax.__version__}, memory allocator {allocator})"
+    return f"cerebrum-jax {__version__} (jax {jax_version}, memory allocator {allocator})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,42 +110,88 @@ def sigterm_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
-def main(argv: list[str] | None = None) -> int:
-    runtime.configure_xla_flags()  # before XLA starts
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    runtime.enable_compilation_cache(runtime.resolve_cache_option(args.compile_cache))
+@contextlib.contextmanager
+def swallowed_interrupts_redelivered():
+    """An interrupt that Python swallowed (a Ctrl-C or SIGTERM raised inside a garbage-collection callback
+    or a ``__del__``, such as XLA's, is printed as "Exception ignored" and lost: the run went on) is sent
+    again, from a thread, so that the main thread receives it where it runs next. Other unraisable
+    exceptions go to the previous hook."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            return previous(unraisable)
+        signum = signal.SIGTERM if isinstance(unraisable.exc_value, Terminated) else signal.SIGINT
+        # os.kill in this thread would run the handler at once, inside the callback, and be lost again;
+        # threading.Thread.start waits for the thread, and a signal landing in that wait was lost too
+        # (seen in Ctrl-C during jax's import). A bare thread and no wait: the hook returns at once.
+        _thread.start_new_thread(os.kill, (os.getpid(), signum))
+
+    sys.unraisablehook = hook
     try:
-        with sigterm_raises():
+        yield
+    finally:
+        sys.unraisablehook = previous
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv``, run the command; the exit status. Everything from the first import of jax on
+    (the subcommands' modules) runs under the handlers, so a Ctrl-C at any moment ends with one line
+    (during the imports, at their end)."""
+    command = None
+    try:
+        with sigterm_raises(), swallowed_interrupts_redelivered():
+            # The imports (jax, numpy, scipy: seconds) hold a signal until they end: one raised in the
+            # middle of a C extension's initialisation crashed it (SIGSEGV) or left jax half imported.
+            with fsafe.deferred_interrupt():
+                runtime.configure_xla_flags()  # before XLA starts
+                parser = build_parser()
+            args = parser.parse_args(argv)
+            if not getattr(args, "func", None):
+                parser.print_help()
+                return 2
+            command = args.command
+            runtime.enable_compilation_cache(runtime.resolve_cache_option(args.compile_cache))
             return int(args.func(args) or 0)
     except Terminated:  # before KeyboardInterrupt, its base class
-        say(args.command, "terminated")
+        say(command, "terminated")
         return TERMINATED
     except InputError as e:
-        say(args.command, f"error: {e}")
+        say(command, f"error: {e}")
         return 2
     except OSError as e:  # a file the command could not read or write: name it, no traceback
-        say(args.command, f"error: {os_error_line(e)}")
+        say(command, f"error: {os_error_line(e)}")
         return 2
     except KeyboardInterrupt:
-        say(args.command, "interrupted")
+        say(command, "interrupted")
         return INTERRUPTED
     except Exception as e:  # a defect of ours, not of the input: one line, the traceback kept in a file
-        say(args.command, f"internal error: {type(e).__name__}: {e} ({bug_report(e)})")
+        cause = interrupt_behind(e)
+        if cause is not None:
+            say(command, "terminated" if isinstance(cause, Terminated) else "interrupted")
+            return TERMINATED if isinstance(cause, Terminated) else INTERRUPTED
+        say(command, f"internal error: {type(e).__name__}: {e} ({bug_report(e)})")
         return 1
 
 
-def one_line(text: str) -> str:
-    """``text`` with its control characters escaped (a file name holding a newline stays on the line)."""
-    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(text))
+def interrupt_behind(e: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM an exception was raised for, if any: a signal that lands while a C extension
+    initialises (numpy's, jaxlib's) comes out as an ImportError whose cause or context is the
+    KeyboardInterrupt."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
-def say(command: str, text: str) -> None:
-    """The tool's one stderr line: 'cerebrum-jax COMMAND: TEXT'."""
-    print(one_line(f"cerebrum-jax {command}: {text}"), file=sys.stderr, flush=True)
+def say(command: str | None, text: str) -> None:
+    """The tool's one stderr line: 'cerebrum-jax COMMAND: TEXT' ('cerebrum-jax: TEXT' before the command
+    line is parsed)."""
+    prefix = f"cerebrum-jax {command}" if command else "cerebrum-jax"
+    print(one_line(f"{prefix}: {text}"), file=sys.stderr, flush=True)
 
 
 def bug_report(e: Exception) -> str:

@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -62,8 +64,9 @@ def initialize(args) -> None:
         Explicit launch: --coordinator, --num-processes and --process-id together (in a Kubernetes
         Indexed Job --process-id defaults to JOB_COMPLETION_INDEX: ``launch_options``); otherwise JAX
         detects the cluster. Raises InputError (one line, exit 2) on incomplete options or when no
-        cluster is found; when not every process joins within --init-timeout, JAX aborts the process
-        (DEADLINE_EXCEEDED).
+        cluster is found, or, for a process other than 0, when the coordinator cannot be reached within
+        --init-timeout (``wait_for_coordinator``: JAX itself aborted with a C++ stack trace). When not
+        every process joins process 0 within --init-timeout, JAX aborts process 0 (DEADLINE_EXCEEDED).
     """
     given = launch_options(args)
     if any(v is not None for v in given.values()) and any(v is None for v in given.values()):
@@ -77,6 +80,8 @@ def initialize(args) -> None:
     for name in ("init_timeout", "heartbeat_timeout"):
         if getattr(args, name, 1) <= 0:
             raise InputError("must be a positive number of seconds", f"--{name.replace('_', '-')}")
+    if given["coordinator"] and i:
+        wait_for_coordinator(given["coordinator"], args.init_timeout)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU backend: collectives over TCP
     try:
         jax.distributed.initialize(
@@ -91,6 +96,27 @@ def initialize(args) -> None:
         hint = "" if given["coordinator"] else launch_hint()
         message = f"cannot start the distributed run: {first_line(e)}{hint}"
         raise InputError(message, "--distributed") from None
+
+
+def wait_for_coordinator(address: str, timeout_s: float, interval_s: float = 0.5) -> None:
+    """Return once ``address`` ("HOST:PORT", process 0's coordination service) accepts a TCP connection;
+    InputError naming it when it does not within ``timeout_s`` seconds. Retried meanwhile: process 0
+    may start later, and a Kubernetes headless service's name resolves only once its pod runs."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=max(interval_s, 1.0)):
+                return
+        except OSError as e:  # refused, unresolvable host, unreachable network, timeout
+            reason = e.strerror or type(e).__name__
+        if time.monotonic() + interval_s > deadline:
+            raise InputError(
+                f"cannot reach the coordinator (process 0) within {timeout_s:g} s ({reason}); is process 0 "
+                "running there, and is the address right?",
+                address,
+            )
+        time.sleep(interval_s)
 
 
 def launch_options(args, env=None) -> dict:

@@ -9,8 +9,11 @@ import html.parser
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -420,3 +423,44 @@ def test_cv_summary_of_folds_without_a_mean_dice_says_n_a(tmp_path, capsys):
     assert main(["cv-summary", str(run)]) == 0
     assert "mean Dice n/a" in capsys.readouterr().out
     assert json.loads((run / "cv_summary.json").read_text())["mean_dice"]["mean"] is None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_coordinator_is_one_line(files):
+    """Before the fix a process other than 0 whose --coordinator nobody listened on was aborted by JAX
+    after --init-timeout (SIGABRT, exit 134, a C++ stack trace); now: one line naming the address, exit 2."""
+    address = f"127.0.0.1:{_free_port()}"
+    argv = ["segment", "--coordinator", address, "--num-processes", "2", "--process-id", "1"]
+    argv += ["--init-timeout", "1", "--out", str(files["root"] / "never"), str(files["img"])]
+    p = subprocess.run([sys.executable, "-m", "cerebrum_jax", *argv], capture_output=True, text=True, env=ENV)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert f"{address}: cannot reach the coordinator (process 0) within 1 s" in p.stderr, p.stderr
+    assert not (files["root"] / "never").exists()
+
+
+def test_the_coordinator_is_waited_for_until_it_listens():
+    """Process 0 may start after the others: the wait returns once the address accepts connections."""
+    from cerebrum_jax.distributed import wait_for_coordinator
+
+    port = _free_port()
+    server = socket.socket()
+
+    def listen_later():
+        time.sleep(1.0)
+        server.bind(("127.0.0.1", port))
+        server.listen()
+
+    thread = threading.Thread(target=listen_later)
+    thread.start()
+    try:
+        start = time.monotonic()
+        wait_for_coordinator(f"127.0.0.1:{port}", timeout_s=30, interval_s=0.1)
+        assert time.monotonic() - start >= 0.9
+    finally:
+        thread.join()
+        server.close()

@@ -324,15 +324,22 @@ def write_text(path, text: str) -> Path:
     return Path(path)
 
 
-def remove_tree(path: Path, tries: int = 50) -> None:
+def remove_tree(path: Path, tries: int = 50, quiet: int = 3) -> None:
     """Remove the directory ``path`` (a failed save's temporary one), however many tries it takes: a
     writer thread of a failed Orbax save may still be creating files in it while it is removed (one try
-    left it behind on a loaded machine). Gives up after ``tries`` x 0.1 s."""
+    left it behind on a loaded machine), or create it again just after (seen under a parallel test run).
+    Done when it has stayed absent for ``quiet`` checks 0.1 s apart; gives up after ``tries`` checks."""
+    shutil.rmtree(path, ignore_errors=True)
+    absent = 0
     for _ in range(tries):
-        shutil.rmtree(path, ignore_errors=True)
-        if not os.path.lexists(path):
-            return
         time.sleep(0.1)
+        if os.path.lexists(path):  # back (or never quite gone): again
+            shutil.rmtree(path, ignore_errors=True)
+            absent = 0
+        else:
+            absent += 1
+            if absent >= quiet:
+                return
 
 
 def is_no_space(e: BaseException) -> bool:

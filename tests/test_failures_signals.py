@@ -276,6 +276,28 @@ def test_disk_full_during_a_checkpoint_save_keeps_the_last_good_one(files, small
     assert checkpoint.load_checkpoint(ck).meta.get("next") is None  # the previous one, complete
 
 
+def test_a_failed_saves_directory_stays_removed_while_a_writer_recreates_it(tmp_path):
+    """A writer thread of a failed Orbax save recreated the temporary directory just after it was removed
+    (``.last.*.tmp`` left behind, seen under a parallel run): the removal waits until it stays gone."""
+    import threading
+
+    target = tmp_path / ".last.x.tmp"
+    (target / "state").mkdir(parents=True)
+    stop = time.monotonic() + 0.35
+
+    def late_writer():
+        while time.monotonic() < stop:
+            with contextlib.suppress(OSError):
+                (target / "state").mkdir(parents=True, exist_ok=True)
+            time.sleep(0.02)
+
+    writer = threading.Thread(target=late_writer)
+    writer.start()
+    fsafe.remove_tree(target)
+    writer.join()
+    assert not target.exists()
+
+
 def test_disk_full_during_a_save_of_checkpoints_last(files, small_disk, monkeypatch):
     """The resumable state (params, Adam's state, loop.json) into a full disk midway: refused, and the
     checkpoints/last of the epoch before still complete (its loop.json digest matches its state)."""

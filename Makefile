@@ -25,7 +25,7 @@ endif
 # what every target that runs something needs: the base install, and the GPU plugin when GPU is set
 BASE := $(VENV)/.stamp-base $(if $(GPU),$(VENV)/.stamp-$(GPU))
 
-.PHONY: install test test-fast lint format finetune cv weights bench clean
+.PHONY: install test test-fast lint format finetune cv weights bench clean wheel
 
 $(VENV)/.stamp-base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,12 @@ $(VENV)/.stamp-bench: $(VENV)/.stamp-base
 	touch $@
 
 install: $(BASE)
+
+# dist/cerebrum_jax-VERSION-py3-none-any.whl: the package with its named configs and the demo weights
+# (setup.py copies experiments/ configs and weights/demo in); pip install it anywhere
+wheel: $(VENV)/.stamp-test
+	rm -rf build dist
+	$(PY) -m pip wheel --no-deps --no-build-isolation --quiet -w dist .
 
 lint: $(VENV)/.stamp-test
 	$(VENV)/bin/ruff check cerebrum_jax tests experiments
@@ -89,4 +95,4 @@ bench: $(BASE) $(VENV)/.stamp-test $(VENV)/.stamp-bench
 	$(PY) experiments/bench.py --out BENCHMARKS.md $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache build dist

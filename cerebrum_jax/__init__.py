@@ -26,6 +26,8 @@ import importlib
 import sys
 import types
 
+from cerebrum_jax.shipped import version
+
 # name -> module, imported on first access
 _LAZY = {
     "LossConfig": "losses",
@@ -75,7 +77,7 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 __all__ = list(_LAZY)
-__version__ = "0.1.0"
+__version__ = version()  # pyproject.toml's, through importlib.metadata
 
 
 def __getattr__(name: str):

@@ -49,6 +49,7 @@ from cerebrum_jax.fsafe import (
 )
 from cerebrum_jax.inputs import CROPS, MASKS
 from cerebrum_jax.model import ACTIVATIONS, DIVISOR, ModelConfig
+from cerebrum_jax.shipped import shipped_dir
 
 FORMAT = "cerebrum-jax-checkpoint"
 META_FILE = "cerebrum.json"
@@ -401,21 +402,23 @@ def _check_preprocessing(rec, path) -> None:
         _require(_is_number(v) and v > 0, path, "preprocessing.voxel_mm", "a positive number (mm) or null", v)
 
 
-DEFAULT_WEIGHTS = ("weights/glasgow", "weights/demo")  # looked for in the current directory, then the repo
+DEFAULT_WEIGHTS = ("weights/glasgow", "weights/demo")  # in the current directory, then shipped ones
 
 
 def locate_weights(name: str) -> Path | None:
-    """The directory ``name`` (one of ``DEFAULT_WEIGHTS``) in the current directory, else in the
-    repository; None where neither has it."""
-    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        if (base / name).is_dir():
-            return base / name
-    return None
+    """The directory ``name`` (one of ``DEFAULT_WEIGHTS``, "weights/...") in the current directory, else
+    among the weights that ship with the package (the wheel's, or the clone's weights/); None where
+    neither has it."""
+    if (Path.cwd() / name).is_dir():
+        return Path.cwd() / name
+    shipped = shipped_dir("weights")
+    found = shipped / Path(name).relative_to("weights") if shipped is not None else None
+    return found if found is not None and found.is_dir() else None
 
 
 def find_weights(weights: str | os.PathLike | None, log=None) -> Path:
     """The checkpoint directory to start from: ``weights``, else the first of ``DEFAULT_WEIGHTS`` found
-    (weights/glasgow, then weights/demo; each in the current directory, then the repository), saying so to
+    (weights/glasgow, then weights/demo; each in the current directory, then shipped), saying so to
     ``log`` when it falls back to weights/demo. InputError when none exists. ``segment`` and
     ``finetune`` both look the default up here."""
     if weights is not None:

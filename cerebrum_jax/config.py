@@ -33,8 +33,8 @@ from typing import Any
 from cerebrum_jax.choices import CONFIG_NORMALIZATIONS as NORMALIZATIONS
 from cerebrum_jax.choices import PRECISIONS
 from cerebrum_jax.errors import InputError
+from cerebrum_jax.shipped import shipped_dir
 
-REPO = Path(__file__).resolve().parents[1]
 PHASES = ("warmup", "finetune")
 TEST_MASKS = ("auto", "file", "labels", "none")
 LR_SCHEDULES = ("plateau", "cosine")
@@ -496,22 +496,20 @@ def check_value(hint, value, name: str) -> Any:
 
 
 def find_config(name_or_file: str) -> Path:
-    """``experiments/<name>.py`` of the package's own experiments, or an existing .py / .json file given
-    by its path. A name is never looked up in the current directory: a config is Python and runs as code,
-    so a folder that happens to hold an experiments/<name>.py must not run it unasked (give its path to
-    run it). ``finetune`` prints which file it uses."""
+    """``<name>.py`` of the experiments that ship with the package (``shipped.shipped_dir``), or an
+    existing .py / .json file given by its path. A name is never looked up in the current directory: a
+    config is Python and runs as code, so a folder that happens to hold an experiments/<name>.py must not
+    run it unasked (give its path to run it). ``finetune`` prints which file it uses."""
     path = Path(name_or_file)
     if path.suffix in (".py", ".json"):
         if not path.is_file():
             raise InputError("config file does not exist", path)
         return path
-    candidate = REPO / "experiments" / f"{name_or_file}.py"
-    if "/" not in name_or_file and candidate.is_file():
-        return candidate
+    shipped = shipped_dir("experiments")
+    if shipped is not None and "/" not in name_or_file and (shipped / f"{name_or_file}.py").is_file():
+        return shipped / f"{name_or_file}.py"
     hint = f" (to run ./experiments/{name_or_file}.py, give its path)" if _local(name_or_file) else ""
-    raise InputError(
-        f"no such experiment in {REPO / 'experiments'} (or give a .py/.json file){hint}", name_or_file
-    )
+    raise InputError(f"no such experiment in {shipped} (or give a .py/.json file){hint}", name_or_file)
 
 
 def _local(name: str) -> bool:

@@ -30,8 +30,8 @@ from failure_kit import (  # noqa: F401  (files: a fixture)
 from cerebrum_jax import checkpoint, convert, fsafe
 from cerebrum_jax.cli import build_parser, main
 from cerebrum_jax.cli.finetune import resolve
-from cerebrum_jax.config import REPO
 from cerebrum_jax.errors import InputError
+from cerebrum_jax.shipped import REPO
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. one run at a time into an output directory

@@ -32,7 +32,8 @@ ENTITY_ORDER = (
 ).split()
 _LABEL = r"[A-Za-z0-9]+"
 SEG_NAME = re.compile(rf"^sub-{_LABEL}(_[a-z]+-{_LABEL})*_(dseg|probseg)\.nii(\.gz)?$")
-EXTENSIONS = (".nii.gz", ".nii", ".surf.gii", ".shape.gii", ".json", ".tsv")
+EXTENSIONS = (".nii.gz", ".img.gz", ".hdr.gz", ".nii", ".mgz", ".mgh", ".img", ".hdr")  # nifti's volumes
+EXTENSIONS += (".surf.gii", ".shape.gii", ".json", ".tsv")
 
 
 def split_name(name: str) -> tuple[dict[str, str], str | None, str]:

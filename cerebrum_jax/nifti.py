@@ -1,4 +1,5 @@
-"""NIfTI input and output with validation; outputs are written atomically (``fsafe.atomic_path``)."""
+"""Volume input with validation (NIfTI-1/2, their .hdr/.img pairs, FreeSurfer MGH/MGZ: every 3-D format
+nibabel reads, through one loader) and NIfTI output, written atomically (``fsafe.atomic_path``)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,41 @@ import numpy as np
 from cerebrum_jax.errors import InputError, first_line
 from cerebrum_jax.fsafe import atomic_path
 
+# the image types of nibabel read as volumes: NIfTI-1 and -2 in one file or as a .hdr/.img pair, and
+# FreeSurfer's MGH (.mgh, .mgz gzipped)
+READABLE = (nib.Nifti1Image, nib.Nifti2Image, nib.Nifti1Pair, nib.Nifti2Pair, nib.MGHImage)
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh", ".img", ".hdr", ".img.gz", ".hdr.gz")
+
+
+def is_volume_name(name: str | os.PathLike) -> bool:
+    """Whether ``name`` ends like a volume this loader reads (``VOLUME_SUFFIXES``, any case)."""
+    return str(name).lower().endswith(VOLUME_SUFFIXES)
+
+
+def volume_stem(name: str) -> str:
+    """``name`` without its volume suffix: ``brain.mgz`` -> ``brain``, ``x_T1w.nii.gz`` -> ``x_T1w``."""
+    for suffix in VOLUME_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def as_nifti1(img, path, what: str = "image") -> nib.Nifti1Image:
+    """``img`` (NIfTI-2, a NIfTI pair, MGH/MGZ) as a single-file NIfTI-1 image: the same voxels (the data
+    proxy, not read yet), affine, data type and voxel sizes; InputError naming ``path`` when its header
+    does not convert (a dimension beyond NIfTI-1's 32767)."""
+    try:
+        with _nibabel_notes():  # 'sizeof_hdr should be 348; set sizeof_hdr to 348' (a NIfTI-2 header's)
+            return nib.Nifti1Image.from_image(img)
+    except Exception as e:
+        raise InputError(
+            f"{what} header does not convert to NIfTI-1 ({type(e).__name__}: {first_line(e)})", path
+        ) from None
+
 
 def load_nifti(path: str | os.PathLike, *, what: str = "image", allow_nonfinite: bool = False):
-    """Read a 3-D NIfTI volume: returns (data as float32 (X, Y, Z), nibabel image with affine and header).
+    """Read a 3-D volume (NIfTI-1/2, a .hdr/.img pair, MGH/MGZ): returns (data as float32 (X, Y, Z), the
+    image as a NIfTI-1 nibabel image with its affine and header).
 
     A 4-D image whose 4th axis has length 1 is squeezed to 3-D. Raises InputError naming ``path``
     for a missing, unreadable or non-NIfTI file, a 2-D or 4-D volume, a singular or non-finite affine
@@ -32,8 +65,13 @@ def load_nifti(path: str | os.PathLike, *, what: str = "image", allow_nonfinite:
             img = nib.load(str(path))
     except Exception as e:  # nibabel raises many types for foreign or truncated files
         raise InputError(f"not a readable NIfTI file ({type(e).__name__}: {first_line(e)})", path) from None
-    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
-        raise InputError(f"not a NIfTI image (nibabel read it as {type(img).__name__})", path)
+    if not isinstance(img, READABLE):
+        kinds = "NIfTI-1/2 (.nii, .nii.gz, .hdr/.img) or MGH/MGZ"
+        raise InputError(
+            f"not a volume format read here ({kinds}; nibabel read it as {type(img).__name__})", path
+        )
+    if type(img) is not nib.Nifti1Image:  # one header type downstream (NIfTI-2 is a subclass): NIfTI-1 out
+        img = as_nifti1(img, path, what)
     unplaced = int(img.header["qform_code"]) == 0 and int(img.header["sform_code"]) == 0
     if unplaced and any("pixdim[1,2,3]" in n for n in notes):  # nibabel set the 0 sizes to 1 mm
         raise InputError(

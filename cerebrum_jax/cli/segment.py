@@ -45,16 +45,17 @@ def add_parser(sub) -> None:
         sub,
         "segment",
         run,
-        help="segment whole NIfTI volumes (labels, probabilities, dseg.tsv)",
+        help="segment whole volumes: NIfTI, MGH/MGZ (labels, probabilities, dseg.tsv)",
         description=DESCRIPTION,
         epilog=EPILOG,
     )
     p.add_argument(
         "inputs",
         nargs="*",
-        metavar="INPUT.nii[.gz]",
-        help="3-D NIfTI volumes to segment (before the options that take several values, or after --; "
-        ".nii/.nii.gz names at the end of --weights are taken as inputs)",
+        metavar="INPUT",
+        help="3-D volumes to segment: NIfTI-1/2 (.nii, .nii.gz, a .hdr/.img pair) or FreeSurfer MGH/MGZ; "
+        "outputs are NIfTI (before the options that take several values, or after --; volume names at "
+        "the end of --weights are taken as inputs)",
     )
     p.add_argument(
         "--weights",
@@ -286,7 +287,7 @@ def split_inputs(args: argparse.Namespace) -> list[Path]:
     """The input volumes: the positional ones, or the NIfTI names that a greedy ``--weights A B in.nii``
     swallowed (checkpoints are directories). InputError when there are none."""
     if not args.inputs and args.weights:
-        nii = [w for w in args.weights if w.endswith((".nii", ".nii.gz"))]
+        nii = [w for w in args.weights if nifti.is_volume_name(w)]
         args.weights = [w for w in args.weights if w not in nii] or None
         args.inputs = nii
     if not args.inputs:

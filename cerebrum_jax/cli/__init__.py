@@ -27,7 +27,7 @@ import threading
 from cerebrum_jax import __version__, fsafe, runtime
 from cerebrum_jax.errors import InputError, Terminated, one_line
 
-SUBCOMMANDS = ("convert", "segment", "evaluate", "finetune", "surfaces", "cv_summary")
+SUBCOMMANDS = ("convert", "segment", "evaluate", "finetune", "surfaces", "cv_summary", "bids_app")
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -131,7 +131,8 @@ def swallowed_interrupts_redelivered():
     try:
         yield
     finally:
-        sys.unraisablehook = previous
+        if sys.unraisablehook is hook:  # a hook set on top of it (quiet_orbax's) stays, for late reports
+            sys.unraisablehook = previous
 
 
 def main(argv: list[str] | None = None) -> int:

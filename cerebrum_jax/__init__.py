@@ -26,8 +26,6 @@ import importlib
 import sys
 import types
 
-from cerebrum_jax.shipped import version
-
 # name -> module, imported on first access
 _LAZY = {
     "LossConfig": "losses",
@@ -77,10 +75,14 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 __all__ = list(_LAZY)
-__version__ = version()  # pyproject.toml's, through importlib.metadata
 
 
 def __getattr__(name: str):
+    if name == "__version__":  # pyproject.toml's, through importlib.metadata (20 ms: not at start-up)
+        from cerebrum_jax.shipped import version
+
+        globals()[name] = version()
+        return globals()[name]
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'cerebrum_jax' has no attribute {name!r}")

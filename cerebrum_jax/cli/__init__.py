@@ -24,7 +24,7 @@ import signal
 import sys
 import threading
 
-from cerebrum_jax import __version__, fsafe, runtime
+from cerebrum_jax import fsafe, runtime, shipped
 from cerebrum_jax.errors import InputError, Terminated, one_line
 
 SUBCOMMANDS = ("convert", "segment", "evaluate", "finetune", "surfaces", "cv_summary", "bids_app")
@@ -46,7 +46,7 @@ def version_line() -> str:
     except Exception as e:  # a bug report is written even when jax itself cannot be imported
         jax_version = f"not importable: {type(e).__name__}"
     allocator = runtime.active_allocator()
-    return f"cerebrum-jax {__version__} (jax {jax_version}, memory allocator {allocator})"
+    return f"cerebrum-jax {shipped.version()} (jax {jax_version}, memory allocator {allocator})"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,8 +30,8 @@ ENTITY_ORDER = (
     "sub ses sample task tracksys acq nuc voi ce trc stain rec dir run mod echo flip inv mt part proc hemi "
     "space split recording chunk seg res den label desc"
 ).split()
-_LABEL = r"[A-Za-z0-9]+"
-SEG_NAME = re.compile(rf"^sub-{_LABEL}(_[a-z]+-{_LABEL})*_(dseg|probseg)\.nii(\.gz)?$")
+LABEL = r"[A-Za-z0-9]+"
+SEG_NAME = re.compile(rf"^sub-{LABEL}(_[a-z]+-{LABEL})*_(dseg|probseg)\.nii(\.gz)?$")
 EXTENSIONS = (".nii.gz", ".img.gz", ".hdr.gz", ".nii", ".mgz", ".mgh", ".img", ".hdr")  # nifti's volumes
 EXTENSIONS += (".surf.gii", ".shape.gii", ".json", ".tsv")
 
@@ -48,7 +48,7 @@ def split_name(name: str) -> tuple[dict[str, str], str | None, str]:
     entities, parts = {}, stem.split("_")
     for i, part in enumerate(parts):
         key, sep, label = part.partition("-")
-        if not sep or not re.fullmatch(_LABEL, label) or not re.fullmatch("[a-z]+", key):
+        if not sep or not re.fullmatch(LABEL, label) or not re.fullmatch("[a-z]+", key):
             return entities, (part if entities and i == len(parts) - 1 else None), ext
         entities[key] = label
     return entities, None, ext
@@ -69,7 +69,7 @@ def derivative_prefix(source: str | Path, space: str | None = "orig") -> str:
     """
     name = Path(source).name
     entities, _, ext = split_name(name)
-    if not entities and re.fullmatch(rf"sub-{_LABEL}", name):
+    if not entities and re.fullmatch(rf"sub-{LABEL}", name):
         entities = {"sub": name[4:]}
     if entities:
         entities = {k: v for k, v in entities.items() if k not in ("desc", "space")}

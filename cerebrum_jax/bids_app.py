@@ -36,7 +36,6 @@ FILTER_ENTITIES = {
     "part": "part",
     "inv": "inv",
 }
-LABEL = re.compile(r"[a-zA-Z0-9]+")
 
 
 @dataclass(frozen=True)
@@ -61,7 +60,7 @@ def check_labels(values, option: str) -> list[str] | None:
     prefix = "sub-" if "participant" in option else "ses-"
     out = [v.removeprefix(prefix) for v in values]
     for v in out:
-        if not LABEL.fullmatch(v):
+        if not re.fullmatch(bids.LABEL, v):  # a BIDS label: no separator, no '..'
             raise InputError(f"a label is letters and digits only, got {v!r}", option)
     return out
 
@@ -120,22 +119,13 @@ def _anat_images(anat: Path, query: dict) -> list[Path]:
     """The volumes of one anat folder whose suffix is T1w/UNIT1 and whose entities pass ``query``
     (a .hdr/.img pair counted once, by its .img)."""
     out = []
-    for path in sorted(anat.iterdir()):
-        name = path.name
-        if not nifti.is_volume_name(name) or name.lower().endswith((".hdr", ".hdr.gz")):
-            continue
-        entities, suffix, _ = bids.split_name(name)
+    for path in nifti.volume_files(anat):
+        entities, suffix, _ = bids.split_name(path.name)
         if suffix not in query.get("suffix", SUFFIXES):
             continue
         if all(entities.get(k) in allowed for k, allowed in query.items() if k != "suffix"):
             out.append(path)
     return out
-
-
-def dseg_of(image: Image, output_dir: Path) -> Path:
-    """The label file a participant-level run writes for ``image`` (its presence: the image is done)."""
-    stem = bids.derivative_prefix(image.path, space="orig")
-    return image.out_dir(output_dir) / f"{stem}_desc-cerebrum_dseg.nii.gz"
 
 
 FAILURE_COLUMNS = ["participant_id", "session_id", "file", "error"]
@@ -209,28 +199,21 @@ def volume_rows(output_dir: Path) -> tuple[list[str], list[dict]]:
 
 
 def thumbnail(seg: np.ndarray, n_classes: int, size: int = 160) -> str:
-    """A PNG data URI of the label map's middle slice along its last axis, one colour per class."""
+    """A PNG data URI of the label map's middle slice along its last axis, in the fold reports' label
+    colours (``report.label_cmap``) on black."""
     from PIL import Image as PILImage
 
-    colours = (np.array(_palette(n_classes)) * 255).astype(np.uint8)
+    from cerebrum_jax.report import label_cmap  # matplotlib: only when a page is drawn
+
+    colours = (np.array(label_cmap(n_classes).colors)[:, :3] * 255).astype(np.uint8)
     k = seg.shape[2] // 2
     rgb = colours[np.clip(np.rint(seg[:, :, k]).astype(int), 0, n_classes - 1)]
     picture = PILImage.fromarray(np.ascontiguousarray(np.rot90(rgb)))
     scale = size / max(picture.size)  # the slice's own aspect (voxels taken as square)
-    picture = picture.resize(
-        (max(1, round(picture.width * scale)), max(1, round(picture.height * scale))), PILImage.NEAREST
-    )
+    shape = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
     buf = io.BytesIO()
-    picture.save(buf, format="PNG")
+    picture.resize(shape, PILImage.NEAREST).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _palette(n: int) -> list[tuple[float, float, float]]:
-    """Black for the background, then matplotlib's tab10 colours."""
-    from matplotlib import colormaps
-
-    tab = colormaps["tab10"]
-    return [(0.0, 0.0, 0.0)] + [tuple(tab(i % 10)[:3]) for i in range(n - 1)]
 
 
 def write_group(output_dir: Path, classes: list[str], rows: list[dict]) -> tuple[Path, Path]:

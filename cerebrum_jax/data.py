@@ -13,7 +13,6 @@ Two on-disk layouts are read (``find_subjects``):
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import hashlib
 import os
@@ -115,17 +114,7 @@ def _bids_subjects(root: Path, seg_name: str, mask_name: str | None) -> list[Sub
 def _one(folder: Path, pattern: str, what: str) -> Path:
     """The one volume in ``folder`` whose name is ``pattern`` (``*_T1w.nii.gz``) with any suffix the
     loader reads (``nifti.VOLUME_SUFFIXES``: .nii, .mgz, a .hdr/.img pair counted once)."""
-    stem = nifti.volume_stem(pattern)
-    found = sorted(p for p in folder.glob(stem + ".*") if nifti.is_volume_name(p.name))
-    found = [
-        p
-        for p in found
-        if nifti.volume_stem(p.name) != p.name and fnmatch.fnmatchcase(nifti.volume_stem(p.name), stem)
-    ]
-    images = {
-        p.with_name(nifti.volume_stem(p.name) + ".img") for p in found if p.name.lower().endswith(".img")
-    }
-    found = [p for p in found if not (p.name.lower().endswith(".hdr") and p.with_suffix(".img") in images)]
+    found = nifti.volume_files(folder, nifti.volume_stem(pattern))
     if len(found) != 1:
         raise InputError(f"expected exactly one {what} ({pattern}), found {len(found)}", folder)
     return found[0]

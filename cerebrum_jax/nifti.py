@@ -4,6 +4,7 @@ nibabel reads, through one loader) and NIfTI output, written atomically (``fsafe
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import logging
 import os
 from pathlib import Path
@@ -31,6 +32,22 @@ def volume_stem(name: str) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def volume_files(folder: str | os.PathLike, stem: str = "*") -> list[Path]:
+    """The volumes in ``folder`` whose name without its volume suffix matches ``stem`` (a glob pattern,
+    e.g. ``*_T1w``), sorted; a .hdr/.img pair once, by its .img."""
+    found = [
+        p
+        for p in sorted(Path(folder).glob(stem + ".*"))
+        if is_volume_name(p.name) and fnmatch.fnmatchcase(volume_stem(p.name), stem)
+    ]
+    images = {volume_stem(p.name) for p in found if p.name.lower().endswith((".img", ".img.gz"))}
+    return [
+        p
+        for p in found
+        if not (p.name.lower().endswith((".hdr", ".hdr.gz")) and volume_stem(p.name) in images)
+    ]
 
 
 def as_nifti1(img, path, what: str = "image") -> nib.Nifti1Image:

@@ -84,7 +84,7 @@ def _aspects(spacing) -> list[float]:
     return [s[o[1]] / s[o[0]] for o in others]
 
 
-def _label_cmap(n: int) -> ListedColormap:
+def label_cmap(n: int) -> ListedColormap:
     """Background transparent, classes 1..n-1 in distinct colours."""
     base = plt.get_cmap("tab10" if n <= 11 else "tab20")
     colours = [(0, 0, 0, 0)] + [base((i - 1) % base.N) for i in range(1, n)]
@@ -108,7 +108,7 @@ def plot_segmentation(
     if not (image.shape == np.shape(ref_labels) == np.shape(pred_labels)) or image.ndim != 3:
         raise ValueError(f"image {image.shape}, reference and prediction must share one 3-D shape")
     n = len(class_names)
-    cmap = _label_cmap(n)
+    cmap = label_cmap(n)
     grey = _grey(image)
     fig, axes = plt.subplots(3, 3, figsize=(10, 10))
     columns = [("image", None), ("reference", ref_labels), ("prediction", pred_labels)]

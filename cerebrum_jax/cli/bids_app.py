@@ -117,16 +117,20 @@ def participant(args, images, models, mesh, out: Path) -> int:
         where = f"[{n}/{len(images)}] sub-{image.subject}" + (
             f" ses-{image.session}" if image.session else ""
         )
-        if bids_app.dseg_of(image, out).is_file() and not args.overwrite:
+        place = image.out_dir(out)
+        dseg = seg.output_files(place, seg.output_stem(image.path), probseg=False)[-1]
+        if dseg.is_file() and not args.overwrite:
             print(
                 f"{where}: {image.path.name} done before, skipped (--overwrite segments it again)", flush=True
             )
             continue
         tried.append(image)
         try:
-            seg.check_inputs([image.path], image.out_dir(out), probseg=not args.no_probseg)
-            image.out_dir(out).mkdir(parents=True, exist_ok=True)
-            seg.segment_one(args, models, mesh, image.out_dir(out), image.path, None)
+            seg.check_outputs(
+                image.path, place, not args.no_probseg, (image.path,)
+            )  # the input: read once, below
+            place.mkdir(parents=True, exist_ok=True)
+            seg.segment_one(args, models, mesh, place, image.path, None)
             done += 1
         except (InputError, OSError, ValueError) as e:  # this image's fault: the others go on
             failures.append((image, str(e)))

@@ -148,16 +148,23 @@ def check_inputs(
         if stem in stems:
             raise InputError(f"has the same output name {stem!r} as {stems[stem]}", path)
         stems[stem] = path
-        for target in output_files(out, stem, probseg) if out is not None else []:
-            check_name_length(path, target)
-            if any(target.exists() and target.samefile(g) for g in given):
-                raise InputError(
-                    "is one of the inputs: segment would overwrite it; choose another --out", target
-                )
-            if target.is_dir():
-                raise InputError("output name is taken by a directory", target)
+        if out is not None:
+            check_outputs(path, out, probseg, given)
     if out is not None and (out / "dseg.tsv").is_dir():
         raise InputError("output name is taken by a directory", out / "dseg.tsv")
+
+
+def check_outputs(path: Path, out: Path, probseg: bool = True, given=()) -> list[Path]:
+    """The files ``segment`` writes into ``out`` for the input ``path``, checked before any work: names
+    a file system takes, none of them one of the ``given`` input files, none taken by a directory."""
+    targets = output_files(out, output_stem(path), probseg)
+    for target in targets:
+        check_name_length(path, target)
+        if any(target.exists() and target.samefile(g) for g in given):
+            raise InputError("is one of the inputs: segment would overwrite it; choose another --out", target)
+        if target.is_dir():
+            raise InputError("output name is taken by a directory", target)
+    return targets
 
 
 NAME_MAX = 255  # bytes of one file name on Linux's file systems (ext4, xfs, tmpfs, NFS)

@@ -5,6 +5,7 @@ written". Imported by tests/test_failures*.py (their fixtures come from here).""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -18,6 +19,7 @@ from cerebrum_jax.cli.finetune import resolve
 CONFIG = model.ModelConfig(n_filters=2, n_classes=3)
 SHAPE = (16, 16, 16)
 REPO_ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}  # a real process imports this checkout
 
 
 def _subject(root: Path, sid: str, seed: int) -> None:

@@ -20,6 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from failure_kit import (  # noqa: F401  (files: a fixture)
+    ENV,
     REPO_ROOT,
     files,
     finetune_args,
@@ -29,8 +30,6 @@ from failure_kit import (  # noqa: F401  (files: a fixture)
 
 from cerebrum_jax import html_report, surfaces
 from cerebrum_jax.cli import main, one_line
-
-ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
 
 
 def _dataset_with_description(f, t: Path, content) -> Path:

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from failure_kit import (  # noqa: F401  (files: a fixture)
     CONFIG,
+    ENV,
     REPO_ROOT,
     files,
     finetune_args,
@@ -31,8 +32,6 @@ from failure_kit import (  # noqa: F401  (files: a fixture)
 from cerebrum_jax import checkpoint, fsafe, runhooks
 from cerebrum_jax.cli import main, sigterm_raises
 from cerebrum_jax.errors import InputError, Terminated
-
-ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
 
 
 def _signals_default():

@@ -1,4 +1,7 @@
-"""Self-contained HTML reports (one file, every figure embedded as a data: URI, no scripts, no network).
+"""Self-contained HTML reports (one file, every figure embedded as a data: URI, no network).
+
+Pages without surfaces hold no script; a page with surfaces holds the 3-D viewer (``surface_viewer``):
+its data as JSON and two inline scripts, plotly.js and the viewer's own, nothing loaded from elsewhere.
 
 ``write_fold_html``: a fine-tuning fold's report.html (run table, metrics table with n/a for classes absent
 from both volumes, training curves, slice figures, the Figure 7-S style panel, the surfaces);
@@ -10,10 +13,12 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 from pathlib import Path
 
 from cerebrum_jax.fsafe import write_text
 from cerebrum_jax.report import flatten
+from cerebrum_jax.surface_viewer import viewer_html
 from cerebrum_jax.surfaces import distance_rows
 
 MIME = {".png": "image/png", ".gif": "image/gif", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
@@ -94,9 +99,14 @@ def metrics_section(metrics: dict) -> str:
 
 
 def surfaces_section(records: list[dict], folder) -> str:
-    """The surface distance table, each class's views (PNG) and turntable (GIF), and one line per class
-    without a comparison."""
+    """The surface distance table, the 3-D viewer, each class's views (PNG) and turntable (GIF), and one
+    line per class without a comparison."""
     folder = Path(folder)
+    viewer = [
+        (r["class"], json.loads((folder / r["files"]["viewer"]).read_text()))
+        for r in records
+        if "viewer" in r["files"]
+    ]
     rows, notes = distance_rows(records)
     rows = [[esc(cell) for cell in row] for row in rows]
     notes = [f'<p class="note">{esc(name)}: {esc(note)}</p>' for name, note in notes]
@@ -113,7 +123,8 @@ def surfaces_section(records: list[dict], folder) -> str:
         "<p>Surfaces by marching cubes in world mm; the prediction coloured by its signed distance to the "
         "manual surface (negative: inside the manual label, too thin; positive: outside, too thick).</p>"
     )
-    return "<h2>Surfaces</h2>" + intro + (table(head, rows) if rows else "") + "".join(notes) + "".join(figs)
+    body = (table(head, rows) if rows else "") + "".join(notes)
+    return "<h2>Surfaces</h2>" + intro + body + (viewer_html(viewer) if viewer else "") + "".join(figs)
 
 
 def write_fold_html(path, meta: dict, metrics: dict, figures: dict, surface_records=None, surfaces_dir=None):

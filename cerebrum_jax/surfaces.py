@@ -14,7 +14,8 @@ The predicted surface is compared with the reference surface by the signed dista
 vertex (mm): the distance to the nearest point of the full-resolution reference surface (its tangent plane
 at the nearest vertex), negative when the vertex lies inside the reference label (prediction too thin or
 small there), positive outside (too thick or large). Per class: mean signed, mean absolute and 95th
-percentile of the absolute distance. Renderings: ``surface_render``.
+percentile of the absolute distance. Drawings: ``surface_views`` (PNG, GIF, with nilearn) and
+``surface_viewer`` (report.html's interactive viewer).
 
 Volumes are (D, H, W) label arrays in stored voxel order, sharing one grid and ``affine`` (4, 4).
 """
@@ -37,7 +38,7 @@ from cerebrum_jax.fsafe import atomic_path, write_text
 DEFAULT_CLASSES = ("white matter", "grey matter", "vessels")
 SMOOTH_SIGMA_VOX = 0.6  # Gaussian sigma (voxels) on the class mask before marching cubes
 MAX_FACES = 100000  # triangles per surface written as GIfTI
-RENDER_FACES = 8000  # triangles per surface drawn in the report
+RENDER_FACES = 20000  # triangles per surface drawn in the report and its 3-D viewer
 _PAD = 2  # voxels of background around the cropped mask, so every surface closes
 
 
@@ -271,13 +272,14 @@ def write_class_surfaces(
     render: bool = True,
     frames: int = 12,
 ) -> list[dict]:
-    """GIfTI surfaces (and, with ``render``, the PNG views and GIF turntable) of each class in ``out_dir``.
+    """GIfTI surfaces (and, with ``render``, the PNG views, the GIF turntable and the 3-D viewer's data) of
+    each class in ``out_dir``.
 
     classes: {label value: name}. Returns one record per class (also written to ``surfaces.json``): class,
-    label, faces {ref, pred}, distance_mm (``distance_stats`` or None), files {ref, pred, png, gif} (names
-    in ``out_dir``) and note (None, or the line saying why a class has no comparison).
+    label, faces {ref, pred}, distance_mm (``distance_stats`` or None), files {ref, pred, png, gif, viewer}
+    (names in ``out_dir``) and note (None, or the line saying why a class has no comparison).
     """
-    from cerebrum_jax import surface_render
+    from cerebrum_jax import surface_viewer, surface_views
 
     out_dir = Path(out_dir)
     records, tags = [], class_tags(classes)
@@ -294,12 +296,12 @@ def write_class_surfaces(
                 )
                 rec["files"][key], rec["faces"][key] = fname, int(len(got[key][1]))
         if render and got["stats"] is not None:
-            rec["files"]["png"] = surface_render.render_views(
-                out_dir / f"{stem}_surfaces.png", got, name
-            ).name
-            rec["files"]["gif"] = surface_render.render_turntable(
+            rec["files"]["png"] = surface_views.render_views(out_dir / f"{stem}_surfaces.png", got, name).name
+            rec["files"]["gif"] = surface_views.render_turntable(
                 out_dir / f"{stem}_turntable.gif", got, name, frames=frames
             ).name
+            viewer = json.dumps(surface_viewer.viewer_data(got))
+            rec["files"]["viewer"] = write_text(out_dir / f"{stem}_viewer.json", viewer + "\n").name
         records.append(rec)
     write_text(out_dir / "surfaces.json", json.dumps(records, indent=2) + "\n")
     return records

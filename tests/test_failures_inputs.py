@@ -5,7 +5,6 @@ reports: no class name or subject id reaches HTML unescaped."""
 
 from __future__ import annotations
 
-import html.parser
 import json
 import os
 import shutil
@@ -27,6 +26,7 @@ from failure_kit import (  # noqa: F401  (files: a fixture)
     one_error_line,
     tree,
 )
+from html_kit import Page, viewer_of
 
 from cerebrum_jax import html_report, surfaces
 from cerebrum_jax.cli import main, one_line
@@ -342,24 +342,13 @@ def test_a_defect_is_one_line_with_the_traceback_in_a_file(tmp_path, capsys, mon
 HOSTILE = ["<script>alert(1)</script>", '"><img src=x onerror=alert(2)>', "' onmouseover='alert(3)"]
 
 
-class _Elements(html.parser.HTMLParser):
-    """Every start tag and its attributes of a page."""
-
-    def __init__(self):
-        super().__init__()
-        self.tags: list[tuple[str, dict]] = []
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
-
-
 def _check_page(path: Path) -> str:
-    """Parse ``path``: no script element, no event-handler attribute, no image from anywhere but a data
-    URI; every hostile name appears in the page's text (escaped, not dropped)."""
+    """Parse ``path``: no script element but the 3-D viewer's own (``html_kit.viewer_of``), no
+    event-handler attribute, no image from anywhere but a data URI; every hostile name appears in the
+    page's text (escaped, not dropped)."""
     page = Path(path).read_text()
-    parser = _Elements()
-    parser.feed(page)
-    assert not [t for t, _ in parser.tags if t == "script"]
+    parser = Page(page)
+    viewer_of(parser)
     assert not [(t, a) for t, attrs in parser.tags for a in attrs if a.lower().startswith("on")]
     assert all(a.get("src", "").startswith("data:") for t, a in parser.tags if t == "img")
     for name in HOSTILE:
@@ -408,10 +397,11 @@ def test_surfaces_page_escapes_class_names(files, tmp_path):
     data = np.asarray(nib.load(files["lab"]).dataobj)
     classes = dict(enumerate(HOSTILE, start=1))
     records = surfaces.write_class_surfaces(
-        tmp_path, "sub-x", data, data, nib.load(files["lab"]).affine, classes, render=False
+        tmp_path, "sub-x", data, data, nib.load(files["lab"]).affine, classes, frames=2
     )
     assert all(os.sep not in n and ".." not in n for r in records for n in r["files"].values())
-    _check_page(html_report.write_surfaces_html(tmp_path / "s.html", records, tmp_path, HOSTILE[0]))
+    page = _check_page(html_report.write_surfaces_html(tmp_path / "s.html", records, tmp_path, HOSTILE[0]))
+    assert len(viewer_of(Page(page))["classes"]) == sum("viewer" in r["files"] for r in records) > 0
 
 
 def test_cv_summary_of_folds_without_a_mean_dice_says_n_a(tmp_path, capsys):

@@ -6,6 +6,7 @@ from html.parser import HTMLParser
 
 import numpy as np
 import pytest
+from html_kit import Page, viewer_of
 from PIL import Image
 
 from cerebrum_jax import html_report, panels, report, surfaces
@@ -33,15 +34,17 @@ class _Collect(HTMLParser):
 
 
 def check_self_contained(text: str) -> _Collect:
-    """Parse the HTML; every <img> is a data: URI that decodes to a valid image; no scripts, no links out."""
+    """Parse the HTML; every <img> is a data: URI that decodes to a valid image; no links out; no script
+    but the 3-D viewer's, embedded whole (``parsed.viewer``: its data, or None)."""
     parsed = _Collect()
     parsed.feed(text)
+    parsed.viewer = viewer_of(Page(text))
     assert parsed.imgs, "no images"
     for src in parsed.imgs:
         assert src.startswith("data:image/") and ";base64," in src, src[:60]
         raw = base64.b64decode(src.split(",", 1)[1], validate=True)
         Image.open(io.BytesIO(raw)).verify()  # raises on a truncated or foreign file
-    assert "script" not in parsed.tags and "link" not in parsed.tags and not parsed.links
+    assert "link" not in parsed.tags and not parsed.links
     return parsed
 
 
@@ -84,6 +87,7 @@ def test_fold_report_is_self_contained(tmp_path):
     text = path.read_text()
     parsed = check_self_contained(text)
     assert len(parsed.imgs) == 3 + 2 * 2  # three figures, a PNG and a GIF per class with both surfaces
+    assert len(parsed.viewer["classes"]) == 2 and '<option value="1">grey matter</option>' in text
     assert "<title>fold &lt;3&gt; &amp; co</title>" in text  # escaped
     assert parsed.cells.count("n/a") == 3 and "timings (s).total" in parsed.cells
     assert "vessels: absent from both the reference and the prediction: no surface" in text
@@ -110,7 +114,7 @@ def test_cv_report_with_boxplots(tmp_path):
     assert Image.open(box).size[0] > 600  # three panels side by side
     text = html_report.write_cv_html(tmp_path / "cv.html", summary, results, box, recs).read_text()
     parsed = check_self_contained(text)
-    assert len(parsed.imgs) == 1
+    assert len(parsed.imgs) == 1 and parsed.viewer is None  # no surfaces, no scripts
     assert "0.8767 ± 0.0252" in text and "n/a" in parsed.cells  # mean ± sd of the WM Dice; fold 2 vessels
 
 

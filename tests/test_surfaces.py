@@ -107,7 +107,7 @@ def test_empty_class_is_one_line_not_a_crash(tmp_path):
     assert json.loads((tmp_path / "surfaces.json").read_text())[1]["class"] == "vessels"
 
 
-def test_renderings_are_valid_images(tmp_path):
+def test_renderings_are_valid_images_and_viewer_data(tmp_path):
     shape = (24, 24, 24)
     ref = ball(shape, (12, 12, 12), 8.0, np.ones(3)).astype(np.uint8)
     pred = ball(shape, (12, 13, 12), 8.0, np.ones(3)).astype(np.uint8)
@@ -115,6 +115,8 @@ def test_renderings_are_valid_images(tmp_path):
     png = Image.open(tmp_path / recs[0]["files"]["png"])
     gif = Image.open(tmp_path / recs[0]["files"]["gif"])
     assert png.format == "PNG" and gif.format == "GIF" and gif.n_frames == 3
+    viewer = json.loads((tmp_path / recs[0]["files"]["viewer"]).read_text())  # the 3-D viewer's meshes
+    assert {"ref", "pred", "centre", "half", "limit"} <= set(viewer) and "distance" in viewer["pred"]
     pixels = np.asarray(png.convert("RGB"))
     assert (pixels.min(axis=2) < 200).mean() > 0.05  # surfaces drawn, not a blank page
     assert recs[0]["distance_mm"]["mean"] == pytest.approx(0.0, abs=0.3)  # shifted by 1 mm: both signs

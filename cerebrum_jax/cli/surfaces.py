@@ -23,8 +23,9 @@ def add_parser(sub) -> None:
             "For each chosen class, the surfaces of REF (manual) and PRED by marching cubes, in world mm "
             "(the NIfTI affine applied), written as OUT/<prefix>_desc-<Class>_ref.surf.gii and "
             "_pred.surf.gii; PNG views (manual | prediction, from the left, front and top) and a GIF "
-            "turntable, the prediction coloured by its signed distance to the manual surface (mm); "
-            "OUT/surfaces.json, surfaces.md and report.html. PRED and REF must share one grid."
+            "turntable (drawn with nilearn), the prediction coloured by its signed distance to the manual "
+            "surface (mm); OUT/surfaces.json, surfaces.md and report.html, which holds an interactive "
+            "3-D viewer (rotate, zoom; works offline). PRED and REF must share one grid."
         ),
     )
     p.add_argument("--out", required=True, metavar="OUT_DIR", help="output directory (created if needed)")

@@ -88,7 +88,7 @@ weights:
 	  echo "weights/glasgow is already there (remove it to download and convert again)"; \
 	else \
 	  $(MAKE) --no-print-directory -f $(firstword $(MAKEFILE_LIST)) $(VENV)/.stamp-base && \
-	  $(PY) -m cerebrum_jax.convert --download weights/glasgow; \
+	  $(PY) -m cerebrum_jax convert --download weights/glasgow; \
 	fi
 
 bench: $(BASE) $(VENV)/.stamp-test $(VENV)/.stamp-bench

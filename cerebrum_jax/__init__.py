@@ -16,55 +16,63 @@ Python API (pure functions on arrays)::
     step = cj.make_train_step(config, cj.LossConfig(), cj.make_optimizer(mask, 1e-4))
     cj.evaluate(pred, ref, spacing, {1: "wm", 2: "gm"})                # Dice, HD95, VS per class
 
-``cerebrum_jax.segment`` is the function; its module stays importable as usual
-(``from cerebrum_jax.segment import forward_fn, prepare``). Every name is imported on first use
+``cerebrum_jax.segment`` is the function; its module is ``cerebrum_jax.predict.segment``
+(``from cerebrum_jax.predict.segment import forward_fn, prepare``). Every name is imported on first use
 (PEP 562), so ``import cerebrum_jax`` (and the command line's start, which must be able to answer a
 Ctrl-C with its own line from its first instant) costs no jax, scipy, optax or orbax import.
+
+The package, one subpackage per stage, imports flowing one way (``tests/test_imports.py`` holds the
+table): ``cli`` -> ``experiment`` -> ``train``, ``predict``, ``report`` -> ``parallel``, ``data``,
+``evaluation`` -> ``model`` -> the base modules here (``errors``, ``choices``, ``fsafe``, ``runtime``,
+``shipped``). docs/DESIGN.md draws it. Import paths from before the subpackages keep working
+(``_moved``).
 """
 
 import importlib
 import sys
 import types
 
+from cerebrum_jax import _moved
+
 # name -> module, imported on first access
 _LAZY = {
-    "LossConfig": "losses",
-    "balanced_class_weights": "losses",
-    "dice_loss": "losses",
-    "loss_terms": "losses",
-    "soft_dice_per_class": "losses",
-    "weighted_cross_entropy": "losses",
-    "Cerebrum7T": "model",
-    "ModelConfig": "model",
-    "apply": "model",
-    "init_params": "model",
-    "probabilities": "model",
-    "segment": "segment",  # the function, not its module: see _Package
-    "labels_from": "segment",
-    "AugmentConfig": "augment",
-    "augment_batch": "augment",
-    "apply_params": "augment",
-    "rand_params": "augment",
-    "view_key": "augment",
-    "make_train_step": "train",
-    "make_eval_step": "train",
-    "make_optimizer": "train",
-    "init_state": "train",
-    "dice": "metrics",
-    "hd95": "metrics",
-    "volumetric_similarity": "metrics",
-    "evaluate": "metrics",
-    "load_checkpoint": "checkpoint",
-    "save_checkpoint": "checkpoint",
-    "Preprocessing": "inputs",
-    "ensemble": "predictor",
-    "predict_volume": "predictor",
+    "LossConfig": "train.losses",
+    "balanced_class_weights": "train.losses",
+    "dice_loss": "train.losses",
+    "loss_terms": "train.losses",
+    "soft_dice_per_class": "train.losses",
+    "weighted_cross_entropy": "train.losses",
+    "Cerebrum7T": "model.network",
+    "ModelConfig": "model.network",
+    "apply": "model.network",
+    "init_params": "model.network",
+    "probabilities": "model.network",
+    "segment": "predict.segment",  # the function, not its module: see _Package
+    "labels_from": "predict.segment",
+    "AugmentConfig": "train.augment",
+    "augment_batch": "train.augment",
+    "apply_params": "train.augment",
+    "rand_params": "train.augment",
+    "view_key": "train.augment",
+    "make_train_step": "train.steps",
+    "make_eval_step": "train.steps",
+    "make_optimizer": "train.steps",
+    "init_state": "train.steps",
+    "dice": "evaluation.metrics",
+    "hd95": "evaluation.metrics",
+    "volumetric_similarity": "evaluation.metrics",
+    "evaluate": "evaluation.metrics",
+    "load_checkpoint": "model.checkpoint",
+    "save_checkpoint": "model.checkpoint",
+    "Preprocessing": "data.inputs",
+    "ensemble": "predict.predictor",
+    "predict_volume": "predict.predictor",
 }
 
 
 class _Package(types.ModuleType):
-    """The package module. Importing the submodule ``cerebrum_jax.segment`` would bind the package's
-    ``segment`` to that module (the import system sets it after loading); the function's name wins."""
+    """The package module. Importing the old path ``cerebrum_jax.segment`` (``_moved``) would bind the
+    package's ``segment`` to that module (the import system sets it after loading); the function wins."""
 
     def __setattr__(self, name, value):
         if name == "segment" and isinstance(value, types.ModuleType):
@@ -73,6 +81,7 @@ class _Package(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Package
+_moved.install()
 
 __all__ = list(_LAZY)
 

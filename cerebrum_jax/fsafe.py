@@ -39,10 +39,10 @@ class NoLock:
 
 
 def dir_lock(path: str | os.PathLike, command: str = "cerebrum-jax"):
-    """``DirLock`` in process 0 (of a distributed run; in any plain run), ``NoLock`` in the others."""
-    import jax
-
-    return DirLock(path, command) if jax.process_index() == 0 else NoLock()
+    """``DirLock`` in process 0 (of a distributed run; in any plain run), ``NoLock`` in the others. A
+    distributed run has imported jax (to join it) before it takes a lock; without jax, one process."""
+    jax = sys.modules.get("jax")
+    return DirLock(path, command) if jax is None or jax.process_index() == 0 else NoLock()
 
 
 class DirLock:

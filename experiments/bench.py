@@ -77,7 +77,7 @@ def setup(threads: int):
     import numpy as np
     import torch_peer as T
 
-    from cerebrum_jax import model as M
+    from cerebrum_jax.model import network as M
 
     return jax, np, torch, M, T
 
@@ -103,7 +103,7 @@ def volume(shape, seed: int = 0):
 
 def our_inference_forward(cfg):
     """What ``cerebrum-jax segment`` runs: on a CPU lean.probabilities_lean (depth slabs, 2-D convs)."""
-    from cerebrum_jax.segment import forward_fn
+    from cerebrum_jax.predict.segment import forward_fn
 
     return forward_fn(cfg)
 
@@ -139,7 +139,7 @@ def forward_gflop(cfg, shape) -> float:
     import jax
     import jax.numpy as jnp
 
-    from cerebrum_jax import model as M
+    from cerebrum_jax.model import network as M
 
     params = jax.eval_shape(lambda: M.init_params(cfg, jax.random.PRNGKey(0)))
     x = jax.ShapeDtypeStruct((1, *shape, 1), jnp.float32)
@@ -151,7 +151,7 @@ def train_gflop(cfg, shape) -> float:
     import jax
     import optax
 
-    from cerebrum_jax import model as M
+    from cerebrum_jax.model import network as M
 
     tx = optax.adam(5e-4)
     step, _ = our_train_step(cfg, tx)
@@ -168,18 +168,18 @@ def train_gflop(cfg, shape) -> float:
 
 
 def our_train_step(cfg, tx):
-    """The project's step (cerebrum_jax.train) when present, else an equivalent local one."""
+    """The project's step (cerebrum_jax.train.steps) when present, else an equivalent local one."""
     import jax
     import jax.numpy as jnp
     import optax
 
-    from cerebrum_jax import model as M
+    from cerebrum_jax.model import network as M
 
     try:
-        from cerebrum_jax import train as TR
+        from cerebrum_jax.train import steps as TR
 
         loss = TR.LossConfig("ce", "balanced")  # the peer's loss: weighted cross-entropy
-        which = "cerebrum_jax.train.make_train_step (weighted cross-entropy)"
+        which = "cerebrum_jax.train.steps.make_train_step (weighted cross-entropy)"
         return TR.make_train_step(cfg, loss, tx), which
     except (ImportError, AttributeError, TypeError):
         pass
@@ -282,7 +282,7 @@ def case_whole() -> dict:
             r = json.loads(res.stdout.strip().splitlines()[-1])
             out[side] += r["times"]
             out[f"{side}_rss"] = max(out[f"{side}_rss"], r["peak_rss_gb"])
-    from cerebrum_jax import model as M
+    from cerebrum_jax.model import network as M
 
     out["gflop"] = forward_gflop(M.ModelConfig(n_filters=24, n_classes=7), WHOLE)
     return out
@@ -293,7 +293,7 @@ def case_wholetrain() -> dict:
     its own subprocess, one at a time (experiments/bench_wholetrain.py)."""
     import bench_wholetrain
 
-    from cerebrum_jax import model as M
+    from cerebrum_jax.model import network as M
 
     out = bench_wholetrain.run_all(ARGS.wholetrain_repeats, ARGS.slab_rows, ARGS.threads)
     out["gflop"] = train_gflop(M.ModelConfig(n_filters=24, n_classes=bench_wholetrain.N_CLASSES), WHOLE)
@@ -301,11 +301,11 @@ def case_wholetrain() -> dict:
 
 
 def case_augment() -> dict:
-    """One augmented whole-volume view: cerebrum_jax.augment vs the original scipy/elasticdeform pipeline."""
+    """One augmented whole-volume view: train.augment vs the original scipy/elasticdeform pipeline."""
     jax, np, torch, M, T = setup(ARGS.threads)
     from original_augment import ELASTIC, original_augment
 
-    from cerebrum_jax.augment import AugmentConfig, augment
+    from cerebrum_jax.train.augment import AugmentConfig, augment
 
     img = np.abs(volume(WHOLE)[0])
     labels = np.random.default_rng(1).integers(0, 8, size=WHOLE).astype(np.int32)

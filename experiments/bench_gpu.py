@@ -37,8 +37,9 @@ def measure(config: str, repeats: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from cerebrum_jax import model, train
-    from cerebrum_jax.losses import LossConfig
+    from cerebrum_jax.model import network as model
+    from cerebrum_jax.train import steps as train
+    from cerebrum_jax.train.losses import LossConfig
 
     kind, precision = config.split("-")
     dev = jax.devices()[0]

@@ -4,7 +4,7 @@ Three sides, each in its own subprocess (so each peak RSS is its own), one after
 big processes at once): ours streamed (``train.make_train_step(..., slab_rows=N)``, the level-1 layers in
 depth slabs), ours plain (``slab_rows=0``: compiled only, never run: its compiled temp buffers alone exceed
 the machine) and the PyTorch peer (experiments/torch_peer.py). Every side: 8 classes, n_filters 24,
-float32, weighted cross-entropy, Adam, batch = one augmented view (made by ``cerebrum_jax.augment``
+float32, weighted cross-entropy, Adam, batch = one augmented view (made by ``cerebrum_jax.train.augment``
 before timing: its time is bench.py's "augment" case). A first step (compilation) is excluded; times are
 the median of --wholetrain-repeats further steps. XLA's compiled memory analysis (temp bytes) of the
 streamed and plain steps is what a GPU would have to hold besides the inputs and the state.
@@ -60,7 +60,7 @@ def _inputs():
     import jax
     import numpy as np
 
-    from cerebrum_jax.augment import AugmentConfig, augment
+    from cerebrum_jax.train.augment import AugmentConfig, augment
 
     rng = np.random.default_rng(0)
     img = np.abs(rng.normal(size=(*WHOLE, 1))).astype(np.float32)
@@ -74,8 +74,9 @@ def _ours(slab: int, repeats: int, run: bool) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from cerebrum_jax import model, train
-    from cerebrum_jax.losses import LossConfig
+    from cerebrum_jax.model import network as model
+    from cerebrum_jax.train import steps as train
+    from cerebrum_jax.train.losses import LossConfig
 
     cfg = model.ModelConfig(n_filters=24, n_classes=N_CLASSES)
     params = model.init_params(cfg, jax.random.key(0))
@@ -110,7 +111,7 @@ def _peer(repeats: int, threads: int) -> dict:
     import jax
     import torch_peer as T
 
-    from cerebrum_jax import model
+    from cerebrum_jax.model import network as model
 
     cfg = model.ModelConfig(n_filters=24, n_classes=N_CLASSES)
     params = jax.tree_util.tree_map(np.asarray, model.init_params(cfg, jax.random.key(0)))

@@ -1,6 +1,6 @@
 """The cohorts of the few-label checks (``experiments/checks.py``), built from the demo's template.
 
-NOT 7T data: the demo's pseudo-subjects (``cerebrum_jax.demo``: ICBM 2009a deformed, 3 mm) with
+NOT 7T data: the demo's pseudo-subjects (``cerebrum_jax.data.demo``: ICBM 2009a deformed, 3 mm) with
 - ``vessels``: a fifth class, random branching vessel trees (radius 0.5-1.5 voxels) drawn at 4x the
   resolution and averaged down, so the image has the partial volume of a real acquisition (a voxel is
   "vessels" where the tube fills at least half of it; its intensity mixes tissue and bright blood by the
@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from cerebrum_jax import demo
-from cerebrum_jax.labels import LabelMap
+from cerebrum_jax.data import demo
+from cerebrum_jax.data.labels import LabelMap
 
 VESSEL_LABELS = LabelMap.identity(
     ("background", "white matter", "grey matter", "cerebrospinal fluid", "vessels")

@@ -28,8 +28,8 @@ import sys
 from pathlib import Path
 
 from cerebrum_jax import fsafe, runtime
-from cerebrum_jax.checkpoint import locate_weights
-from cerebrum_jax.config import load_config
+from cerebrum_jax.experiment.config import load_config
+from cerebrum_jax.model.checkpoint import locate_weights
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -111,7 +111,7 @@ def summarise(result: dict) -> dict:
 def run_check(check: str, out: Path, epochs: int, only=None) -> dict:
     """Run every variant of ``check`` (or those in ``only``) -> {variant: summary}, merged with the
     variants an earlier call wrote to the same ``out`` (in ``VARIANTS`` order)."""
-    from cerebrum_jax.finetune import train_and_evaluate  # imported here: jax
+    from cerebrum_jax.experiment.finetune import train_and_evaluate  # imported here: jax
 
     root = {
         "vessels": lambda: check_cohorts.ensure_vessel_cohort("data/check-vessels"),

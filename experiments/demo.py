@@ -18,7 +18,7 @@ time to validation Dice 0.80 and 0.85). Results repeat exactly on the same machi
 another number of CPU threads changes the sums' order and moves the Dice by about +-0.005.
 """
 
-from cerebrum_jax.config import TrainConfig
+from cerebrum_jax.experiment.config import TrainConfig
 
 
 def get_config() -> TrainConfig:

@@ -43,7 +43,7 @@ Not yet measured: a full-resolution fold on the real data (it needs the data rec
 
 from pathlib import Path
 
-from cerebrum_jax.config import TrainConfig, load_config
+from cerebrum_jax.experiment.config import TrainConfig, load_config
 
 
 def get_config() -> TrainConfig:

@@ -1,5 +1,5 @@
 """``fewlabel`` for a model that must hold up on another contrast than its training volumes': the same
-recipe with label-conditioned intensity randomisation (``cerebrum_jax.synth``): each augmented view's
+recipe with label-conditioned intensity randomisation (``cerebrum_jax.train.synth``): each augmented view's
 image is replaced, with probability 0.5, by one drawn from its labels (random class means and spreads,
 blur, bias field, gamma, noise).
 
@@ -15,7 +15,7 @@ stays the recipe for same-contrast data. Runtime: as ``fewlabel``.
 
 from pathlib import Path
 
-from cerebrum_jax.config import TrainConfig, load_config
+from cerebrum_jax.experiment.config import TrainConfig, load_config
 
 
 def get_config() -> TrainConfig:

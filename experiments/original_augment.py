@@ -26,7 +26,7 @@ import time
 import numpy as np
 import scipy.ndimage
 
-from cerebrum_jax.augment import spline_weights
+from cerebrum_jax.train.augment import spline_weights
 
 try:
     import elasticdeform

@@ -20,15 +20,18 @@ import time
 
 import jax
 
-from cerebrum_jax import data, loop, model, preprocess
-from cerebrum_jax.augment import AugmentConfig
-from cerebrum_jax.bids import git_commit
-from cerebrum_jax.checkpoint import save_checkpoint
-from cerebrum_jax.config import LoopConfig
-from cerebrum_jax.demo import ensure_pretrain_cohort
-from cerebrum_jax.inputs import Preprocessing, load_subject
-from cerebrum_jax.labels import DEMO_PRETRAIN_LABELS
-from cerebrum_jax.losses import LossConfig
+from cerebrum_jax.data import datasets as data
+from cerebrum_jax.data import preprocess
+from cerebrum_jax.data.bids import git_commit
+from cerebrum_jax.data.demo import ensure_pretrain_cohort
+from cerebrum_jax.data.inputs import Preprocessing, load_subject
+from cerebrum_jax.data.labels import DEMO_PRETRAIN_LABELS
+from cerebrum_jax.experiment.config import LoopConfig
+from cerebrum_jax.model import network as model
+from cerebrum_jax.model.checkpoint import save_checkpoint
+from cerebrum_jax.train import loop
+from cerebrum_jax.train.augment import AugmentConfig
+from cerebrum_jax.train.losses import LossConfig
 
 GRID = (56, 72, 64)  # the demo's brain boxes (3 mm voxels) rounded up to multiples of 8
 
@@ -67,7 +70,7 @@ def main(argv=None) -> int:
             "template-derived pseudo-subjects, not 7T data"
         ),
         "pretraining": {
-            "cohort": "cerebrum_jax.demo.ensure_pretrain_cohort (seed demo.PRETRAIN_SEED)",
+            "cohort": "cerebrum_jax.data.demo.ensure_pretrain_cohort (seed demo.PRETRAIN_SEED)",
             "subjects": [s.id for s in subjects],
             "labels": labels.to_source_tsv(),
             "grid": list(GRID),

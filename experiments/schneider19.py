@@ -16,7 +16,7 @@ Expected: per-class Dice near the original's (WM 0.936, GM 0.892, CSF 0.851, ven
 automatic: 8), so a step fits a CPU or a small GPU (README, BENCHMARKS.md); runtime: hours on a GPU.
 """
 
-from cerebrum_jax.config import TrainConfig
+from cerebrum_jax.experiment.config import TrainConfig
 
 
 def get_config() -> TrainConfig:

@@ -4,7 +4,7 @@ Layouts: cerebrum_jax (like Keras) stores Conv3D kernels as (d, h, w, in, out) -
 (out, in, d, h, w); Conv3DTranspose kernels as (d, h, w, out, in) -> torch ConvTranspose3d weight
 (in, out, d, h, w), i.e. ``K.transpose(4, 3, 0, 1, 2)`` (checked numerically: reproduces Keras to 1e-7).
 Tensors here are (B, C, D, H, W); ``forward_probabilities`` takes and returns channels-last numpy arrays
-(B, D, H, W, C) so it can be compared with ``cerebrum_jax.model.probabilities`` directly.
+(B, D, H, W, C) so it can be compared with ``cerebrum_jax.model.network.probabilities`` directly.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# (name, op, kernel, activation, level); the same table as cerebrum_jax.model.LAYERS.
+# (name, op, kernel, activation, level); the same table as cerebrum_jax.model.network.LAYERS.
 _TABLE = (
     ("enc_lvl1_block1_conv", "conv", 3, "enc", 1),
     ("down_1to2_conv", "down", 4, "enc", 2),
@@ -33,7 +33,7 @@ _TABLE = (
 )
 
 
-# As the original (and cerebrum_jax.model.dropout_rate): a Dropout after every conv but these, whose rate is
+# As the original (and model.network.dropout_rate): a Dropout after every conv but these, whose rate is
 # level 1's (0); up_2to1_conv's Dropout has level 2's rate although its output is at full resolution.
 NO_DROPOUT = ("enc_lvl1_block1_conv", "down_1to2_conv", "dec_lvl1_block1_conv", "main_output")
 

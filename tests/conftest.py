@@ -47,6 +47,6 @@ def tiny_params():
     """Random parameters of the 2-filter, 3-class network (key 0), made once per session."""
     import jax
 
-    from cerebrum_jax.model import ModelConfig, init_params
+    from cerebrum_jax.model.network import ModelConfig, init_params
 
     return init_params(ModelConfig(n_filters=2, n_classes=3), jax.random.key(0))

@@ -27,7 +27,7 @@ def reference_problem():
     """(params, batch {"image" (2, 32, 8, 8, 1), "labels" (2, 32, 8, 8), "class_weights" (3,)},
     model config): a tiny network and a batch whose rows and depth slabs all differ."""
 
-    from cerebrum_jax import model as M
+    from cerebrum_jax.model import network as M
 
     cfg = M.ModelConfig(n_filters=2, n_classes=CLASSES, dropout_rate=0.0)
     params = tiny_params(cfg, 0)
@@ -44,7 +44,7 @@ def tiny_params(cfg, seed: int) -> dict:
     (``model.init_params`` compiles a truncated normal per kernel shape: seconds of CPU each)."""
     import jax
 
-    from cerebrum_jax import model as M
+    from cerebrum_jax.model import network as M
 
     shapes = jax.eval_shape(lambda: M.init_params(cfg, jax.random.key(0)))
     rng = np.random.default_rng(seed)
@@ -59,7 +59,8 @@ def tiny_params(cfg, seed: int) -> dict:
 
 def train_step_of(cfg, params):
     """(pure train.make_train_step with ce+dice and Adam, its initial state)."""
-    from cerebrum_jax import losses, train
+    from cerebrum_jax.train import losses
+    from cerebrum_jax.train import steps as train
 
     frozen = {k: {p: False for p in v} for k, v in params.items()}
     tx = train.make_optimizer(frozen, LR)
@@ -72,8 +73,8 @@ def rows_2x2(batch: dict) -> dict:
     range, local image shape handed to JAX, the whole image gathered back)."""
     import jax
 
-    from cerebrum_jax import distributed
-    from cerebrum_jax import sharding as S
+    from cerebrum_jax.parallel import distributed
+    from cerebrum_jax.parallel import sharding as S
 
     mesh = S.make_mesh("2x2", jax.devices())
     rows = distributed.local_rows(2, mesh)
@@ -88,7 +89,7 @@ def rows_2x2(batch: dict) -> dict:
 
 
 def main(port: int, pid: int, n: int, problem: str, out: str) -> None:
-    from cerebrum_jax import distributed
+    from cerebrum_jax.parallel import distributed
 
     if n > 1:  # NUM_PROCESSES 1: the single-process reference (4 devices), no jax.distributed
         launch = argparse.Namespace(
@@ -102,7 +103,8 @@ def main(port: int, pid: int, n: int, problem: str, out: str) -> None:
     import jax
     from tolerances import adam_mu
 
-    from cerebrum_jax import sharding as S
+    from cerebrum_jax.parallel import sharding as S
+    from cerebrum_jax.predict import predictor
 
     with open(problem, "rb") as f:
         params, batch, cfg = pickle.load(f)
@@ -111,7 +113,7 @@ def main(port: int, pid: int, n: int, problem: str, out: str) -> None:
     one = {k: (v[:1] if k != "class_weights" else v) for k, v in batch.items()}  # batch 1 on 1x4
     part = distributed.local_part(one["image"], S.volume_sharding(mesh), one["image"].shape)
     glob = distributed.put_batch(one, mesh, 1)
-    probs = distributed.gather(S.sharded_forward(params, cfg, glob["image"], mesh))
+    probs = distributed.gather(predictor.forward(params, cfg, glob["image"], mesh))
     step, state = train_step_of(cfg, params)
     state = jax.device_put(state, S.state_shardings(state, mesh))
     new_state, metrics = S.jit_train_step(step, mesh, state, glob)(state, glob, jax.random.key(0))
@@ -121,7 +123,7 @@ def main(port: int, pid: int, n: int, problem: str, out: str) -> None:
     if n == 1:  # process 1's half of the depth zeroed: what process 0's half would be without it
         cut = one["image"].copy()
         cut[:, 16:] = 0
-        result["alone"] = np.asarray(S.sharded_forward(params, cfg, cut, mesh))
+        result["alone"] = np.asarray(predictor.forward(params, cfg, cut, mesh))
     if distributed.is_main():
         result.update(probs=probs, loss=np.asarray(metrics["loss"]), devices=np.int32(jax.device_count()))
         result.update({f"p{i}": leaf for i, leaf in enumerate(leaves)})

@@ -12,9 +12,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cerebrum_jax import checkpoint, convert, model
 from cerebrum_jax.cli import build_parser
 from cerebrum_jax.cli.finetune import resolve
+from cerebrum_jax.model import checkpoint
+from cerebrum_jax.model import keras as convert
+from cerebrum_jax.model import network as model
 
 CONFIG = model.ModelConfig(n_filters=2, n_classes=3)
 SHAPE = (16, 16, 16)

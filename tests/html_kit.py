@@ -3,7 +3,7 @@
 import json
 from html.parser import HTMLParser
 
-from cerebrum_jax import surface_viewer
+from cerebrum_jax.report import surface_viewer
 
 
 class Page(HTMLParser):

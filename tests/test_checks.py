@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cerebrum_jax import demo, skeleton  # noqa: E402
-from cerebrum_jax.data import find_subjects  # noqa: E402
+from cerebrum_jax.data import demo, skeleton  # noqa: E402
+from cerebrum_jax.data.datasets import find_subjects  # noqa: E402
 from experiments import check_cohorts, checks  # noqa: E402
 
 

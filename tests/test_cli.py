@@ -7,9 +7,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cerebrum_jax import convert, model
-from cerebrum_jax.checkpoint import save_checkpoint
 from cerebrum_jax.cli import build_parser, main
+from cerebrum_jax.model import keras as convert
+from cerebrum_jax.model import network as model
+from cerebrum_jax.model.checkpoint import save_checkpoint
 
 CONFIG = model.ModelConfig(n_filters=2, n_classes=3)
 
@@ -82,8 +83,8 @@ def test_shared_options_take_their_help_as_keywords():
     library's configure gets the parsed values."""
     import argparse
 
-    from cerebrum_jax import sharding
     from cerebrum_jax.cli import options
+    from cerebrum_jax.parallel import sharding
 
     sub = argparse.ArgumentParser(prog="x").add_subparsers()
     p = options.command(sub, "demo", lambda args: 0, help="h", description="d")

@@ -27,10 +27,12 @@ from failure_kit import (  # noqa: F401  (files: a fixture)
     tree,
 )
 
-from cerebrum_jax import checkpoint, convert, fsafe
+from cerebrum_jax import fsafe
 from cerebrum_jax.cli import build_parser, main
 from cerebrum_jax.cli.finetune import resolve
 from cerebrum_jax.errors import InputError
+from cerebrum_jax.model import checkpoint
+from cerebrum_jax.model import keras as convert
 from cerebrum_jax.shipped import REPO
 
 # ----------------------------------------------------------------------------------------------------------
@@ -113,7 +115,7 @@ def test_resume_with_another_config_names_the_keys(files, tmp_path, capsys):
 
 
 def test_resume_performance_keys_may_differ(files, tmp_path):
-    from cerebrum_jax import runguard
+    from cerebrum_jax.experiment import runguard
 
     run = stored_run(files, tmp_path / "r", precision="bf16", remat=True, mesh="1x4")
     cfg, _, _ = resolve(build_parser().parse_args(finetune_args(files, tmp_path / "r")))
@@ -170,7 +172,7 @@ def test_resume_from_a_corrupt_last_state_with_its_digest(files, tmp_path, capsy
 
 
 def test_resume_removes_leftovers_of_a_killed_save(files, tmp_path):
-    from cerebrum_jax import runguard
+    from cerebrum_jax.experiment import runguard
 
     run = stored_run(files, tmp_path / "r")
     for name in (".last.k2j3h4", ".best.abc"):
@@ -331,8 +333,8 @@ def test_bad_input_one_line_exit_2(files, tmp_path, capsys, case):
 
 
 def test_huge_integer_image_is_normalised_in_float64():
-    from cerebrum_jax import preprocess
-    from cerebrum_jax.segment import prepare
+    from cerebrum_jax.data import preprocess
+    from cerebrum_jax.predict.segment import prepare
 
     volume = np.zeros((16, 16, 16), np.int64)
     volume[4:12, 4:12, 4:12] = 4 * 10**18
@@ -357,7 +359,7 @@ def test_package_experiments_before_the_working_directory(files, tmp_path, capsy
 
 
 def test_memory_estimate_matches_its_calibration():
-    from cerebrum_jax import memory
+    from cerebrum_jax.train import memory
 
     # BENCHMARKS.md: XLA:CPU asked 94.0 GB for 256x352x224, 8 classes, n_filters 24; kept on the low side
     est = memory.train_step_bytes((256, 352, 224), 8, 24, 1)

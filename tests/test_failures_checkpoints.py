@@ -24,8 +24,8 @@ from failure_kit import (  # noqa: F401  (files: a fixture)
     tree,
 )
 
-from cerebrum_jax import checkpoint
 from cerebrum_jax.cli import main
+from cerebrum_jax.model import checkpoint
 
 MISMATCH = "does not match the sha256 recorded in cerebrum.json"
 UNVERIFIED = "no state_sha256 in cerebrum.json (a checkpoint from before digests): state/ not verified"

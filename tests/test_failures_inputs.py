@@ -28,8 +28,9 @@ from failure_kit import (  # noqa: F401  (files: a fixture)
 )
 from html_kit import Page, viewer_of
 
-from cerebrum_jax import html_report, surfaces
 from cerebrum_jax.cli import main, one_line
+from cerebrum_jax.evaluation import surfaces
+from cerebrum_jax.report import html_report, surface_report
 
 
 def _dataset_with_description(f, t: Path, content) -> Path:
@@ -261,7 +262,7 @@ def test_config_names_are_not_looked_up_in_the_working_directory(files, tmp_path
 
 
 def test_label_table_with_a_byte_order_mark_is_read(tmp_path):
-    from cerebrum_jax.labels import LabelMap
+    from cerebrum_jax.data.labels import LabelMap
 
     path = _label_table(tmp_path, "index\tname\n0\tbackground\n1\twhite matter\n", "utf-8-sig")
     assert path.read_bytes()[:3] == b"\xef\xbb\xbf"
@@ -304,7 +305,7 @@ def test_a_distributed_runs_exit_line_is_escaped_too():
     """``distributed.exit_now`` (a failing process of a multi-process run) prints its own line: a file name
     with a newline or a terminal escape stays on it."""
     code = (
-        "from cerebrum_jax.distributed import exit_now; from cerebrum_jax.errors import InputError; "
+        "from cerebrum_jax.parallel.distributed import exit_now; from cerebrum_jax.errors import InputError; "
         "exit_now('segment', InputError('not a NIfTI file', 'a\\nb\\x1b[31m.nii'))"
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
@@ -387,7 +388,7 @@ def test_fold_and_cv_pages_escape_class_names_and_subject_ids(tmp_path):
     fold = html_report.write_fold_html(tmp_path / "fold.html", meta, _metrics(HOSTILE), {HOSTILE[1]: fig})
     _check_page(fold)
     results = [{"fold": 1, "test_subject": HOSTILE[1], **_metrics(HOSTILE)}]
-    from cerebrum_jax import report
+    from cerebrum_jax.report import figures as report
 
     summary = report.cv_summary(results)
     _check_page(html_report.write_cv_html(tmp_path / "cv.html", summary, results, fig))
@@ -396,7 +397,7 @@ def test_fold_and_cv_pages_escape_class_names_and_subject_ids(tmp_path):
 def test_surfaces_page_escapes_class_names(files, tmp_path):
     data = np.asarray(nib.load(files["lab"]).dataobj)
     classes = dict(enumerate(HOSTILE, start=1))
-    records = surfaces.write_class_surfaces(
+    records = surface_report.write_class_surfaces(
         tmp_path, "sub-x", data, data, nib.load(files["lab"]).affine, classes, frames=2
     )
     assert all(os.sep not in n and ".." not in n for r in records for n in r["files"].values())
@@ -434,7 +435,7 @@ def test_an_unreachable_coordinator_is_one_line(files):
 
 def test_the_coordinator_is_waited_for_until_it_listens():
     """Process 0 may start after the others: the wait returns once the address accepts connections."""
-    from cerebrum_jax.distributed import wait_for_coordinator
+    from cerebrum_jax.parallel.distributed import wait_for_coordinator
 
     port = _free_port()
     server = socket.socket()

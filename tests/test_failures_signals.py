@@ -29,9 +29,11 @@ from failure_kit import (  # noqa: F401  (files: a fixture)
     tree,
 )
 
-from cerebrum_jax import checkpoint, fsafe, runhooks
+from cerebrum_jax import fsafe
 from cerebrum_jax.cli import main, sigterm_raises
 from cerebrum_jax.errors import InputError, Terminated
+from cerebrum_jax.experiment import runhooks
+from cerebrum_jax.model import checkpoint
 
 
 def _signals_default():

@@ -1,7 +1,9 @@
-"""The package's import graph has one direction of flow: no cycle, function-level imports included, and
-the training core never imports its orchestrator or the command line."""
+"""The package's import graph has one direction of flow: each subpackage imports only those below it
+(``LAYERS``), function-level imports included; no cycle; import paths from before the subpackages still
+work; the light modules stay light."""
 
 import ast
+import importlib
 import os
 import subprocess
 import sys
@@ -10,7 +12,34 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "cerebrum_jax"
-CORE = ("train", "model", "losses", "augment", "loop")
+# The layers, top to bottom: which subpackages a module of each may import (its own always). "base": the
+# modules at the package's top level (errors, choices, fsafe, runtime, shipped, _moved); "api": the
+# package's __init__ (the lazy names) and __main__.
+BELOW_MODEL = {"model", "base"}
+LAYERS = {
+    "api": {
+        "cli",
+        "experiment",
+        "train",
+        "predict",
+        "report",
+        "parallel",
+        "data",
+        "evaluation",
+        "model",
+        "base",
+    },
+    "cli": {"experiment", "train", "predict", "report", "parallel", "data", "evaluation", "model", "base"},
+    "experiment": {"train", "predict", "report", "parallel", "data", "evaluation", "model", "base"},
+    "train": {"parallel", "data", "evaluation", *BELOW_MODEL},
+    "predict": {"parallel", "data", "evaluation", *BELOW_MODEL},
+    "report": {"data", "evaluation", *BELOW_MODEL},
+    "parallel": BELOW_MODEL,
+    "data": BELOW_MODEL,
+    "evaluation": BELOW_MODEL,
+    "model": {"base"},
+    "base": {"base"},
+}
 
 
 def _module_name(path: Path) -> str:
@@ -73,8 +102,8 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 @pytest.mark.slow
 def test_the_graph_is_read():
     graph = import_graph()
-    assert "cerebrum_jax.train" in graph["cerebrum_jax.finetune"]
-    assert "cerebrum_jax.model" in graph["cerebrum_jax.train"]
+    assert "cerebrum_jax.train.steps" in graph["cerebrum_jax.experiment.finetune"]
+    assert "cerebrum_jax.model.network" in graph["cerebrum_jax.train.steps"]
 
 
 @pytest.mark.slow
@@ -88,22 +117,76 @@ def test_cycle_finder_finds_one():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+def layer(module: str) -> str:
+    """The layer of a package module: its subpackage, "base" or "api" (see ``LAYERS``)."""
+    parts = module.split(".")
+    if module == "cerebrum_jax" or parts[1:] == ["__main__"]:
+        return "api"
+    return parts[1] if parts[1] in LAYERS else "base"
+
+
+def test_every_module_has_a_layer():
+    assert {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()} == set(LAYERS) - {
+        "api",
+        "base",
+    }
+    assert layer("cerebrum_jax.model.spec") == "model" and layer("cerebrum_jax.fsafe") == "base"
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("core", CORE)
-def test_the_core_never_imports_its_orchestrators(core):
+def test_imports_flow_down_the_layers():
     graph = import_graph()
-    name = f"cerebrum_jax.{core}"
-    if name not in graph:
-        pytest.skip(f"no module {name}")
-    cli = {m for m in graph if m == "cerebrum_jax.cli" or m.startswith("cerebrum_jax.cli.")}
-    banned = {"cerebrum_jax.finetune", "cerebrum_jax.runhooks", *cli}
-    reach, todo = set(), [name]
-    while todo:  # everything the core imports, directly or not
-        for m in graph[todo.pop()]:
-            if m not in reach:
-                reach.add(m)
-                todo.append(m)
-    assert not reach & banned, f"{name} imports {sorted(reach & banned)}"
+    wrong = sorted(
+        f"{m} -> {t}"
+        for m, targets in graph.items()
+        for t in targets
+        if layer(t) not in LAYERS[layer(m)] | {layer(m)}
+    )
+    assert not wrong, "imports against the layer order:\n" + "\n".join(wrong)
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("cerebrum_jax.config", "cerebrum_jax.experiment.config"),
+        ("cerebrum_jax.checkpoint", "cerebrum_jax.model.checkpoint"),
+        ("cerebrum_jax.convert", "cerebrum_jax.model.keras"),
+        ("cerebrum_jax.inputs", "cerebrum_jax.data.inputs"),
+        ("cerebrum_jax.losses", "cerebrum_jax.train.losses"),
+        ("cerebrum_jax.augment", "cerebrum_jax.train.augment"),
+        ("cerebrum_jax.sharding", "cerebrum_jax.parallel.sharding"),
+        ("cerebrum_jax.metrics", "cerebrum_jax.evaluation.metrics"),
+        ("cerebrum_jax.predictor", "cerebrum_jax.predict.predictor"),
+        ("cerebrum_jax.html_report", "cerebrum_jax.report.html_report"),
+    ],
+)
+def test_old_import_paths_still_work(old, new):
+    assert importlib.import_module(old) is importlib.import_module(new)
+
+
+@pytest.mark.parametrize(
+    ("package", "name", "home"),
+    [
+        ("cerebrum_jax.model", "ModelConfig", "cerebrum_jax.model.spec"),
+        ("cerebrum_jax.model", "init_params", "cerebrum_jax.model.network"),
+        ("cerebrum_jax.data", "find_subjects", "cerebrum_jax.data.datasets"),
+        ("cerebrum_jax.train", "make_train_step", "cerebrum_jax.train.steps"),
+        ("cerebrum_jax.report", "plot_training_curves", "cerebrum_jax.report.figures"),
+    ],
+)
+def test_old_modules_now_subpackages_still_read_their_names(package, name, home):
+    assert getattr(importlib.import_module(package), name) is getattr(importlib.import_module(home), name)
+    assert not hasattr(importlib.import_module(package), "no_such_name")
+
+
+@pytest.mark.parametrize(
+    "module", ["cerebrum_jax.model.spec", "cerebrum_jax.data.preprocess", "cerebrum_jax.experiment.config"]
+)
+def test_light_modules_import_no_jax(module):
+    code = f"import sys, {module}\nprint([m for m in ('jax', 'flax', 'optax') if m in sys.modules])"
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.slow
@@ -120,7 +203,7 @@ def test_the_finetune_command_line_module_loads_no_training_stack():
     """cli/finetune names NonFiniteLoss and RunDir at import time; optax and orbax come with the run."""
     code = (
         "import sys, cerebrum_jax.cli.finetune\n"
-        "print([m for m in ('optax', 'orbax.checkpoint', 'cerebrum_jax.train') if m in sys.modules])"
+        "print([m for m in ('optax', 'orbax.checkpoint', 'cerebrum_jax.train.steps') if m in sys.modules])"
     )
     env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)

@@ -1,4 +1,4 @@
-"""``cerebrum-jax bids BIDS_DIR OUTPUT_DIR participant|group``: the BIDS App (``cerebrum_jax.bids_app``).
+"""``cerebrum-jax bids BIDS_DIR OUTPUT_DIR participant|group``: the BIDS App (``experiment.bids_app``).
 
 The participant level segments each image with ``segment``'s own functions (the same checks, predictor and
 writer); one image that fails does not stop the others: it gets a row in OUTPUT_DIR/failures.tsv, and the
@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cerebrum_jax import bids, bids_app, labels
 from cerebrum_jax.cli import options
 from cerebrum_jax.cli import segment as seg
+from cerebrum_jax.data import bids, labels
 from cerebrum_jax.errors import InputError
+from cerebrum_jax.experiment import bids_app
 from cerebrum_jax.fsafe import dir_lock
 
 DESCRIPTION = (

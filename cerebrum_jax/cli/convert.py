@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cerebrum_jax import convert
 from cerebrum_jax.cli.options import command
+from cerebrum_jax.data.labels import read_class_names
 from cerebrum_jax.errors import InputError
-from cerebrum_jax.labels import read_class_names
-from cerebrum_jax.model import DIVISOR
+from cerebrum_jax.model import keras as convert
+from cerebrum_jax.model.spec import DIVISOR
 
 DESCRIPTION = """\
 Convert CEREBRUM-7T weights between Keras legacy HDF5 and cerebrum-jax's Orbax checkpoints.
@@ -97,7 +97,7 @@ def _check_dest(dest: Path, force: bool, kind: str = "dir") -> None:
 
     kind "dir": a checkpoint directory (an empty one, or one with cerebrum.json); "file": a plain file.
     """
-    from cerebrum_jax.checkpoint import META_FILE
+    from cerebrum_jax.model.checkpoint import META_FILE
 
     if not (dest.exists() or dest.is_symlink()):
         return
@@ -114,7 +114,7 @@ def _check_dest(dest: Path, force: bool, kind: str = "dir") -> None:
 
 
 def _to_keras(args) -> int:
-    from cerebrum_jax.checkpoint import load_checkpoint
+    from cerebrum_jax.model.checkpoint import load_checkpoint
 
     dest = Path(args.dest)
     _check_dest(dest, args.force, kind="file")
@@ -130,7 +130,7 @@ def _norm_volumes(args) -> tuple[str, dict | None]:
         return "zscore", None
     if not (args.mean and args.std):
         raise InputError("--mean and --std must be given together", args.mean or args.std)
-    from cerebrum_jax.nifti import load_nifti
+    from cerebrum_jax.data.nifti import load_nifti
 
     mean, _ = load_nifti(args.mean, what="mean")
     std, _ = load_nifti(args.std, what="std")
@@ -149,7 +149,7 @@ def _norm_volumes(args) -> tuple[str, dict | None]:
 
 
 def _to_orbax(source: Path, dest: Path, args, meta: dict) -> int:
-    from cerebrum_jax.checkpoint import save_checkpoint
+    from cerebrum_jax.model.checkpoint import save_checkpoint
 
     _check_dest(dest, args.force)
     params, config, info = convert.read_keras_h5(source)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cerebrum_jax.cli.options import command
 from cerebrum_jax.errors import InputError
-from cerebrum_jax.rundir import RunDir
+from cerebrum_jax.experiment.rundir import RunDir
 
 
 def add_parser(sub) -> None:
@@ -94,7 +94,8 @@ def check_fold_metrics(result, path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cerebrum_jax import fsafe, report
+    from cerebrum_jax import fsafe
+    from cerebrum_jax.report import figures as report
 
     run_dir = Path(args.run_dir)
     results, unfinished = collect(run_dir)

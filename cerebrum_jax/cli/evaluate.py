@@ -8,13 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cerebrum_jax import fsafe, nifti
+from cerebrum_jax import fsafe
 from cerebrum_jax.cli.options import add_label_pair_args, command
+from cerebrum_jax.data import nifti
+from cerebrum_jax.data.labels import read_dseg
 from cerebrum_jax.errors import InputError
-from cerebrum_jax.labels import read_dseg
-from cerebrum_jax.metrics import evaluate, format_table
-
-AFFINE_TOL_MM = 1e-3  # largest accepted difference of any entry of the two voxel-to-mm affines
+from cerebrum_jax.evaluation.metrics import evaluate, format_table
 
 
 def add_parser(sub) -> None:
@@ -58,19 +57,7 @@ def load_pair(pred_path, ref_path) -> tuple[np.ndarray, np.ndarray, object]:
     """(pred, ref) int64 (D, H, W) and the reference's image; InputError unless they share one grid."""
     pred, pred_img = load_labels(pred_path, "prediction")
     ref, ref_img = load_labels(ref_path, "reference")
-    if pred.shape != ref.shape:
-        raise InputError(f"shape {pred.shape} differs from the reference's {ref.shape}", pred_path)
-    spacing = tuple(float(z) for z in ref_img.header.get_zooms()[:3])
-    pred_spacing = tuple(float(z) for z in pred_img.header.get_zooms()[:3])
-    if not np.allclose(spacing, pred_spacing, rtol=1e-3):
-        raise InputError(f"voxel size {pred_spacing} differs from the reference's {spacing}", pred_path)
-    affine_diff = np.abs(np.asarray(pred_img.affine, float) - np.asarray(ref_img.affine, float)).max()
-    if not affine_diff <= AFFINE_TOL_MM:
-        raise InputError(
-            f"affine (orientation/origin) differs from the reference's by up to {affine_diff:.4g} mm "
-            f"(tolerance {AFFINE_TOL_MM} mm): the voxels do not lie at the same places; resample it first",
-            pred_path,
-        )
+    nifti.check_same_grid(ref_path, ref_img, pred_path, pred_img, ref.shape, pred.shape, "the reference")
     return pred, ref, ref_img
 
 

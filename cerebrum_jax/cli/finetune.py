@@ -8,11 +8,11 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from cerebrum_jax import distributed
 from cerebrum_jax.cli.options import add_distributed_args, add_performance_args, command
-from cerebrum_jax.config import apply_sets, find_config, load_config
 from cerebrum_jax.errors import InputError, NonFiniteLoss
-from cerebrum_jax.rundir import RunDir
+from cerebrum_jax.experiment.config import apply_sets, find_config, load_config
+from cerebrum_jax.experiment.rundir import RunDir
+from cerebrum_jax.parallel import distributed
 
 # option dest -> config key, for the options that map one to one
 DIRECT = {
@@ -231,7 +231,8 @@ def resolve(args: argparse.Namespace):
 
 @distributed.guarded("finetune")
 def run(args: argparse.Namespace) -> int:
-    from cerebrum_jax import finetune, report  # heavy imports after argument checks
+    from cerebrum_jax.experiment import finetune  # heavy imports after argument checks
+    from cerebrum_jax.report import figures as report
 
     cfg, fold, out = resolve(args)
     if distributed.wanted(args, cfg.distributed):

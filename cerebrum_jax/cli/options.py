@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from cerebrum_jax import sharding
-from cerebrum_jax.model import ModelConfig
+from cerebrum_jax.model.spec import ModelConfig
+from cerebrum_jax.parallel import sharding
 
 MESH_HELP = (
     "device mesh, e.g. 1x4 (volumes split along depth over 4 devices); "

@@ -12,13 +12,15 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from cerebrum_jax import bids, distributed, inputs, labels, nifti, predictor, preprocess, sharding
-from cerebrum_jax.checkpoint import find_weights as resolve_weights
-from cerebrum_jax.checkpoint import load_checkpoint
 from cerebrum_jax.cli import options
+from cerebrum_jax.data import bids, inputs, labels, nifti, preprocess
+from cerebrum_jax.data.inputs import NORMALIZATIONS, Preprocessing, of_checkpoint
 from cerebrum_jax.errors import InputError
 from cerebrum_jax.fsafe import dir_lock, remove_leftovers
-from cerebrum_jax.inputs import NORMALIZATIONS, Preprocessing, of_checkpoint
+from cerebrum_jax.model.checkpoint import find_weights as resolve_weights
+from cerebrum_jax.model.checkpoint import load_checkpoint
+from cerebrum_jax.parallel import distributed, sharding
+from cerebrum_jax.predict import export, predictor
 
 DESCRIPTION = (
     "Segment each input volume with one forward pass of the network over the whole volume and "
@@ -115,7 +117,7 @@ def output_stem(path: Path) -> str:
 
 def output_files(out: Path, stem: str, probseg: bool = True) -> list[Path]:
     """The files ``segment`` writes for one input of stem ``stem`` (dseg.tsv aside)."""
-    return predictor.output_paths(out, stem, probseg)
+    return export.output_paths(out, stem, probseg)
 
 
 def check_inputs(
@@ -135,7 +137,7 @@ def check_inputs(
         bids.read_description(bids.find_dataset_root(path))  # read for SourceDatasets at the end
         if masks is not None:
             mask, mimg = nifti.load_nifti(masks[i], what="mask")
-            inputs.check_same_grid(path, img, masks[i], mimg, data.shape, mask.shape)
+            nifti.check_same_grid(path, img, masks[i], mimg, data.shape, mask.shape)
             if not (mask > 0.5).any():
                 raise InputError("brain mask is empty (no voxel > 0.5)", masks[i])
         if grid_check is not None:
@@ -342,7 +344,7 @@ def segment_one(
     )
     seconds = time.perf_counter() - start
     stem = output_stem(path)
-    predictor.write_segmentation(
+    export.write_segmentation(
         out, stem, probs, img, probseg=not args.no_probseg, sidecar=sidecar_fields(models, path, mask)
     )
     note = f" (mirrored along axes {tta}, {2 ** len(tta)} passes per model)" if tta else ""

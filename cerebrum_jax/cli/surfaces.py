@@ -7,10 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cerebrum_jax import bids, fsafe, surfaces
+from cerebrum_jax import fsafe
 from cerebrum_jax.cli.evaluate import label_names, load_pair
 from cerebrum_jax.cli.options import add_label_pair_args, command
+from cerebrum_jax.data import bids
 from cerebrum_jax.errors import InputError
+from cerebrum_jax.evaluation import surfaces
+from cerebrum_jax.report import surface_report
 
 
 def add_parser(sub) -> None:
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(str(e), "--classes") from None
     space = bids.split_name(Path(args.pred).name)[0].get("space")
     prefix = bids.derivative_prefix(args.pred, space=space)
-    records = surfaces.write_class_surfaces(
+    records = surface_report.write_class_surfaces(
         out,
         prefix,
         ref,
@@ -79,8 +82,8 @@ def run(args: argparse.Namespace) -> int:
         render=not args.no_render,
         frames=args.frames,
     )
-    text = surfaces.surfaces_markdown(records)
-    from cerebrum_jax import html_report
+    text = surface_report.surfaces_markdown(records)
+    from cerebrum_jax.report import html_report
 
     html_report.write_surfaces_html(out / "report.html", records, out, f"surfaces of {Path(args.pred).name}")
     fsafe.write_text(out / "surfaces.md", f"# Surfaces: {args.pred} against {args.ref}\n\n{text}")

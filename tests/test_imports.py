@@ -180,7 +180,15 @@ def test_old_modules_now_subpackages_still_read_their_names(package, name, home)
 
 
 @pytest.mark.parametrize(
-    "module", ["cerebrum_jax.model.spec", "cerebrum_jax.data.preprocess", "cerebrum_jax.experiment.config"]
+    "module",
+    [
+        "cerebrum_jax.model.spec",
+        "cerebrum_jax.data.preprocess",
+        "cerebrum_jax.data.inputs",
+        "cerebrum_jax.data.datasets",
+        "cerebrum_jax.data.demo",
+        "cerebrum_jax.experiment.config",
+    ],
 )
 def test_light_modules_import_no_jax(module):
     code = f"import sys, {module}\nprint([m for m in ('jax', 'flax', 'optax') if m in sys.modules])"

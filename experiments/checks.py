@@ -3,6 +3,7 @@
     python -m experiments.checks vessels      # thin structures: vessel Dice and centre-line recall
     python -m experiments.checks contrast     # train on one contrast, test on another
     python -m experiments.checks demo         # the offline demo (it must not get worse)
+    python -m experiments.checks vessels --seed 1 --out runs/checks-seed1   # the same runs, another seed
     python -m experiments.checks all --write  # all three, tables into BENCHMARKS.md ("Accuracy") and
                                               # experiments/bench_notes.md (its hand-written part)
 
@@ -74,10 +75,11 @@ VARIANTS = {
 MARK = "<!-- checks:{check} -->"
 
 
-def base_config(check: str, root: Path, epochs: int):
+def base_config(check: str, root: Path, epochs: int, seed: int = 0):
     """The demo config on the check's cohort: its grid, views and cosine schedule over ``epochs``
-    fine-tuning epochs, early stopping off (equal steps)."""
-    cfg = load_config("demo")
+    fine-tuning epochs, early stopping off (equal steps); ``seed``: the run's (augmentation, dropout,
+    order; the cohort stays the same)."""
+    cfg = load_config("demo").override("checks", seed=seed)
     if check == "demo":
         return cfg
     labels = str(root / "dseg.tsv") if check == "vessels" else "demo"
@@ -108,7 +110,7 @@ def summarise(result: dict) -> dict:
     }
 
 
-def run_check(check: str, out: Path, epochs: int, only=None) -> dict:
+def run_check(check: str, out: Path, epochs: int, only=None, seed: int = 0) -> dict:
     """Run every variant of ``check`` (or those in ``only``) -> {variant: summary}, merged with the
     variants an earlier call wrote to the same ``out`` (in ``VARIANTS`` order)."""
     from cerebrum_jax.experiment.finetune import train_and_evaluate  # imported here: jax
@@ -118,7 +120,7 @@ def run_check(check: str, out: Path, epochs: int, only=None) -> dict:
         "contrast": lambda: check_cohorts.ensure_contrast_cohort("data/check-contrast"),
         "demo": lambda: None,
     }[check]()
-    base = base_config(check, root, epochs)
+    base = base_config(check, root, epochs, seed)
     results = {}
     for name, overrides in VARIANTS[check].items():
         if only and name not in only:
@@ -174,6 +176,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", help="comma-separated variant names (default: all of the check's)")
     p.add_argument("--epochs", type=int, default=60, help="fine-tuning epochs of every variant (default 60)")
     p.add_argument("--out", type=Path, default=Path("runs/checks"))
+    p.add_argument("--seed", type=int, default=0, help="the runs' seed (default 0: the tables' runs)")
     p.add_argument(
         "--write", action="store_true", help="put the tables into BENCHMARKS.md and bench_notes.md"
     )
@@ -181,7 +184,7 @@ def main(argv=None) -> int:
     runtime.configure_xla_flags()  # the kernels every command uses (before XLA starts): what users run
     only = set(args.variants.split(",")) if args.variants else None
     for check in VARIANTS if args.check == "all" else [args.check]:
-        results = run_check(check, args.out, args.epochs, only)
+        results = run_check(check, args.out, args.epochs, only, args.seed)
         text = table(check, results)
         print(text, flush=True)
         if args.write:  # the notes are BENCHMARKS.md's hand-written part: `make bench` keeps them

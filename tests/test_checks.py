@@ -89,3 +89,10 @@ def test_every_variant_is_a_valid_config():
         for name, overrides in variants.items():
             cfg = checks.variant_config(base, overrides)
             assert cfg.epochs_finetune == (2 if check != "demo" else base.epochs_finetune), (check, name)
+
+
+def test_seed_changes_the_runs_not_the_cohort():
+    for check in checks.VARIANTS:
+        assert checks.base_config(check, Path("/nonexistent"), 2).seed == 0
+        other = checks.base_config(check, Path("/nonexistent"), 2, seed=3)
+        assert other.seed == 3 and other.data == checks.base_config(check, Path("/nonexistent"), 2).data

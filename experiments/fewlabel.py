@@ -25,10 +25,11 @@ Why (measurements; ``schneider19`` stays the paper's recipe for comparison):
   .575; the square roots of the balanced weights, ``class_weights="sqrt"``: .724 / .684); this recipe
   keeps a mean Dice of .776 (.777 without skeleton recall, whose centre line is then .624) with vessel
   Dice within .013 of the best in that one-seed table. Over three seeds (2026-12-03, one host) it loses
-  more vessel Dice than that: .638 +- .010 against the old recipe's .687 +- .019, centre line .716 against
-  .689 (sd .035), GM +.027, CSF +.046, mean +.005. Keeping the augmentation's
-  millimetres (``augment_voxel_mm`` 0.63) matters at small grids: at 64x88x56 the original's voxel
-  ranges are four times the shifts and elastic displacement they were meant to be.
+  more vessel Dice than that: .638 +- .010 against the old recipe's .687 +- .019, centre line .715 against
+  .689 (sd .035), GM +.027, CSF +.046, mean +.005; every part costs some of it (mm augmentation -.011,
+  unweighted ce -.009, skeleton recall -.029, which lifts the centre line from .598 back to .715).
+  Keeping the augmentation's millimetres (``augment_voxel_mm`` 0.63) matters at small grids: at 64x88x56
+  the original's voxel ranges are four times the shifts and elastic displacement they were meant to be.
 - Label-conditioned intensity randomisation is left out here: on the vessel check (same contrast for
   training and test) p 0.5 cost 0.06 Dice on WM, 0.05 on GM,
   0.13 on CSF; on the contrast check it is what makes the model hold up

@@ -1,4 +1,4 @@
-"""A parsed HTML page for the report tests: its start tags, images and scripts (attributes and text)."""
+"""A parsed HTML page for the report tests: its start tags, images, links, table cells and scripts."""
 
 import json
 from html.parser import HTMLParser
@@ -7,20 +7,31 @@ from cerebrum_jax.report import surface_viewer
 
 
 class Page(HTMLParser):
-    """tags [(tag, attrs)], scripts [(attrs, text)] of a page, fed whole."""
+    """Of a page, fed whole: tags [(tag, attrs)], imgs [src], links [href or src of any other tag], cells
+    [text right after a <td>], scripts [(attrs, text)]."""
 
     def __init__(self, text: str):
         super().__init__()
         self.tags: list[tuple[str, dict]] = []
+        self.imgs: list[str] = []
+        self.links: list[str] = []
+        self.cells: list[str] = []
         self.scripts: list[tuple[dict, str]] = []
         self._script: dict | None = None
+        self._in_td = False
         self.feed(text)
         self.close()
 
     def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, dict(attrs)))
+        attrs = dict(attrs)
+        self.tags.append((tag, attrs))
+        if tag == "img":
+            self.imgs.append(attrs.get("src", ""))
+        else:
+            self.links += [attrs[key] for key in ("href", "src") if key in attrs]
+        self._in_td = tag == "td"
         if tag == "script":
-            self._script = dict(attrs)
+            self._script = attrs
             self.scripts.append((self._script, ""))
 
     def handle_endtag(self, tag):
@@ -28,6 +39,8 @@ class Page(HTMLParser):
             self._script = None
 
     def handle_data(self, data):
+        if self._in_td:
+            self.cells.append(data)
         if self._script is not None:
             attrs, text = self.scripts[-1]
             self.scripts[-1] = (attrs, text + data)

@@ -2,7 +2,6 @@
 
 import base64
 import io
-from html.parser import HTMLParser
 
 import numpy as np
 import pytest
@@ -13,39 +12,17 @@ from cerebrum_jax.report import figures as report
 from cerebrum_jax.report import html_report, panels, surface_report
 
 
-class _Collect(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.imgs, self.links, self.tags, self.cells = [], [], [], []
-        self._in_td = False
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        self.tags.append(tag)
-        if tag == "img":
-            self.imgs.append(attrs.get("src", ""))
-        for key in ("href", "src"):
-            if key in attrs and tag != "img":
-                self.links.append(attrs[key])
-        self._in_td = tag == "td"
-
-    def handle_data(self, data):
-        if self._in_td:
-            self.cells.append(data)
-
-
-def check_self_contained(text: str) -> _Collect:
+def check_self_contained(text: str) -> Page:
     """Parse the HTML; every <img> is a data: URI that decodes to a valid image; no links out; no script
     but the 3-D viewer's, embedded whole (``parsed.viewer``: its data, or None)."""
-    parsed = _Collect()
-    parsed.feed(text)
-    parsed.viewer = viewer_of(Page(text))
+    parsed = Page(text)
+    parsed.viewer = viewer_of(parsed)
     assert parsed.imgs, "no images"
     for src in parsed.imgs:
         assert src.startswith("data:image/") and ";base64," in src, src[:60]
         raw = base64.b64decode(src.split(",", 1)[1], validate=True)
         Image.open(io.BytesIO(raw)).verify()  # raises on a truncated or foreign file
-    assert "link" not in parsed.tags and not parsed.links
+    assert "link" not in [tag for tag, _ in parsed.tags] and not parsed.links
     return parsed
 
 

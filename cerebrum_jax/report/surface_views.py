@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import NamedTuple
 
 import matplotlib
 
@@ -64,11 +65,12 @@ def headlight(normals, faces, direction) -> np.ndarray:
 class Panel:
     """One surface drawn by ``plot_surf`` in a 3-D axes, relit and re-aimed per view.
 
-    verts (V, 3) mm, faces (F, 3); values (V,) mapped through ``cmap`` by ``norm``; centre (3,) mm and
-    half_width (mm): the cube in view, shared by the panels of a figure.
+    verts (V, 3) mm, faces (F, 3), normals (V, 3) (``vertex_normals``); values (V,) mapped through
+    ``cmap`` by ``norm``; centre (3,) mm and half_width (mm): the cube in view, shared by the panels of
+    a figure.
     """
 
-    def __init__(self, ax, verts, faces, values, cmap, norm, centre, half_width, view):
+    def __init__(self, ax, verts, faces, normals, values, cmap, norm, centre, half_width, view):
         verts = np.asarray(verts, float)
         plot_surf(
             (verts.copy(), faces), surf_map=values, cmap=cmap, vmin=norm.vmin, vmax=norm.vmax,
@@ -79,7 +81,7 @@ class Panel:
         # the colours plot_surf gave each face (its vertices' mean, mapped); read back, matplotlib would
         # return them in its last drawing's depth order, not the faces' order
         self.colours = np.asarray(cmap(norm(np.asarray(values, float)[faces].mean(axis=1))))
-        self.normals = vertex_normals(verts, faces)
+        self.normals = normals
         # plot_surf draws the mesh about its own mean: the shared cube, in those coordinates
         c = np.asarray(centre) - verts.mean(axis=0)
         ax.set_proj_type("ortho")
@@ -108,19 +110,33 @@ def scene_box(got: dict):
     return centre, half, Normalize(-lim, lim)
 
 
-def _panels(axes, got: dict, view) -> tuple[Panel, Panel]:
+class _Scene(NamedTuple):
+    """What every panel of one comparison's figure shares, computed once: ``scene_box``'s cube and
+    distance norm, and each surface's vertex normals {"ref", "pred"}."""
+
+    centre: np.ndarray
+    half: float
+    norm: Normalize
+    normals: dict
+
+
+def _scene(got: dict) -> _Scene:
+    normals = {k: vertex_normals(*got["view"][k]) for k in ("ref", "pred")}
+    return _Scene(*scene_box(got), normals)
+
+
+def _panels(axes, got: dict, view, scene: _Scene) -> tuple[Panel, Panel]:
     """(manual, prediction) panels of a comparison in the two 3-D ``axes``."""
-    centre, half, norm = scene_box(got)
-    v = got["view"]
-    ref = np.zeros(len(v["ref"][0]))
+    v, box = got["view"], (scene.centre, scene.half, view)
+    ref, nref, npred = np.zeros(len(v["ref"][0])), scene.normals["ref"], scene.normals["pred"]
     return (
-        Panel(axes[0], *v["ref"], ref, ListedColormap([REF_RGB]), Normalize(-1, 1), centre, half, view),
-        Panel(axes[1], *v["pred"], v["distance"], plt.get_cmap(DIST_CMAP), norm, centre, half, view),
+        Panel(axes[0], *v["ref"], nref, ref, ListedColormap([REF_RGB]), Normalize(-1, 1), *box),
+        Panel(axes[1], *v["pred"], npred, v["distance"], plt.get_cmap(DIST_CMAP), scene.norm, *box),
     )
 
 
-def _colour_bar(fig, got: dict, rect) -> None:
-    sm = plt.cm.ScalarMappable(norm=scene_box(got)[2], cmap=DIST_CMAP)
+def _colour_bar(fig, scene: _Scene, rect) -> None:
+    sm = plt.cm.ScalarMappable(norm=scene.norm, cmap=DIST_CMAP)
     fig.colorbar(sm, cax=fig.add_axes(rect), orientation="horizontal", label="signed distance to manual (mm)")
 
 
@@ -131,10 +147,10 @@ def render_views(path, got: dict, name: str, size: int = 240) -> Path:
     panel side.
     """
     dpi = 80
-    fig = plt.figure(figsize=(2 * size / dpi, 3 * size / dpi + 1.3), dpi=dpi)
+    fig, scene = plt.figure(figsize=(2 * size / dpi, 3 * size / dpi + 1.3), dpi=dpi), _scene(got)
     for row, view in enumerate(VIEWS.values()):
         axes = [fig.add_subplot(3, 2, 2 * row + k + 1, projection="3d") for k in range(2)]
-        _panels(axes, got, view)
+        _panels(axes, got, view, scene)
     for row, label in enumerate(VIEWS):
         fig.text(0.02, 0.92 - row * 0.275, label, fontsize=9, va="top")
     fig.text(0.25, 0.95, "manual (reference)", fontsize=10, ha="center")
@@ -145,7 +161,7 @@ def render_views(path, got: dict, name: str, size: int = 240) -> Path:
         fontsize=9,
     )
     fig.subplots_adjust(left=0.0, right=1.0, top=0.94, bottom=0.1, wspace=0.0, hspace=0.0)
-    _colour_bar(fig, got, (0.15, 0.05, 0.7, 0.015))
+    _colour_bar(fig, scene, (0.15, 0.05, 0.7, 0.015))
     return save_figure(fig, path, dpi=dpi, tight=False)
 
 
@@ -155,7 +171,7 @@ def render_turntable(path, got: dict, name: str, frames: int = 12, size: int = 1
     dpi = 80
     fig = plt.figure(figsize=(2 * size / dpi, size / dpi + 0.25), dpi=dpi)
     axes = [fig.add_axes((k / 2, 0.0, 0.5, size / (size + 20)), projection="3d") for k in range(2)]
-    panels = _panels(axes, got, (15.0, 180.0))
+    panels = _panels(axes, got, (15.0, 180.0), _scene(got))
     fig.text(0.01, 0.99, f"{name}: manual", fontsize=8, va="top")
     fig.text(0.51, 0.99, "prediction", fontsize=8, va="top")
     images = []

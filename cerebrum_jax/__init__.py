@@ -43,7 +43,7 @@ _LAZY = {
     "soft_dice_per_class": "train.losses",
     "weighted_cross_entropy": "train.losses",
     "Cerebrum7T": "model.network",
-    "ModelConfig": "model.network",
+    "ModelConfig": "model.spec",  # no JAX for the config alone
     "apply": "model.network",
     "init_params": "model.network",
     "probabilities": "model.network",

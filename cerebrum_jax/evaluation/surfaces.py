@@ -14,8 +14,9 @@ The predicted surface is compared with the reference surface by the signed dista
 vertex (mm): the distance to the nearest point of the full-resolution reference surface (its tangent plane
 at the nearest vertex), negative when the vertex lies inside the reference label (prediction too thin or
 small there), positive outside (too thick or large). Per class: mean signed, mean absolute and 95th
-percentile of the absolute distance. Drawings: ``surface_views`` (PNG, GIF, with nilearn) and
-``surface_viewer`` (report.html's interactive viewer).
+percentile of the absolute distance. The files of a comparison, with its drawings:
+``report.surface_report`` (PNG and GIF by ``report.surface_views``, report.html's viewer by
+``report.surface_viewer``).
 
 Volumes are (D, H, W) label arrays in stored voxel order, sharing one grid and ``affine`` (4, 4).
 """

@@ -70,8 +70,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="segment images whose outputs exist again")
     p.add_argument("--no-probseg", action="store_true", help="write labels only (no probability maps)")
-    p.add_argument("--tta", action="store_true", help="mirrored passes averaged (see segment --help)")
-    p.add_argument("--tta-axes", default="lr", type=seg.tta_axes, help="mirror axes with --tta (default lr)")
+    seg.add_tta_args(p)  # --tta, --no-tta, --tta-axes as segment takes them
     # what segment's functions read from args, fixed here
     p.set_defaults(mask=None, normalize=None, mesh=None, precision=None, remat=False)  # fmt: skip
 

@@ -38,7 +38,8 @@ EPILOG = (
     "--mask, one mask per input in the same order (e.g. from your skull-stripping tool); without "
     "it segment stops with one line rather than segment an unmasked head it never saw. Ensembles: "
     "--weights A B C D averages the probabilities of the four fold models. --tta averages mirrored "
-    "copies (default: along the left-right axis)."
+    "copies (default: along the left-right axis); a checkpoint fine-tuned with tta lr records it, and "
+    "segment then mirrors as its fold was measured unless given --no-tta."
 )
 
 
@@ -80,15 +81,7 @@ def add_parser(sub) -> None:
         help="input normalisation: zscore (per volume), voxelwise (the checkpoint's mean/std volumes) "
         "or none (default: what the checkpoint was trained with)",
     )
-    p.add_argument("--tta", action="store_true", help="test-time augmentation: average mirrored copies")
-    p.add_argument(
-        "--tta-axes",
-        default="lr",
-        type=tta_axes,
-        metavar="AXES",
-        help="axes mirrored by --tta: lr (the voxel axis nearest the left-right axis, from the affine; "
-        "default), all, or voxel axes such as 0,2 (every combination is averaged: 2^n passes)",
-    )
+    add_tta_args(p)
     p.add_argument("--no-probseg", action="store_true", help="do not write the probability maps")
     options.add_performance_args(  # segment's meanings of the shared options
         p,
@@ -98,6 +91,36 @@ def add_parser(sub) -> None:
         precision_help="bf16: bfloat16 convolutions with float32 parameters and softmax (default float32)",
     )
     options.add_distributed_args(p)  # --distributed: the inputs split across processes
+
+
+def add_tta_args(p) -> None:
+    """--tta / --no-tta (one of them) and --tta-axes, for segment and the BIDS App."""
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--tta", action="store_true", help="test-time augmentation: average mirrored copies")
+    which.add_argument(
+        "--no-tta",
+        action="store_true",
+        help="no mirrored copies, even where the checkpoint records that its fold was measured with them",
+    )
+    p.add_argument(
+        "--tta-axes",
+        default="lr",
+        type=tta_axes,
+        metavar="AXES",
+        help="axes mirrored by --tta: lr (the voxel axis nearest the left-right axis, from the affine; "
+        "default), all, or voxel axes such as 0,2 (every combination is averaged: 2^n passes)",
+    )
+
+
+def tta_choice(args: argparse.Namespace, models) -> tuple[str, str]:
+    """(mirror axes spec for ``predictor.mirror_axes``, why): --tta's axes, none with --no-tta, else the
+    checkpoints' recorded ``tta`` (the fold's test-time mirroring) where they all record the same."""
+    if args.tta or args.no_tta:
+        return (args.tta_axes, "--tta") if args.tta else ("none", "--no-tta")
+    recorded = {ckpt.meta.get("tta", "none") for _, ckpt, _ in models}
+    if len(recorded) == 1:
+        return recorded.pop(), "as the checkpoint's fold was measured; --no-tta to skip"
+    return "none", f"the checkpoints record different test-time mirroring {sorted(recorded)}: none"
 
 
 def tta_axes(text: str) -> str:
@@ -267,15 +290,16 @@ def _with_masks(pre: Preprocessing, path: Path, ckpt, masks, n_inputs: int) -> P
     return pre
 
 
-def sidecar_fields(models, source: Path, mask) -> dict:
+def sidecar_fields(models, source: Path, mask, tta_axes=()) -> dict:
     """The JSON sidecar fields (``bids.seg_sidecar``) of one input's outputs: its source, the checkpoint(s),
-    classes, normalisation and whether a brain mask zeroed the image."""
+    classes, normalisation, whether a brain mask zeroed the image, the test-time mirror axes."""
     return {
         "sources": [bids.source_uri(source)],
         "checkpoint": ", ".join(str(Path(p).absolute()) for p, _, _ in models),
         "classes": list(models[0][1].classes),
         "normalization": ", ".join(sorted({m.pre.normalization for _, _, m in models})),
         "brain_mask": mask is not None and any(m.pre.needs_mask for _, _, m in models),
+        "tta_axes": tta_axes,
     }
 
 
@@ -338,16 +362,17 @@ def segment_one(
         note = inputs.spacing_note(ckpt.meta.get("train_voxel_mm"), spacing, m.pre)
         if note:
             warn(note)
-    tta = predictor.mirror_axes(args.tta_axes, img.affine) if args.tta else ()
+    spec, why = tta_choice(args, models)
+    tta = predictor.mirror_axes(spec, img.affine)
     probs = predictor.ensemble(
         [m for _, _, m in models], data, img.affine, mask, tta_axes=tta, mesh=mesh, warn=warn
     )
     seconds = time.perf_counter() - start
     stem = output_stem(path)
     export.write_segmentation(
-        out, stem, probs, img, probseg=not args.no_probseg, sidecar=sidecar_fields(models, path, mask)
+        out, stem, probs, img, probseg=not args.no_probseg, sidecar=sidecar_fields(models, path, mask, tta)
     )
-    note = f" (mirrored along axes {tta}, {2 ** len(tta)} passes per model)" if tta else ""
+    note = f" (mirrored along axes {tta}, {2 ** len(tta)} passes per model: {why})" if tta else ""
     print(
         f"{path}: shape {data.shape}, segmented in {seconds:.1f} s{note} -> {out / stem}_desc-cerebrum_*",
         flush=True,

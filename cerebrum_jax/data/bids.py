@@ -156,13 +156,15 @@ def seg_sidecar(
     brain_mask: bool,
     spacing_mm=None,
     description: str = "",
+    tta_axes=(),
 ) -> dict:
     """Sidecar of a dseg ("dseg": labels) or probseg ("probseg": class probabilities on the 4th axis).
 
     BIDS fields: Description, Sources (file URIs of the inputs), Manual (false). cerebrum-jax fields:
     Checkpoint (the weights' folder), Classes (names, index = label value / 4th-axis index),
     Normalization (the network input's), BrainMaskApplied (whether a brain mask zeroed the image and
-    restricted the normalisation), VoxelSizeMm.
+    restricted the normalisation), VoxelSizeMm, TestTimeMirrorAxes (the voxel axes whose mirror images
+    were averaged into the prediction; [] = none).
     """
     what = "labels (argmax)" if kind == "dseg" else "class probabilities along the 4th axis"
     out = {
@@ -173,6 +175,7 @@ def seg_sidecar(
         "Classes": list(classes),
         "Normalization": normalization,
         "BrainMaskApplied": bool(brain_mask),
+        "TestTimeMirrorAxes": [int(a) for a in tta_axes],
     }
     if spacing_mm is not None:
         out["VoxelSizeMm"] = [round(float(s), 6) for s in spacing_mm]

@@ -145,6 +145,13 @@ def check_geometry(img, path, what: str = "image") -> None:
         raise InputError(f"{what} voxel sizes (pixdim) {tuple(zooms.tolist())} must be finite, not 0", path)
 
 
+def lr_axis(affine) -> int:
+    """The voxel axis nearest the world's left-right axis in a voxel-to-mm ``affine`` (4, 4): the one
+    with the largest x component (nibabel's RAS+ world). Brains are nearly left-right symmetric: the
+    axis mirroring (training views, test-time augmentation) may use."""
+    return int(np.argmax(np.abs(np.asarray(affine)[0, :3])))
+
+
 AFFINE_TOL_MM = 1e-3  # largest accepted difference of any entry of two voxel-to-mm affines on one grid
 
 

@@ -12,8 +12,9 @@ config is built: ``data_config`` (``DataConfig``: dataset, fold, preparation), `
 (``InitConfig``: the initial network), ``loss_config`` (``losses.LossConfig``), ``augment_config``
 (``augment.AugmentConfig``), ``phase("warmup" | "finetune")`` (``PhaseConfig``: learning rate and
 epochs), ``loop`` (``LoopConfig``, the epoch loop's schedule), ``runtime_config`` (``RuntimeConfig``: how
-to compute), ``output_config`` (``OutputConfig``: what the report draws). Every key
-belongs to one section (tested); the shared vocabularies (normalisations, precisions) are in ``choices``.
+to compute), ``output_config`` (``OutputConfig``: the test prediction's mirroring, what the report
+draws). Every key belongs to one section (tested); the shared vocabularies (normalisations, precisions)
+are in ``choices``.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from cerebrum_jax.train.schedule import LoopConfig
 PHASES = ("warmup", "finetune")
 TEST_MASKS = ("auto", "file", "labels", "none")
 LR_SCHEDULES = ("plateau", "cosine")
+MIRRORS = ("none", "lr", "all")  # augment_mirror and tta: no axis, the left-right one, every voxel axis
 RANGES = {  # TrainConfig key: (lowest, highest or None)
     "last_layer": (1, 14),
     "epochs_warmup": (0, None),
@@ -112,7 +114,12 @@ class TrainConfig:
     batch_size (views per step), augment_views (random views per training volume per epoch; 0 = the
     volumes as they are), augment (AugmentConfig overrides), augment_voxel_mm (the voxel size, mm, the
     augmentation's voxel ranges are meant for: shifts, elastic sigmas and the Gaussian blend are scaled
-    to the fold's voxels, ``fold.fold_augment_config``; None = used as given), patience (early
+    to the fold's voxels, ``fold.fold_augment_config``; None = used as given), augment_mirror ("none";
+    "lr": each view mirrored across the left-right axis with probability 0.5, the voxel axis nearest the
+    world's left-right in the training images' affines; "all": each voxel axis so, nnU-Net's; never for
+    a label map with left and right classes), tta (the test subject's prediction averaged over its
+    mirror images: "none", "lr" or "all" as for augment_mirror; recorded in the checkpoint, so that
+    ``segment`` predicts the same way unless told otherwise), patience (early
     stopping, epochs), plateau_factor / plateau_patience / min_lr (reduce-on-plateau), lr_schedule
     ("plateau", the original's reduce-on-plateau, or "cosine": each phase's rate from its lr down to
     min_lr over its epochs), lr_hold (cosine: the share of each phase's epochs held at its lr first), seed.
@@ -168,6 +175,8 @@ class TrainConfig:
     augment_views: int = LoopConfig.augment_views
     augment: dict = dataclasses.field(default_factory=dict)
     augment_voxel_mm: float | None = None
+    augment_mirror: str = "none"
+    tta: str = "none"
     patience: int = LoopConfig.patience
     plateau_factor: float = LoopConfig.plateau_factor
     plateau_patience: int = LoopConfig.plateau_patience
@@ -219,6 +228,9 @@ class TrainConfig:
             )
         if self.lr_schedule not in LR_SCHEDULES:
             raise InputError(f"must be one of {list(LR_SCHEDULES)}, not {self.lr_schedule!r}", "lr_schedule")
+        for name in ("augment_mirror", "tta"):
+            if getattr(self, name) not in MIRRORS:
+                raise InputError(f"must be one of {list(MIRRORS)}, not {getattr(self, name)!r}", name)
         if self.test_mask not in TEST_MASKS:
             raise InputError(f"must be one of {list(TEST_MASKS)}, not {self.test_mask!r}", "test_mask")
         if self.precision not in PRECISIONS:

@@ -57,12 +57,13 @@ MASK_WORDS = {
 
 
 def predict_test(
-    net: predictor.Model, source: D.Subject, label_map, mesh=None, log=print
+    net: predictor.Model, source: D.Subject, label_map, mesh=None, log=print, tta: str = "none"
 ) -> tuple[np.ndarray, dict]:
     """The test subject predicted from its raw files exactly as ``segment`` predicts a new volume
     (``predictor.ensemble`` of one; its labels are read only when the mask kind is "labels"), on
-    ``mesh`` (a 1xN mesh, or None: this process's first device); ``log`` hears the line of a grid
-    that cuts the head (``inputs.cut_note``).
+    ``mesh`` (a 1xN mesh, or None: this process's first device), averaged over its mirror images along
+    ``tta`` (``predictor.mirror_axes`` of its affine); ``log`` hears the line of a grid that cuts the
+    head (``inputs.cut_note``).
 
     Returns (probabilities (D, H, W, C) on the source grid, {"image", "img", "ref" (class indices from
     the label file), "spacing"} for the evaluation and figures on that same grid).
@@ -70,7 +71,8 @@ def predict_test(
     image, img = nifti.load_nifti(source.image, what="image")
     mask = inputs.read_mask(source.mask, img, net.pre, source.labels)
     warn = lambda text: log(f"{source.image}: warning: {text}")  # noqa: E731
-    probs = predictor.ensemble([net], image, img.affine, mask, mesh=mesh, warn=warn)
+    axes = predictor.mirror_axes(tta, img.affine)
+    probs = predictor.ensemble([net], image, img.affine, mask, mesh=mesh, warn=warn, tta_axes=axes)
     ref_raw, _ = nifti.load_nifti(source.labels, what="labels")
     ref = label_map.apply(ref_raw, source.labels)
     spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
@@ -116,6 +118,7 @@ def _best_writer(cfg: TrainConfig, prepared: PreparedFold, record: RunRecord):
         "run": record.to_json(),
         # the training volumes' voxel size (median per axis, mm): segment warns on inputs far from it
         "train_voxel_mm": list(fold.train_voxel_mm),
+        "tta": cfg.tta,  # how the fold's test subject was predicted: segment does the same by default
     }
 
     def save_best(path, params, epoch):
@@ -255,7 +258,7 @@ def train_and_evaluate(
     if distributed.is_main() or mesh is not None:  # a 1xN mesh splits the volume over every process
         net = predictor.Model(params, run_config, prepared.fold.preprocessing, prepared.fold.norm_volumes)
         fold = prepared.fold
-        probs, grids = predict_test(net, fold.split["test"][0], fold.label_map, mesh, log)
+        probs, grids = predict_test(net, fold.split["test"][0], fold.label_map, mesh, log, cfg.tta)
     if not distributed.is_main():  # process 0 writes and evaluates; the others wait for its metrics.json
         return distributed.main_result(run.metrics_json)
     result = _evaluate(cfg, run, prepared, record, probs, grids, history, phases, t, log)
@@ -275,6 +278,7 @@ def _evaluate(cfg, run: RunDir, prepared, record: RunRecord, probs, grids, histo
         "classes": list(names),
         "normalization": pre.normalization,
         "brain_mask": pre.needs_mask,
+        "tta_axes": predictor.mirror_axes(cfg.tta, grids["img"].affine),
         "description": f"CEREBRUM-7T prediction of the test subject of fold {cfg.fold} (cerebrum-jax)",
     }
     dseg_path = export.write_segmentation(run.predictions, prefix, probs, grids["img"], sidecar=sidecar)

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from cerebrum_jax.data import datasets as D
-from cerebrum_jax.data import inputs, skeleton
+from cerebrum_jax.data import inputs, nifti, skeleton
 from cerebrum_jax.data.inputs import PreparedSubject, Preprocessing
 from cerebrum_jax.data.labels import LabelMap, edit_label_map, get_label_map
 from cerebrum_jax.errors import InputError
@@ -48,6 +48,7 @@ class FoldData:
     "voxelwise"), norm_volumes ({"mean", "std"} of the training subjects, or None), split ({"train",
     "val", "test"}: every ``data.Subject`` of the fold, its files), shares (``shares.Shares``: which
     of them this process holds), train_voxel_mm (median voxel size of the training subjects, mm, (3,)),
+    train_lr_axes (the voxel axis nearest the world's left-right of each training subject's affine),
     class_counts (voxels of each class in the training labels, (C,)), and train / val / test: the
     ``PreparedSubject``s this process holds (train and val: all of them with one share; test: on process 0
     only), with their network input ``x``."""
@@ -61,6 +62,7 @@ class FoldData:
     split: dict
     shares: shares.Shares
     train_voxel_mm: tuple[float, float, float]
+    train_lr_axes: tuple[int, ...]
     class_counts: np.ndarray
     train: tuple[PreparedSubject, ...]
     val: tuple[PreparedSubject, ...]
@@ -187,10 +189,13 @@ def load_fold(cfg: DataConfig, log=print, normalization: str = "zscore", planner
         list(views.values()), [views[p.id] for p in owned.values()], normalization, combine
     )
     n_classes = label_map.n_classes
-    facts = distributed.gather_rows(
-        {i: [*p.spacing, *losses.class_counts(p.labels, n_classes)] for i, p in owned.items()},
+    facts = distributed.gather_rows(  # per training subject: voxel size, left-right axis, class counts
+        {
+            i: [*p.spacing, nifti.lr_axis(p.affine), *losses.class_counts(p.labels, n_classes)]
+            for i, p in owned.items()
+        },
         len(train_s),
-        (3 + n_classes,),
+        (4 + n_classes,),
     )
     pick = lambda group: tuple(loaded[s.id].with_input(views[s.id]["x"]) for s in group)  # noqa: E731
     return FoldData(
@@ -198,7 +203,8 @@ def load_fold(cfg: DataConfig, log=print, normalization: str = "zscore", planner
         split={"train": train_s, "val": val_s, "test": test_s},
         shares=part,
         train_voxel_mm=tuple(round(float(z), 4) for z in np.median(facts[:, :3], axis=0)),
-        class_counts=facts[:, 3:].sum(axis=0),
+        train_lr_axes=tuple(int(a) for a in facts[:, 3]),
+        class_counts=facts[:, 4:].sum(axis=0),
         train=pick(train_s[i] for i in part.train_index),
         val=pick(val_s[j] for j in part.val_index),
         test=pick(s for s in test_s if s.id in loaded),
@@ -313,6 +319,23 @@ def fold_augment_config(augment: AugmentConfig, reference_mm: float | None, voxe
     )
 
 
+def fold_mirroring(augment: AugmentConfig, mirror: str, lr_axes) -> AugmentConfig:
+    """``augment`` with the ``flip_axes`` of config key ``augment_mirror``: "none" as it is, "all" the
+    three voxel axes, "lr" the training subjects' left-right axis (``lr_axes``, one per subject); an
+    InputError when those differ (volumes stored in different orientations)."""
+    if mirror == "none":
+        return augment
+    if mirror == "all":
+        return dataclasses.replace(augment, flip_axes=(0, 1, 2))
+    if len(set(lr_axes)) != 1:
+        raise InputError(
+            f"the training images' left-right axes differ (voxel axes {sorted(set(lr_axes))}): "
+            "use augment_mirror all or none, or store them in one orientation",
+            "augment_mirror",
+        )
+    return dataclasses.replace(augment, flip_axes=(int(lr_axes[0]),))
+
+
 def _initial_network(cfg: InitConfig, n_classes: int, seed: int, log):
     """(weights_path, ckpt, model_config, params, frozen, normalization, why): the initial checkpoint's
     network with ``n_classes`` outputs (or, for weights "none", a random init: from scratch)."""
@@ -393,6 +416,9 @@ def prepare_fold(cfg: TrainConfig, log=print) -> PreparedFold:
             f"{'x'.join(f'{v:.2f}' for v in fold.train_voxel_mm)} mm: shifts {augment.max_shift_vox} voxels, "
             f"elastic sigmas {augment.elastic_sigmas}, Gaussian blend {augment.gaussian_weight:.3f}"
         )
+    augment = fold_mirroring(augment, cfg.augment_mirror, fold.train_lr_axes)
+    if augment.flip_axes:
+        log(f"augmentation: mirrored along voxel axes {augment.flip_axes}, each with p {augment.p_flip}")
     if mesh is not None and fold.shares.count == 1:
         check_last_batch(len(fold.train) * cfg.loop.views_per_volume, batch, mesh.shape["data"])
     return PreparedFold(

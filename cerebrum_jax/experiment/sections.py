@@ -67,8 +67,10 @@ class RuntimeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OutputConfig:
-    """What the fold's report draws (``results_page``): the probability-map class, the surface classes."""
+    """What the fold's test prediction and report give (``finetune``, ``results_page``): the test-time
+    mirroring, the probability-map class, the surface classes."""
 
+    tta: str
     prob_class: str | None
     surface_classes: tuple[str, ...] | None
 

@@ -21,6 +21,7 @@ import numpy as np
 from nibabel import processing
 
 from cerebrum_jax import runtime
+from cerebrum_jax.data import nifti
 from cerebrum_jax.data.inputs import Preprocessing, cut_note, of_checkpoint, prepare, resampled
 from cerebrum_jax.model import lean
 from cerebrum_jax.model import network as model
@@ -173,15 +174,18 @@ def labels_from(probs: np.ndarray) -> np.ndarray:
 def mirror_axes(spec: str, affine: np.ndarray) -> tuple[int, ...]:
     """Voxel axes to mirror for test-time augmentation: "lr" = the voxel axis closest to the world's
     left-right axis (from ``affine``: brains are nearly left-right symmetric, so a mirrored brain is
-    still a plausible brain), "all" = 0, 1, 2, or a comma list of voxel axes such as "0,2"."""
+    still a plausible brain), "all" = 0, 1, 2, "none" = (), or a comma list of voxel axes such as "0,2"."""
+    if spec == "none":
+        return ()
     if spec == "lr":
-        return (int(np.argmax(np.abs(np.asarray(affine)[0, :3]))),)
+        return (nifti.lr_axis(affine),)
     if spec == "all":
         return (0, 1, 2)
+    bad = f"mirror axes must be none, lr, all or a comma list of 0, 1, 2, not {spec!r}"
     try:
         axes = tuple(sorted({int(a) for a in spec.split(",")}))
     except ValueError:
-        raise ValueError(f"mirror axes must be lr, all or a comma list of 0, 1, 2, not {spec!r}") from None
+        raise ValueError(bad) from None
     if not axes or any(a not in (0, 1, 2) for a in axes):
-        raise ValueError(f"mirror axes must be lr, all or a comma list of 0, 1, 2, not {spec!r}")
+        raise ValueError(bad)
     return axes

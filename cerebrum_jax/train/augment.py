@@ -4,7 +4,7 @@ Replaces the original's offline pipeline (augmented copies written to disk, nump
 views drawn on the accelerator that trains. Layout, MONAI style:
 
 1. pure operations: ``affine_matrix``, ``spline_weights``, ``elastic_field``, ``resample``,
-   ``gaussian_blend``, ``salt_and_pepper``, ``bias_field``;
+   ``gaussian_blend``, ``salt_and_pepper``, ``bias_field`` (mirroring: ``flip_axes``, in the coordinates);
 2. random draws of their parameters from a key: ``rand_rigid``, ``rand_elastic``, ``rand_intensity``,
    ``synth.rand_synth`` (the label-conditioned image, its pure operations in ``synth``), ``rand_params``
    (-> ``AugmentParams``);
@@ -15,10 +15,11 @@ views drawn on the accelerator that trains. Layout, MONAI style:
 Conventions: one sample is image (D, H, W, 1) float32 and labels (D, H, W) integer class indices; a
 batch adds a leading B. Coordinates and displacements are in voxels, angles in degrees.
 
-Spatial part: the rigid transform (rotation about the volume centre, translation) and the elastic
-displacement are composed into ONE coordinate map, evaluated slab by slab along D (``lax.map``, so only
-a few (slab, H, W) float32 arrays exist at once) and sampled ONCE with ``map_coordinates`` (linear for
-the image, nearest for labels, mode 'mirror'), so image and labels get exactly the same transform.
+Spatial part: the mirroring, the rigid transform (rotation about the volume centre, translation) and
+the elastic displacement are composed into ONE coordinate map, evaluated slab by slab along D
+(``lax.map``, so only a few (slab, H, W) float32 arrays exist at once) and sampled ONCE with
+``map_coordinates`` (linear for the image, nearest for labels, mode 'mirror'), so image and labels get
+exactly the same transform.
 As the original (rigid first, then elastic on the rigid result), output voxel p samples the input at
     q = M (p + u(p) - c) + c - s,
 M the rotation, c the centre, s the shift (content moves by +s) and u the elastic displacement.
@@ -42,6 +43,7 @@ from cerebrum_jax.train import synth
 # fold_in tag that separates augmentation keys from other uses of the same seed (init, dropout).
 AUGMENT_TAG = 0x617567
 SYNTH_TAG = 0x73796E  # the synthetic-intensity draw: fold_in of the view's key (earlier draws unchanged)
+FLIP_TAG = 0x666C70  # the mirroring draw, likewise
 _HIGHEST = jax.lax.Precision.HIGHEST  # coordinates up to ~350 voxels: no bf16/tf32 matmuls
 
 
@@ -62,7 +64,9 @@ class AugmentConfig:
     1/2 sum to 1: exactly one), "independent" draws each. Labels use mirror edges like the image (the
     original filled rotated labels with 0). ``synth``: label-conditioned intensity randomisation
     (``synth``, off by default; the view's image replaced with probability ``p_synth`` by one drawn from
-    its labels, with the ``synth_*`` ranges). ``chunk_slices``: D-slab size of the
+    its labels, with the ``synth_*`` ranges). ``flip_axes``: voxel axes each mirrored with probability
+    ``p_flip`` (nnU-Net's mirroring; none by default, as the original: a label map with left and right
+    classes must not be mirrored across the left-right axis). ``chunk_slices``: D-slab size of the
     resampling (memory vs. speed; the largest divisor of D not above it is used).
     """
 
@@ -99,38 +103,35 @@ class AugmentConfig:
     synth_bias: float = 0.3
     synth_gamma: float = 0.3
     synth_noise: float = 0.05
+    flip_axes: tuple[int, ...] = ()
+    p_flip: float = 0.5
     chunk_slices: int = 16
 
     def __post_init__(self):
         where = "augmentation config"
-        for name in ("max_shift_vox", "elastic_points", "elastic_sigmas"):  # lists from JSON/TOML
+        for name in ("max_shift_vox", "elastic_points", "elastic_sigmas", "flip_axes"):  # JSON/TOML lists
             object.__setattr__(self, name, tuple(getattr(self, name)))
         for name in ("rigid_mode", "intensity_mode", "rotation_axes"):
             allowed = ("one", "all") if name == "rotation_axes" else ("one", "independent")
             if getattr(self, name) not in allowed:
                 raise InputError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}", where)
-        probs = [f.name for f in dataclasses.fields(self) if f.name.startswith("p_")]
-        for name in probs:
+        for name in (f.name for f in dataclasses.fields(self) if f.name.startswith("p_")):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise InputError(f"{name} must be in [0, 1], got {getattr(self, name)}", where)
         # with mode "one" the enabled ops share one draw: their probabilities must fit in [0, 1]
         rigid = self.p_rotation * self.rotate + self.p_translation * self.translate
         if self.rigid_mode == "one" and rigid > 1 + 1e-9:
             raise InputError("p_rotation + p_translation must be <= 1 with rigid_mode 'one'", where)
-        intensity = (
-            self.p_salt_pepper * self.salt_pepper + self.p_gaussian * self.gaussian + self.p_bias * self.bias
-        )
+        intensity = self.p_salt_pepper * self.salt_pepper + self.p_gaussian * self.gaussian
+        intensity += self.p_bias * self.bias
         if self.intensity_mode == "one" and intensity > 1 + 1e-9:
-            raise InputError(
-                "enabled p_salt_pepper + p_gaussian + p_bias must be <= 1 with intensity_mode 'one'",
-                where,
-            )
+            raise InputError("p_salt_pepper + p_gaussian + p_bias (on) must be <= 1 in mode 'one'", where)
         if not self.elastic_points or min(self.elastic_points) < 2 or not self.elastic_sigmas:
             raise InputError("elastic_points must be counts >= 2 and elastic_sigmas non-empty", where)
         if min(self.synth_std, self.synth_blur, self.synth_bias, self.synth_gamma, self.synth_noise) < 0:
-            raise InputError(
-                "synth_std, synth_blur, synth_bias, synth_gamma, synth_noise must be >= 0", where
-            )
+            raise InputError("synth_std, _blur, _bias, _gamma and _noise must be >= 0", where)
+        if len(set(self.flip_axes)) != len(self.flip_axes) or not set(self.flip_axes) <= {0, 1, 2}:
+            raise InputError(f"flip_axes must be distinct axes 0, 1, 2, got {self.flip_axes}", where)
         if len(self.max_shift_vox) != 3 or self.bias_points < 2 or self.chunk_slices < 1:
             raise InputError("max_shift_vox needs 3 values, bias_points >= 2, chunk_slices >= 1", where)
 
@@ -151,7 +152,7 @@ class AugmentParams(NamedTuple):
     elastic displacements in voxels at the control points (P = max(cfg.elastic_points)); grid_index ()
     int32, which entry of cfg.elastic_points is used; intensity (3,) bool: apply salt & pepper,
     Gaussian blend, bias field; bias_grid (B, B, B) log-gain at the bias control points;
-    noise_key: key of the voxelwise noise; synth: the ``synth.SynthParams`` draw.
+    noise_key: key of the voxelwise noise; synth: the ``synth.SynthParams`` draw; flip (3,) bool (axes).
     """
 
     angles_deg: jax.Array
@@ -162,6 +163,7 @@ class AugmentParams(NamedTuple):
     bias_grid: jax.Array
     noise_key: jax.Array
     synth: synth.SynthParams
+    flip: jax.Array
 
 
 # ---------------------------------------------------------------- pure operations
@@ -325,7 +327,9 @@ def rand_params(key, cfg: AugmentConfig) -> AugmentParams:
     grid, index = rand_elastic(k_elastic, cfg)
     flags, bias_grid, noise_key = rand_intensity(k_intensity, cfg)
     drawn = synth.rand_synth(jax.random.fold_in(key, SYNTH_TAG), cfg)
-    return AugmentParams(angles, shift, grid, index, flags, bias_grid, noise_key, drawn)
+    on = jnp.asarray([a in cfg.flip_axes for a in range(3)])
+    flip = on & (jax.random.uniform(jax.random.fold_in(key, FLIP_TAG), (3,)) < cfg.p_flip)
+    return AugmentParams(angles, shift, grid, index, flags, bias_grid, noise_key, drawn, flip)
 
 
 def identity_params(cfg: AugmentConfig, key=None) -> AugmentParams:
@@ -340,6 +344,7 @@ def identity_params(cfg: AugmentConfig, key=None) -> AugmentParams:
         jnp.zeros((b, b, b), jnp.float32),
         jax.random.key(0) if key is None else key,
         synth.rand_synth(jax.random.key(0), dataclasses.replace(cfg, synth=False)),
+        jnp.zeros(3, bool),
     )
 
 
@@ -351,8 +356,8 @@ def _slab_size(depth: int, chunk: int) -> int:
 
 
 def apply_spatial(params: AugmentParams, volume, labels, cfg: AugmentConfig, extra=None):
-    """Rigid + elastic as one coordinate map, one resampling: volume (D, H, W) float32 (linear) and
-    labels (D, H, W) int (nearest) -> same shapes. Evaluated in D-slabs to bound memory. ``extra``
+    """Mirroring, rigid + elastic as one coordinate map, one resampling: volume (D, H, W) float32 (linear)
+    and labels (D, H, W) int (nearest) -> same shapes. Evaluated in D-slabs to bound memory. ``extra``
     (D, H, W) 0/1 (a tubed skeleton) travels with the labels as one volume 2 labels + extra (the same
     nearest samples) and is returned third."""
     if extra is not None:
@@ -376,6 +381,8 @@ def apply_spatial(params: AugmentParams, volume, labels, cfg: AugmentConfig, ext
         p = jnp.stack(jnp.meshgrid(z0 + jnp.arange(c), jnp.arange(h), jnp.arange(w), indexing="ij")).astype(
             jnp.float32
         )
+        if cfg.flip_axes:  # the output grid mirrored: the view is the mirror image of an unmirrored one
+            p = jnp.where(params.flip[:, None, None, None], 2.0 * center[:, None, None, None] - p, p)
         if cfg.elastic:
             p = p + _smooth_slab(params.grid, wd, weights[1], weights[2])
         # q = p + (M - I)(p - c) - s written out elementwise: exact identity when M = I, s = 0, u = 0
@@ -393,20 +400,14 @@ def apply_spatial(params: AugmentParams, volume, labels, cfg: AugmentConfig, ext
 def apply_intensity(params: AugmentParams, volume, floor, cfg: AugmentConfig):
     """The drawn intensity ops on volume (D, H, W) float32 (image only): bias, Gaussian, salt & pepper."""
     k_sp, k_gauss = jax.random.split(params.noise_key)
-    sp, gauss, bias = params.intensity[0], params.intensity[1], params.intensity[2]
-    if cfg.bias:
-        volume = jax.lax.cond(bias, lambda v: bias_field(v, params.bias_grid, floor), lambda v: v, volume)
-    if cfg.gaussian:
-        volume = jax.lax.cond(
-            gauss, lambda v: gaussian_blend(k_gauss, v, cfg.gaussian_weight), lambda v: v, volume
-        )
-    if cfg.salt_pepper:
-        volume = jax.lax.cond(
-            sp,
-            lambda v: salt_and_pepper(k_sp, v, cfg.salt_pepper_amount, cfg.salt_fraction),
-            lambda v: v,
-            volume,
-        )
+    ops = (  # (enabled, drawn, op) in the order applied; params.intensity is [salt&pepper, gauss, bias]
+        (cfg.bias, 2, lambda v: bias_field(v, params.bias_grid, floor)),
+        (cfg.gaussian, 1, lambda v: gaussian_blend(k_gauss, v, cfg.gaussian_weight)),
+        (cfg.salt_pepper, 0, lambda v: salt_and_pepper(k_sp, v, cfg.salt_pepper_amount, cfg.salt_fraction)),
+    )
+    for enabled, flag, op in ops:
+        if enabled:
+            volume = jax.lax.cond(params.intensity[flag], op, lambda v: v, volume)
     return volume
 
 

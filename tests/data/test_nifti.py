@@ -100,3 +100,24 @@ def test_a_bids_subject_image_in_any_format(tmp_path):
     write(anat / "sub-01_T1w.mgz", nib.MGHImage)
     with pytest.raises(InputError, match=r"expected exactly one T1w image \(\*_T1w.nii.gz\), found 2"):
         data._one(anat, "*_T1w.nii.gz", "T1w image")
+
+
+@pytest.mark.parametrize(
+    "axcodes,want",
+    [("RAS", 0), ("LPS", 0), ("ASR", 2), ("SLP", 1), ("PIL", 2)],
+)
+def test_lr_axis_is_the_voxel_axis_along_left_right(axcodes, want):
+    """Each orientation's affine (nibabel's axcodes, 0.7 mm voxels, a 10 degree tilt): the voxel axis
+    whose direction is left-right, whatever the order and signs of the axes."""
+    world = {"R": (0, 1), "L": (0, -1), "A": (1, 1), "P": (1, -1), "S": (2, 1), "I": (2, -1)}
+    affine = np.eye(4)
+    affine[:3, :3] = 0.0
+    for i, code in enumerate(axcodes):  # voxel axis i runs along world axis j, towards ``code``
+        j, sign = world[code]
+        affine[j, i] = 0.7 * sign
+    tilt = np.eye(4)
+    tilt[:3, :3] = nib.eulerangles.euler2mat(z=np.deg2rad(10))
+    affine = tilt @ affine
+    assert "".join(nib.aff2axcodes(affine)) == axcodes
+    assert nib.aff2axcodes(affine)[want] in "LR"
+    assert nifti.lr_axis(affine) == want

@@ -56,6 +56,9 @@ BAD = [
     ("augment", {"p_bias": 2}, "p_bias must be in [0, 1]"),
     ("augment", {"max_shift_vox": [1, 2]}, "augment.max_shift_vox: must be a list of 3"),
     ("augment", {"no_such": 1}, "unknown augmentation option(s) ['no_such']"),
+    ("augment", {"flip_axes": [0, 3]}, "flip_axes must be distinct axes 0, 1, 2"),
+    ("augment_mirror", "left", "augment_mirror: must be one of ['none', 'lr', 'all'], not 'left'"),
+    ("tta", "0,1", "tta: must be one of ['none', 'lr', 'all'], not '0,1'"),
 ]
 
 
@@ -178,7 +181,7 @@ def test_every_key_belongs_to_one_section():
         "data": names(DataConfig),
         "init": names(InitConfig),
         "loss": {"loss", "class_weights", "skeleton_classes", "skeleton_weight"},
-        "augment": {"augment", "augment_voxel_mm"},
+        "augment": {"augment", "augment_voxel_mm", "augment_mirror"},
         "phases": {f"{k}_{p}" for k in ("lr", "epochs") for p in ("warmup", "finetune")},
         "loop": names(LoopConfig) - {"slab_rows"},  # slab_rows: runtime's, resolved into the loop's
         "runtime": names(RuntimeConfig),

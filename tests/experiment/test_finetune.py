@@ -557,3 +557,41 @@ def test_prepared_fold_is_typed_and_writes_nothing(dataset, weights, tmp_path, m
     assert subject.x.shape == subject.labels.shape == prepared.fold.grid == SHAPE
     assert prepared.model_config.dropout_rate == ModelConfig.dropout_rate  # dropout: true
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow  # a whole fold (or more) through the command line
+def test_mirroring_in_training_and_at_test_reaches_segment(dataset, weights, tmp_path, capsys):
+    """augment_mirror lr: the views mirrored along the training images' left-right voxel axis (0 here);
+    tta lr: the test subject predicted as the mean of it and its mirror image, recorded in the
+    checkpoint, so that segment predicts the same way by default and not with --no-tta."""
+    out = tmp_path / "run"
+    extra = ["--fold", "2", "--set", "augment_mirror=lr", "--set", "tta=lr", "--set", "epochs_finetune=0"]
+    assert main(_args(dataset, weights, out, *extra)) == 0
+    fold = out / "fold-2"
+    assert "augmentation: mirrored along voxel axes (0,), each with p 0.5" in (fold / "log.txt").read_text()
+    assert checkpoint.load_checkpoint(fold / "checkpoints/best").meta["tta"] == "lr"
+    assert json.loads((fold / "config.json").read_text())["config"]["tta"] == "lr"
+    raw = dataset / "derivatives/sub-002/unbiased/sub-002_uni_unbiased.nii.gz"
+    name = "sub-002_space-orig_desc-cerebrum_probseg.nii.gz"
+    run = nib.load(fold / "predictions" / name).get_fdata()
+    assert json.loads((fold / "predictions" / name.replace(".nii.gz", ".json")).read_text())[
+        "TestTimeMirrorAxes"
+    ] == [0]
+    got = {}
+    for how, flags in {"default": [], "--tta": ["--tta"], "--no-tta": ["--no-tta"]}.items():
+        capsys.readouterr()
+        seg = tmp_path / how
+        assert (
+            main(
+                ["segment", str(raw), "--weights", str(fold / "checkpoints/best"), "--out", str(seg), *flags]
+            )
+            == 0
+        )
+        said = capsys.readouterr().out
+        assert ("mirrored along axes (0,)" in said) == (how != "--no-tta"), said
+        got[how] = nib.load(seg / name).get_fdata()
+        sidecar = json.loads((seg / name.replace(".nii.gz", ".json")).read_text())
+        assert sidecar["TestTimeMirrorAxes"] == ([] if how == "--no-tta" else [0])
+    np.testing.assert_array_equal(got["default"], run)  # what the fold measured is what segment gives
+    np.testing.assert_allclose(got["--tta"], run, atol=1e-6)
+    assert not np.allclose(got["--no-tta"], run, atol=1e-4)  # the mirrored pass counts

@@ -77,3 +77,20 @@ def test_start_weights(tmp_path, monkeypatch):
     (tmp_path / "weights" / "glasgow").mkdir(parents=True)
     assert fold.start_weights(init, demo=False, log=lines.append) == str(tmp_path / "weights" / "glasgow")
     assert len(lines) == 1
+
+
+@pytest.mark.parametrize(
+    "mirror,lr_axes,want",
+    [("none", (0, 1), ()), ("all", (2,), (0, 1, 2)), ("lr", (1, 1, 1), (1,)), ("lr", (0,), (0,))],
+)
+def test_fold_mirroring_axes(mirror, lr_axes, want):
+    base = AugmentConfig(p_flip=0.3)
+    got = fold.fold_mirroring(base, mirror, lr_axes)
+    assert got.flip_axes == want and got.p_flip == 0.3
+    assert dataclasses.replace(got, flip_axes=()) == base  # nothing else changes
+
+
+def test_fold_mirroring_refuses_training_images_in_different_orientations():
+    with pytest.raises(InputError, match=r"left-right axes differ \(voxel axes \[0, 2\]\)") as e:
+        fold.fold_mirroring(AugmentConfig(), "lr", (0, 2, 0))
+    assert "augment_mirror" in str(e.value)

@@ -376,3 +376,43 @@ def test_synth_applies_at_its_probability():
 def test_bad_synth_config(bad):
     with pytest.raises(InputError, match="augmentation config"):
         aug.AugmentConfig(**bad)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("axes", [(0,), (2,), (0, 1, 2)])
+def test_flip_mirrors_image_labels_and_skeleton_exactly(axes):
+    """p_flip 1: the view is np.flip of the input along ``flip_axes`` (and nothing else moves); a
+    mirrored rigid view is the mirror image of the unmirrored one with the same draw."""
+    image, labels = sample(4)
+    cfg = dataclasses.replace(OFF, flip_axes=axes, p_flip=1.0)
+    params = aug.rand_params(jax.random.key(1), cfg)
+    assert np.asarray(params.flip).tolist() == [a in axes for a in range(3)]
+    extra = (labels == 1).astype(np.uint8)
+    out, out_labels, out_extra = apply_jit(params, image, labels, cfg, extra)
+    np.testing.assert_array_equal(np.asarray(out), np.flip(image, axes))
+    np.testing.assert_array_equal(np.asarray(out_labels), np.flip(labels, axes))
+    np.testing.assert_array_equal(np.asarray(out_extra), np.flip(extra, axes))
+    rigid = dataclasses.replace(cfg, translate=True)
+    moved = rigid_params(shift=(2, -1, 1), cfg=rigid)
+    plain = apply_jit(moved, image, labels, rigid)
+    mirrored = apply_jit(moved._replace(flip=params.flip), image, labels, rigid)
+    np.testing.assert_array_equal(np.asarray(mirrored[1]), np.flip(np.asarray(plain[1]), axes))
+    assert_close_to_scale(mirrored[0], np.flip(np.asarray(plain[0]), axes), 1e-6)
+
+
+@pytest.mark.slow
+def test_flip_at_its_probability_only_on_its_axes_and_off_changes_no_draw():
+    cfg = dataclasses.replace(CFG, flip_axes=(1,), p_flip=0.3)
+    keys = jax.random.split(jax.random.key(0), 400)
+    flips = np.asarray(jax.vmap(lambda k: aug.rand_params(k, cfg).flip)(keys))
+    assert not flips[:, [0, 2]].any() and 0.22 < flips[:, 1].mean() < 0.38  # 5 sd of 400 draws
+    raw = lambda x: jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x  # noqa: E731
+    plain = aug.rand_params(keys[0], CFG)  # adding mirroring leaves every other draw of a key as it was
+    for a, b in zip(plain[:-1], aug.rand_params(keys[0], cfg)[:-1], strict=True):
+        jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(raw(x)), np.asarray(raw(y))), a, b)
+
+
+@pytest.mark.parametrize("bad", [{"flip_axes": (3,)}, {"flip_axes": (0, 0)}, {"p_flip": -0.1}])
+def test_bad_flip_config(bad):
+    with pytest.raises(InputError, match="augmentation config"):
+        aug.AugmentConfig(**bad)

@@ -233,7 +233,10 @@ USAGE_CASES = {  # argparse refusals: exit 2, one line, before any work
     "segment --tta-axes 5": (["segment", "--tta", "--tta-axes", "5"], "mirror axes must be none, lr, all or"),
     "segment --tta-axes abc": (["segment", "--tta", "--tta-axes", "abc"], "not 'abc'"),
     "segment --tta --no-tta": (["segment", "--tta", "--no-tta"], "--no-tta: not allowed with argument --tta"),
-    "bids --tta --no-tta": (["bids", "b", "o", "participant", "--no-tta", "--tta"], "not allowed with argument"),
+    "bids --tta --no-tta": (
+        ["bids", "b", "o", "participant", "--no-tta", "--tta"],
+        "not allowed with argument",
+    ),
     "finetune --coordinator without a port": (["finetune", "--coordinator", "host"], "expected HOST:PORT"),
     "finetune --coordinator port 0": (["finetune", "--coordinator", "h:0"], "with a port 1..65535"),
     "segment --coordinator with a space": (["segment", "--coordinator", "a b:1"], "got 'a b:1'"),

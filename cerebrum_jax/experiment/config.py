@@ -104,7 +104,8 @@ class TrainConfig:
     last_layer (1..14: how many of the last layers get new weights).
     Training: loss ("dice": the original's multilabel soft Dice; "ce": categorical cross-entropy; "ce+dice":
     their sum), class_weights ("balanced": sklearn-style weights from the training labels' class
-    frequencies; "sqrt": their square roots; or "none"). The class weights weight the cross-entropy only
+    frequencies; "sqrt": their square roots; "thin": balanced for the vessel-like classes, 1 for the
+    others; or "none"). The class weights weight the cross-entropy only
     (each voxel's -log p by its class's weight), in training and in the validation loss: with loss "dice"
     they have no effect at all, with "ce+dice" they weight only the cross-entropy term. skeleton_classes
     (class names whose skeleton recall, Kirchhoff et al. 2024, is added to the loss times skeleton_weight;

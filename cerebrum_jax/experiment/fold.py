@@ -289,7 +289,8 @@ def start_weights(cfg: InitConfig, demo: bool, log) -> str | None:
 def fold_loss_config(loss: LossConfig, skeleton_classes, names) -> LossConfig:
     """``loss`` with its skeleton recall classes resolved against the label map's class ``names``:
     ``skeleton_classes`` None = the vessel-like classes (``skeleton.vessel_like_classes``), a list of
-    class names = those (InputError naming an unknown one or the background), () = none."""
+    class names = those (InputError naming an unknown one or the background), () = none; its
+    thin_classes (what class_weights "thin" weighs) are the vessel-like classes."""
     if skeleton_classes is None:
         indices = skeleton.vessel_like_classes(names)
     else:
@@ -299,7 +300,8 @@ def fold_loss_config(loss: LossConfig, skeleton_classes, names) -> LossConfig:
                 f"{unknown} not a foreground class of the label map: {list(names[1:])}", "skeleton_classes"
             )
         indices = tuple(names.index(c) for c in skeleton_classes)
-    return dataclasses.replace(loss, skeleton_classes=indices)
+    thin = skeleton.vessel_like_classes(names)
+    return dataclasses.replace(loss, skeleton_classes=indices, thin_classes=thin)
 
 
 def fold_augment_config(augment: AugmentConfig, reference_mm: float | None, voxel_mm) -> AugmentConfig:
@@ -399,6 +401,9 @@ def prepare_fold(cfg: TrainConfig, log=print) -> PreparedFold:
     if loss.uses_skeleton:
         names = ", ".join(label_map.names[k] for k in loss.skeleton_classes)
         log(f"loss: + skeleton recall of {names} (weight {loss.skeleton_weight})")
+    if loss.class_weights == "thin":
+        thin = ", ".join(label_map.names[k] for k in loss.thin_classes) or "no class (none is vessel-like)"
+        log(f"cross-entropy weights: balanced for {thin}, 1 for the others")
     weights_path, ckpt, model_config, params, frozen, normalization, why = _initial_network(
         init, label_map.n_classes, cfg.seed, log
     )

@@ -18,7 +18,7 @@ from cerebrum_jax.errors import InputError
 
 SMOOTH = 1e-7  # the original's dice_coef_multilabel smoothing term
 LOSSES = ("ce", "dice", "ce+dice")
-CLASS_WEIGHTS = ("balanced", "sqrt", "none")
+CLASS_WEIGHTS = ("balanced", "sqrt", "thin", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,9 +28,11 @@ class LossConfig:
     loss: "ce" (weighted categorical cross-entropy), "dice" (the original's multilabel Dice, a Tversky
     loss with alpha = beta = 0.5) or "ce+dice" (their sum). class_weights: "balanced" (from training
     label frequencies, see ``balanced_class_weights``), "sqrt" (their square roots: a rare class weighs
-    less than balanced) or "none" (all 1); they weight the cross-entropy (``ce_weights``).
+    less than balanced), "thin" (the balanced weight for the classes of ``thin_classes``, 1 for every
+    other class) or "none" (all 1); they weight the cross-entropy (``ce_weights``).
     skeleton_classes: class indices whose skeleton recall (``skeleton_recall_loss``) is added to the
     loss, times ``skeleton_weight``; () = no such term (the batch then needs no "skeleton").
+    thin_classes: the class indices class_weights "thin" weighs (the vessel-like classes of a fold).
     """
 
     @property
@@ -41,9 +43,11 @@ class LossConfig:
     class_weights: str = "balanced"
     skeleton_classes: tuple[int, ...] = ()
     skeleton_weight: float = 1.0
+    thin_classes: tuple[int, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "skeleton_classes", tuple(int(k) for k in self.skeleton_classes))
+        object.__setattr__(self, "thin_classes", tuple(int(k) for k in self.thin_classes))
         if any(k < 1 for k in self.skeleton_classes) or not self.skeleton_weight >= 0:
             raise InputError(
                 "skeleton_classes must be foreground class indices (>= 1) and skeleton_weight >= 0",
@@ -129,18 +133,24 @@ def skeleton_recall_loss(logits, labels, skeleton, classes) -> jax.Array:
     return skeleton_recall_from_sums(*skeleton_sums(logits, labels, skeleton), classes)
 
 
-def ce_weights(class_weights, kind: str):
+def ce_weights(class_weights, kind: str, thin=()):
     """The cross-entropy's weights, (C,) or None, from the balanced ``class_weights`` of the batch for
-    ``LossConfig.class_weights`` ``kind``: "balanced" as they are, "sqrt" their square roots, "none" None."""
+    ``LossConfig.class_weights`` ``kind``: "balanced" as they are, "sqrt" their square roots, "thin" as
+    they are for the classes ``thin`` and 1 for the others, "none" None."""
     if kind == "none" or class_weights is None:
         return None
+    if kind == "thin":
+        is_thin = jnp.zeros(jnp.shape(class_weights), bool).at[jnp.asarray(thin, jnp.int32)].set(True)
+        return jnp.where(is_thin, class_weights, 1.0)
     return jnp.sqrt(class_weights) if kind == "sqrt" else class_weights
 
 
 def loss_terms(logits, labels, class_weights, cfg: LossConfig, skeleton=None) -> tuple[jax.Array, dict]:
     """(total loss, {"loss", "ce", "dice_loss"} (+ "skeleton_loss")) for ``cfg``; ce and dice_loss are
     always reported, skeleton_loss when ``cfg.uses_skeleton`` (then ``skeleton`` (B, D, H, W) is needed)."""
-    ce = weighted_cross_entropy(logits, labels, ce_weights(class_weights, cfg.class_weights))
+    ce = weighted_cross_entropy(
+        logits, labels, ce_weights(class_weights, cfg.class_weights, cfg.thin_classes)
+    )
     dl = dice_loss(logits, labels)
     total = {"ce": ce, "dice": dl, "ce+dice": ce + dl}[cfg.loss]
     metrics = {"ce": ce, "dice_loss": dl}

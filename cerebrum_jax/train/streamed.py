@@ -231,7 +231,7 @@ def _sums(params, config, batch, loss_config, slab, key, hard=False) -> dict:
     slab = check_slab_rows(slab, x.shape[1])
     keys = dropout_keys(config, key)
     v = _levels23(params, config, _encode(params, config, x, slab), keys)
-    weights = losses.ce_weights(batch["class_weights"], loss_config.class_weights)
+    weights = losses.ce_weights(batch["class_weights"], loss_config.class_weights, loss_config.thin_classes)
     skel = batch["skeleton"] if loss_config.uses_skeleton else None
     return _decode_sums(params, config, x, labels, weights, v, slab, keys.get("up_2to1_conv"), hard, skel)
 

@@ -27,6 +27,7 @@ def test_fold_loss_config_resolves_the_skeleton_classes(classes, expected):
     loss = fold.fold_loss_config(LossConfig("ce+dice", skeleton_weight=0.5), classes, NAMES)
     assert loss.skeleton_classes == expected and loss.skeleton_weight == 0.5
     assert loss.uses_skeleton == bool(expected)
+    assert loss.thin_classes == (3, 4)  # what class_weights "thin" weighs: the vessel-like classes
 
 
 @pytest.mark.parametrize("classes", [("arteries",), ("background",)])

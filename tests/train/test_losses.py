@@ -75,6 +75,20 @@ def test_class_weight_kinds_weight_the_cross_entropy(kind, power):
     np.testing.assert_allclose(float(m["ce"]), ref, rtol=1e-5)
 
 
+@pytest.mark.parametrize("thin", [(2,), (1, 2), ()])
+def test_thin_class_weights_weigh_only_the_thin_classes(thin):
+    """class_weights "thin": the balanced weight for the classes ``thin_classes``, 1 for the others (none
+    thin: the unweighted cross-entropy), against numpy."""
+    logits, labels = _case(8)
+    w = losses.balanced_class_weights([labels], 3)
+    cfg = losses.LossConfig(loss="ce", class_weights="thin", thin_classes=thin)
+    _, m = losses.loss_terms(logits, labels, w, cfg)
+    picked = np.take_along_axis(_np_softmax(logits), labels[..., None], -1)[..., 0]
+    weights = np.where(np.isin(np.arange(3), thin), w.astype(np.float64), 1.0)
+    np.testing.assert_allclose(float(m["ce"]), -(np.log(picked) * weights[labels]).mean(), rtol=1e-5)
+    assert not np.allclose(weights, w)  # differs from "balanced" in every case here
+
+
 @pytest.mark.slow
 def test_perfect_prediction_has_near_zero_losses():
     _, labels = _case(6)

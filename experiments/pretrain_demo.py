@@ -84,6 +84,11 @@ def main(argv=None) -> int:
             "jax": jax.__version__,
             "seconds": round(time.perf_counter() - t0, 1),
         },
+        # how its inputs were prepared (brain-masked by the labels, cut to the brain box): segment
+        # prepares a new volume the same way, and so asks for a brain mask (--mask) rather than
+        # segment an unmasked head this network never saw
+        "preprocessing": pre.to_dict(),
+        "train_voxel_mm": [float(z) for z in vols[0].spacing],
     }
     save_checkpoint(
         args.out,

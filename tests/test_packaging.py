@@ -100,7 +100,11 @@ def test_the_wheel_holds_what_the_commands_need(installed):
     volume = rng.normal(100, 20, (60, 72, 60)).astype(np.float32)
     affine = np.diag([3.0, 3.0, 3.0, 1.0])
     nib.save(nib.Nifti1Image(volume, affine), work / "sub-01_T1w.nii.gz")
-    p = run(installed, "cerebrum-jax", "segment", "--out", "seg", "sub-01_T1w.nii.gz")
+    mask = np.zeros(volume.shape, np.uint8)
+    mask[8:52, 10:62, 8:52] = 1  # the demo weights were trained on brain-masked inputs: they need one
+    nib.save(nib.Nifti1Image(mask, affine), work / "sub-01_brainmask.nii.gz")
+    args = ["--out", "seg", "sub-01_T1w.nii.gz", "--mask", "sub-01_brainmask.nii.gz"]
+    p = run(installed, "cerebrum-jax", "segment", *args)
     assert "_data/weights/demo" in p.stdout + p.stderr, p.stdout  # the shipped demo weights, said
     (out,) = (work / "seg").glob("sub-01*_dseg.nii.gz")
     img = nib.load(out)

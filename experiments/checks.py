@@ -6,17 +6,20 @@
     python -m experiments.checks vessels --seed 1 --out runs/checks-seed1   # the same runs, another seed
     python -m experiments.checks all --write  # all three, tables into BENCHMARKS.md ("Accuracy") and
                                               # experiments/bench_notes.md (its hand-written part)
+    python -m experiments.checks vessels --no-run --write --out runs/checks-seed0  # tables of earlier runs
 
 Each check fine-tunes fold 3 of its cohort (``experiments/check_cohorts.py``; 3 mm, 56x72x64, unmasked
 heads) once per variant, every variant with the same number of steps (early stopping off), from
 weights/demo (these cohorts are the demo template's, the domain that network was pretrained on), and
 reports the test subject's Dice per class (and, for vessels, the share of the reference centre line
-the prediction covers, ``skeleton.centreline_scores``). Variants override the demo config's loss and
-augmentation (its schedule, views and grid stay): "today" is the fewlabel recipe before this change,
-each "+" row adds one part to it, "recipe" is ``experiments/fewlabel.py`` now and "recipe +synth"
-``experiments/fewlabel_synth.py``. Runs go to ``--out``
-(default runs/checks/<check>/<variant>), a summary to ``<out>/<check>.json``. Runtime: 4-6 min per
-variant on a 2-core CPU (``--epochs`` scales it).
+the prediction covers, ``skeleton.centreline_scores``). Every variant has a twin row, the same training
+with the test subject predicted the other way: "+tta" (averaged with its left-right mirror image, what
+config key ``tta`` lr does) or "without tta". Variants override the demo config's loss, augmentation and
+test-time mirroring (its schedule, views and grid stay): "today" is the fewlabel recipe before issue 20,
+"old recipe" that of 2026-12-03, each "+" or named row changes one part, and "recipe" is
+``experiments/fewlabel.py`` as it is (``recipe``: its keys read from the file), "recipe +synth"
+``experiments/fewlabel_synth.py``. Runs go to ``--out`` (default runs/checks/<check>/<variant>), a
+summary to ``<out>/<check>.json``. Runtime: 4-6 min per variant on a 2-core CPU (``--epochs`` scales it).
 """
 
 from __future__ import annotations
@@ -36,39 +39,51 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from experiments import check_cohorts  # noqa: E402
 
-SYNTH = {"synth": True, "p_synth": 0.5}  # experiments/fewlabel_synth.py's randomisation
-# today's fewlabel recipe: ce+dice with balanced class weights, the original's augmentation ranges in
-# voxels whatever the voxel size, no skeleton recall, no intensity randomisation
+# "today": the fewlabel recipe before issue 20: ce+dice with balanced class weights, the original's
+# augmentation ranges in voxels whatever the voxel size, no skeleton recall, no intensity randomisation,
+# no mirroring
 TODAY = {"loss": "ce+dice", "class_weights": "balanced", "skeleton_classes": [], "augment": {}}
 MM = {**TODAY, "augment_voxel_mm": 0.63}  # the original's ranges kept in millimetres
 UNWEIGHTED = {**MM, "class_weights": "none"}
-RECIPE = {**UNWEIGHTED, "skeleton_classes": None}  # experiments/fewlabel.py's choices
+OLD_RECIPE = {**UNWEIGHTED, "skeleton_classes": None}  # experiments/fewlabel.py of 2026-12-03
+# the keys by which a recipe differs from the demo config (its loss, augmentation and prediction)
+RECIPE_KEYS = (
+    "loss", "class_weights", "skeleton_classes", "skeleton_weight", "augment", "augment_voxel_mm",
+    "augment_mirror", "tta",
+)  # fmt: skip
+
+
+def recipe(name: str, **augment) -> dict:
+    """The ``RECIPE_KEYS`` of ``experiments/<name>.py`` (so a row is the recipe as it is now), with
+    ``augment`` entries added to its augmentation."""
+    cfg = load_config(HERE / f"{name}.py")
+    out = {k: getattr(cfg, k) for k in RECIPE_KEYS}
+    return {**out, "augment": {**out["augment"], **augment}}
+
+
 VARIANTS = {
     "vessels": {
         "today": TODAY,
         "+mm augmentation": MM,
-        "+mm +skeleton recall": {**MM, "skeleton_classes": None},
         "+mm +unweighted ce": UNWEIGHTED,
-        "+unweighted ce +skeleton recall (voxel ranges)": {
-            **TODAY,
-            "class_weights": "none",
-            "skeleton_classes": None,
-        },
         "today +skeleton recall": {**TODAY, "skeleton_classes": None},
-        "recipe (+mm +unweighted +skeleton recall)": RECIPE,
-        "+mm +sqrt-balanced ce +skeleton recall": {**RECIPE, "class_weights": "sqrt"},
-        "+sqrt-balanced ce +skeleton recall (voxel ranges)": {
-            **TODAY,
-            "class_weights": "sqrt",
-            "skeleton_classes": None,
-        },
-        "recipe +synth p 0.5 (fewlabel_synth)": {**RECIPE, "augment": SYNTH},
+        "old recipe (+mm +unweighted +skeleton recall)": OLD_RECIPE,
+        "today sqrt-balanced": {**TODAY, "class_weights": "sqrt"},
+        "today thin-balanced": {**TODAY, "class_weights": "thin"},
+        "today thin-balanced +lr mirroring": {**TODAY, "class_weights": "thin", "augment_mirror": "lr"},
+        "today +lr mirroring": {**TODAY, "augment_mirror": "lr"},
+        "old recipe +lr mirroring": {**OLD_RECIPE, "augment_mirror": "lr"},
+        "today from scratch (24 filters)": {**TODAY, "weights": "none"},
+        "recipe (fewlabel)": recipe("fewlabel"),
+        "recipe from scratch (24 filters)": {**recipe("fewlabel"), "weights": "none"},
+        "recipe +synth p 0.5 (fewlabel_synth)": recipe("fewlabel_synth"),
     },
     "contrast": {
         "today": TODAY,
-        "recipe": RECIPE,
-        "recipe +synth p 0.2": {**RECIPE, "augment": {"synth": True, "p_synth": 0.2}},
-        "recipe +synth p 0.5 (fewlabel_synth)": {**RECIPE, "augment": SYNTH},
+        "old recipe (+mm +unweighted +skeleton recall)": OLD_RECIPE,
+        "recipe (fewlabel)": recipe("fewlabel"),
+        "recipe +synth p 0.2": recipe("fewlabel", synth=True, p_synth=0.2),
+        "recipe +synth p 0.5 (fewlabel_synth)": recipe("fewlabel_synth"),
     },
     "demo": {"demo": {}},
 }
@@ -110,9 +125,35 @@ def summarise(result: dict) -> dict:
     }
 
 
+def twin_name(name: str, overrides: dict) -> str:
+    """The row of a variant's test subject predicted the other way: "+tta" (mirrored) or "without tta"."""
+    return f"{name} without tta" if overrides.get("tta", "none") != "none" else f"{name} +tta"
+
+
+def mirrored_twin(cfg, workdir: Path, s: float) -> dict:
+    """The ``summarise`` of the run in ``workdir`` with its test subject predicted again by its best
+    checkpoint the other way (mirrored along left-right when the run's ``tta`` is "none", else not): the
+    same training, the other prediction, through ``finetune.predict_test`` as the fold and segment."""
+    from cerebrum_jax.data import datasets as D
+    from cerebrum_jax.experiment import finetune, fold
+    from cerebrum_jax.model.checkpoint import load_checkpoint
+    from cerebrum_jax.predict import predictor
+
+    data = cfg.data_config
+    _, subjects = fold.fold_subjects(data, log=lambda _: None)
+    test = D.split_fold(subjects, data.fold, data.val_subject)[2][0]
+    label_map = fold.label_map_of(data)
+    net = predictor.Model.of(load_checkpoint(workdir / "checkpoints" / "best"))
+    probs, grids = finetune.predict_test(net, test, label_map, tta="lr" if cfg.tta == "none" else "none")
+    pred = predictor.labels_from(probs)
+    result = finetune.test_scores(pred, grids["ref"], grids["spacing"], label_map.names)
+    return summarise({**result, "timings_s": {"train": s}})
+
+
 def run_check(check: str, out: Path, epochs: int, only=None, seed: int = 0) -> dict:
-    """Run every variant of ``check`` (or those in ``only``) -> {variant: summary}, merged with the
-    variants an earlier call wrote to the same ``out`` (in ``VARIANTS`` order)."""
+    """Run every variant of ``check`` (or those in ``only``) -> {variant: summary}, each with its
+    ``mirrored_twin`` row (``twin_name``), merged with the variants an earlier call wrote to the same
+    ``out`` (in ``VARIANTS`` order)."""
     from cerebrum_jax.experiment.finetune import train_and_evaluate  # imported here: jax
 
     root = {
@@ -128,12 +169,13 @@ def run_check(check: str, out: Path, epochs: int, only=None, seed: int = 0) -> d
         workdir = out / check / name.replace(" ", "_").replace("+", "plus_")
         shutil.rmtree(workdir, ignore_errors=True)
         print(f"== {check}: {name}", flush=True)
-        results[name] = summarise(
-            train_and_evaluate(variant_config(base, overrides), workdir, progress=False)
-        )
+        cfg = variant_config(base, overrides)
+        results[name] = summarise(train_and_evaluate(cfg, workdir, progress=False))
+        results[twin_name(name, overrides)] = mirrored_twin(cfg, workdir, results[name]["s"])
     summary = out / f"{check}.json"  # earlier variants of this --out are kept: --variants reruns some
     done = json.loads(summary.read_text()) if summary.is_file() else {}
-    results = {n: results.get(n, done.get(n)) for n in VARIANTS[check] if n in results or n in done}
+    order = [m for n, o in VARIANTS[check].items() for m in (n, twin_name(n, o))]
+    results = {n: results.get(n, done.get(n)) for n in order if n in results or n in done}
     fsafe.write_text(summary, json.dumps(results, indent=2) + "\n")
     return results
 
@@ -180,11 +222,23 @@ def main(argv=None) -> int:
     p.add_argument(
         "--write", action="store_true", help="put the tables into BENCHMARKS.md and bench_notes.md"
     )
+    p.add_argument(
+        "--no-run",
+        action="store_true",
+        help="train nothing: the tables from <out>/<check>.json as earlier runs left it",
+    )
     args = p.parse_args(argv)
     runtime.configure_xla_flags()  # the kernels every command uses (before XLA starts): what users run
     only = set(args.variants.split(",")) if args.variants else None
     for check in VARIANTS if args.check == "all" else [args.check]:
-        results = run_check(check, args.out, args.epochs, only, args.seed)
+        if args.no_run:
+            summary = args.out / f"{check}.json"
+            results = json.loads(summary.read_text()) if summary.is_file() else {}
+            if not results:
+                print(f"{summary}: no results to show", file=sys.stderr)
+                return 2
+        else:
+            results = run_check(check, args.out, args.epochs, only, args.seed)
         text = table(check, results)
         print(text, flush=True)
         if args.write:  # the notes are BENCHMARKS.md's hand-written part: `make bench` keeps them

@@ -96,3 +96,22 @@ def test_seed_changes_the_runs_not_the_cohort():
         assert checks.base_config(check, Path("/nonexistent"), 2).seed == 0
         other = checks.base_config(check, Path("/nonexistent"), 2, seed=3)
         assert other.seed == 3 and other.data == checks.base_config(check, Path("/nonexistent"), 2).data
+
+
+@pytest.mark.parametrize("name", ["fewlabel", "fewlabel_synth"])
+def test_the_recipe_rows_are_the_recipes_as_they_are(name):
+    """A "recipe" row takes experiments/<name>.py's loss, augmentation and prediction keys, so the table
+    measures the recipe a user runs, not a copy of it."""
+    cfg = checks.load_config(checks.HERE / f"{name}.py")
+    row = checks.variant_config(checks.base_config("vessels", Path("/nonexistent"), 2), checks.recipe(name))
+    for key in checks.RECIPE_KEYS:
+        assert getattr(row, key) == getattr(cfg, key), key
+    assert row.epochs_finetune == 2 and row.weights.endswith("demo")  # the check's schedule and start
+
+
+@pytest.mark.parametrize(
+    "overrides,twin",
+    [({}, "v +tta"), ({"tta": "none"}, "v +tta"), ({"tta": "lr"}, "v without tta")],
+)
+def test_every_row_has_a_twin_predicted_the_other_way(overrides, twin):
+    assert checks.twin_name("v", overrides) == twin

@@ -79,6 +79,16 @@ def predict_test(
     return probs, {"image": image, "img": img, "ref": ref, "spacing": spacing}
 
 
+def test_scores(pred, ref, spacing, names) -> dict:
+    """``metrics.evaluate`` of the labels ``pred`` against ``ref`` (D, H, W) with voxel ``spacing`` (mm)
+    and the class ``names``, plus "centreline": {thin class: ``skeleton.centreline_scores``} for the
+    vessel-like classes (how much of their centre line the prediction finds)."""
+    result = metrics.evaluate(pred, ref, spacing, dict(enumerate(names)))
+    thin = skeleton.vessel_like_classes(names)
+    result["centreline"] = {names[k]: skeleton.centreline_scores(pred == k, ref == k) for k in thin}
+    return result
+
+
 def run_record(cfg: TrainConfig, prepared: PreparedFold) -> RunRecord:
     """The facts of this run, once: config.json, metrics.json and the reports are written from them."""
     fold, mesh = prepared.fold, prepared.mesh
@@ -284,11 +294,7 @@ def _evaluate(cfg, run: RunDir, prepared, record: RunRecord, probs, grids, histo
     dseg_path = export.write_segmentation(run.predictions, prefix, probs, grids["img"], sidecar=sidecar)
     t["predicted"] = time.perf_counter()
     grids["pred"] = predictor.labels_from(probs)
-    result = metrics.evaluate(grids["pred"], grids["ref"], grids["spacing"], dict(enumerate(names)))
-    thin = skeleton.vessel_like_classes(names)  # thin classes: how much of their centre line is found
-    result["centreline"] = {
-        names[k]: skeleton.centreline_scores(grids["pred"] == k, grids["ref"] == k) for k in thin
-    }
+    result = test_scores(grids["pred"], grids["ref"], grids["spacing"], names)
     t["evaluated"] = time.perf_counter()
     result.update(
         {

@@ -295,6 +295,7 @@ def _evaluate(cfg, run: RunDir, prepared, record: RunRecord, probs, grids, histo
     t["predicted"] = time.perf_counter()
     grids["pred"] = predictor.labels_from(probs)
     result = test_scores(grids["pred"], grids["ref"], grids["spacing"], names)
+    result["tta_axes"] = list(predictor.mirror_axes(cfg.tta, grids["img"].affine))
     t["evaluated"] = time.perf_counter()
     result.update(
         {
@@ -316,13 +317,7 @@ def _evaluate(cfg, run: RunDir, prepared, record: RunRecord, probs, grids, histo
         record.normalization, record.normalization_note, record.train_subjects, fold.grid, pre.mask
     )
     rows = record.report_rows(normalization, MASK_WORDS[pre.mask], pre.describe())
-    axes = predictor.mirror_axes(cfg.tta, grids["img"].affine)
-    rows["test-time mirroring"] = (
-        f"the mean of the volume and its mirror images along voxel axes {axes} (tta {cfg.tta}; segment with "
-        "checkpoints/best does the same)"
-        if axes
-        else "none"
-    )
+    rows["test-time mirroring"] = results_page.mirroring_words(cfg.tta, result["tta_axes"])
     rows.update({"epochs": result["epochs"], "timings (s)": result["timings_s"]})
     report.write_report(run.report_md, result, figures, rows)
     info = record.to_json()

@@ -63,6 +63,16 @@ def append_surfaces_md(report_md: Path, records: list[dict]) -> None:
     write_text(report_md, "\n".join(lines) + "\n")
 
 
+def mirroring_words(tta: str, axes) -> str:
+    """How the test subject was predicted: config key ``tta`` and the voxel ``axes`` it mirrored."""
+    if not axes:
+        return "none"
+    return (
+        f"the mean of the volume and its mirror images along voxel axes {tuple(axes)} (tta {tta}; "
+        "segment with checkpoints/best does the same)"
+    )
+
+
 def run_meta(info: dict, result: dict) -> dict:
     """The run table of report.md, from config.json's content (``info``) and metrics.json's (``result``)."""
     from cerebrum_jax.experiment.normalization import describe_normalization
@@ -81,6 +91,7 @@ def run_meta(info: dict, result: dict) -> dict:
         ),
         "initial weights": info["initial_weights"],
         "initial weights note": info["initial_weights_note"],
+        "test-time mirroring": mirroring_words(info["config"].get("tta", "none"), result.get("tta_axes", [])),
         "git commit": info["git_commit"],
         "seed": info["seed"],
         "epochs": result["epochs"],

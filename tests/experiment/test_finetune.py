@@ -571,10 +571,10 @@ def test_mirroring_in_training_and_at_test_reaches_segment(dataset, weights, tmp
     assert "augmentation: mirrored along voxel axes (0,), each with p 0.5" in (fold / "log.txt").read_text()
     assert checkpoint.load_checkpoint(fold / "checkpoints/best").meta["tta"] == "lr"
     assert json.loads((fold / "config.json").read_text())["config"]["tta"] == "lr"
-    assert (
-        "| test-time mirroring | the mean of the volume and its mirror images along voxel axes (0,)"
-        in (fold / "report.md").read_text()
-    )
+    words = "the mean of the volume and its mirror images along voxel axes (0,)"
+    assert f"| test-time mirroring | {words}" in (fold / "report.md").read_text()
+    assert words in (fold / "report.html").read_text()  # the results page's run table too
+    assert json.loads((fold / "metrics.json").read_text())["tta_axes"] == [0]
     raw = dataset / "derivatives/sub-002/unbiased/sub-002_uni_unbiased.nii.gz"
     name = "sub-002_space-orig_desc-cerebrum_probseg.nii.gz"
     run = nib.load(fold / "predictions" / name).get_fdata()

@@ -12,7 +12,8 @@ views).
     cerebrum-jax segment --weights runs/fewlabel/fold-3/checkpoints/best new_T1w.nii.gz --out seg/
 
 For another contrast than the training volumes' (MP2RAGE UNI -> T1 map, MPRAGE, another site):
-``experiments/fewlabel_synth.py`` (this + label-conditioned intensity randomisation, p 0.5).
+``experiments/fewlabel_synth.py`` (this + label-conditioned intensity randomisation, p 0.5, with the
+augmentation's ranges in millimetres).
 
 Why (``python -m experiments.checks vessels|contrast|demo``; BENCHMARKS.md, *Accuracy*; the demo
 template's pseudo-subjects at 3 mm, 56x72x64, unmasked heads, from weights/demo, 756 steps per variant,
@@ -33,9 +34,9 @@ weights on every class, no mirroring), vessel check, mean +- sd over seeds 0-2:
   the centre line but costs vessel Dice at these steps (with balanced weights .586 / .781 against .701 /
   .727, one seed: over-prediction); the augmentation's ranges kept in millimetres (``augment_voxel_mm``:
   weaker shifts and deformation at 3 mm) cost vessel Dice -.011 and centre line -.041 (three seeds on an
-  Intel Xeon, 2026-12-03);
-  label-conditioned intensity randomisation costs the training contrast .04-.12 Dice per class (seed 0)
-  and is what holds a model up on another contrast (mean Dice .20 -> .465), hence ``fewlabel_synth``.
+  Intel Xeon, 2026-12-03); label-conditioned intensity randomisation costs the training contrast .04-.12
+  Dice per class (seed 0) and is what holds a model up on another contrast (mean Dice .20 -> .465),
+  hence ``fewlabel_synth``.
 - A held-out check kept by the team (the 4 real Schneider manual label maps with synthetic MP2RAGE-like
   images at 64x88x56, sub-019 as test, 900 steps) measured an earlier version (balanced weights, no
   mirroring) at WM .852-.883, GM .720-.781, CSF .679-.720, ventricles .841-.855, subcortical .918-.951,

@@ -200,12 +200,13 @@ def test_recipes_keep_schneider19_the_papers_and_add_the_few_label_parts():
     paper, recipe, synth = (load_config(n) for n in ("schneider19", "fewlabel", "fewlabel_synth"))
     assert paper.skeleton_classes == () and paper.augment_voxel_mm is None and not paper.augment_config.synth
     assert (paper.class_weights, paper.loss) == ("balanced", "dice")
-    assert (
-        recipe.skeleton_classes is None and recipe.augment_voxel_mm == 0.63 and recipe.class_weights == "none"
-    )
+    assert (paper.augment_mirror, paper.tta) == ("none", "none")  # the original had no mirroring
+    assert (recipe.class_weights, recipe.skeleton_classes, recipe.augment_voxel_mm) == ("thin", (), None)
+    assert (recipe.augment_mirror, recipe.tta) == ("lr", "lr") == (synth.augment_mirror, synth.tta)
     assert (
         not recipe.augment_config.synth and synth.augment_config.synth and synth.augment_config.p_synth == 0.5
     )
+    assert synth.augment_voxel_mm == 0.63 and synth.class_weights == recipe.class_weights
     same = ("grid", "augment_views", "epochs_finetune", "batch_size")  # the step budget: no more steps
     assert all(getattr(recipe, k) == getattr(paper, k) == getattr(synth, k) for k in same)
     assert recipe.epochs_warmup == synth.epochs_warmup <= paper.epochs_warmup

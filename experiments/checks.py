@@ -125,9 +125,10 @@ def summarise(result: dict) -> dict:
     }
 
 
-def twin_name(name: str, overrides: dict) -> str:
-    """The row of a variant's test subject predicted the other way: "+tta" (mirrored) or "without tta"."""
-    return f"{name} without tta" if overrides.get("tta", "none") != "none" else f"{name} +tta"
+def twin_name(name: str, tta: str) -> str:
+    """The row of a variant (its config's ``tta``) whose test subject is predicted the other way, as
+    ``mirrored_twin`` does: "+tta" (mirrored) or "without tta"."""
+    return f"{name} without tta" if tta != "none" else f"{name} +tta"
 
 
 def mirrored_twin(cfg, workdir: Path, s: float) -> dict:
@@ -171,10 +172,10 @@ def run_check(check: str, out: Path, epochs: int, only=None, seed: int = 0) -> d
         print(f"== {check}: {name}", flush=True)
         cfg = variant_config(base, overrides)
         results[name] = summarise(train_and_evaluate(cfg, workdir, progress=False))
-        results[twin_name(name, overrides)] = mirrored_twin(cfg, workdir, results[name]["s"])
+        results[twin_name(name, cfg.tta)] = mirrored_twin(cfg, workdir, results[name]["s"])
     summary = out / f"{check}.json"  # earlier variants of this --out are kept: --variants reruns some
     done = json.loads(summary.read_text()) if summary.is_file() else {}
-    order = [m for n, o in VARIANTS[check].items() for m in (n, twin_name(n, o))]
+    order = [m for n, o in VARIANTS[check].items() for m in (n, twin_name(n, variant_config(base, o).tta))]
     results = {n: results.get(n, done.get(n)) for n in order if n in results or n in done}
     fsafe.write_text(summary, json.dumps(results, indent=2) + "\n")
     return results

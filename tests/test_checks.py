@@ -114,4 +114,5 @@ def test_the_recipe_rows_are_the_recipes_as_they_are(name):
     [({}, "v +tta"), ({"tta": "none"}, "v +tta"), ({"tta": "lr"}, "v without tta")],
 )
 def test_every_row_has_a_twin_predicted_the_other_way(overrides, twin):
-    assert checks.twin_name("v", overrides) == twin
+    cfg = checks.variant_config(checks.base_config("vessels", Path("/nonexistent"), 2), overrides)
+    assert checks.twin_name("v", cfg.tta) == twin

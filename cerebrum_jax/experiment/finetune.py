@@ -66,7 +66,8 @@ def predict_test(
     head (``inputs.cut_note``).
 
     Returns (probabilities (D, H, W, C) on the source grid, {"image", "img", "ref" (class indices from
-    the label file), "spacing"} for the evaluation and figures on that same grid).
+    the label file), "spacing", "tta_axes" (the voxel axes mirrored)} for the evaluation and figures on
+    that same grid).
     """
     image, img = nifti.load_nifti(source.image, what="image")
     mask = inputs.read_mask(source.mask, img, net.pre, source.labels)
@@ -76,7 +77,7 @@ def predict_test(
     ref_raw, _ = nifti.load_nifti(source.labels, what="labels")
     ref = label_map.apply(ref_raw, source.labels)
     spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
-    return probs, {"image": image, "img": img, "ref": ref, "spacing": spacing}
+    return probs, {"image": image, "img": img, "ref": ref, "spacing": spacing, "tta_axes": axes}
 
 
 def test_scores(pred, ref, spacing, names) -> dict:
@@ -288,14 +289,14 @@ def _evaluate(cfg, run: RunDir, prepared, record: RunRecord, probs, grids, histo
         "classes": list(names),
         "normalization": pre.normalization,
         "brain_mask": pre.needs_mask,
-        "tta_axes": predictor.mirror_axes(cfg.tta, grids["img"].affine),
+        "tta_axes": grids["tta_axes"],
         "description": f"CEREBRUM-7T prediction of the test subject of fold {cfg.fold} (cerebrum-jax)",
     }
     dseg_path = export.write_segmentation(run.predictions, prefix, probs, grids["img"], sidecar=sidecar)
     t["predicted"] = time.perf_counter()
     grids["pred"] = predictor.labels_from(probs)
     result = test_scores(grids["pred"], grids["ref"], grids["spacing"], names)
-    result["tta_axes"] = list(predictor.mirror_axes(cfg.tta, grids["img"].affine))
+    result["tta_axes"] = list(grids["tta_axes"])
     t["evaluated"] = time.perf_counter()
     result.update(
         {
